@@ -1,0 +1,3 @@
+"""asyncserve."""
+
+__version__ = "0.1.0"

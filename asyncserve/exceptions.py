@@ -1,0 +1,125 @@
+"""Every error asyncserve raises on purpose, and the HTTP status each one maps to.
+
+    AsyncServeError                     500 internal
+    ├── InvalidRequest                  400 invalid_request      malformed body, shape/data mismatch
+    │   └── SchemaViolation             422 schema_violation     a field breaks the declared schema
+    ├── NotFound                        404 not_found            unknown route
+    │   └── ModelNotFound               404 model_not_found      unknown model or version
+    ├── MethodNotAllowed                405 method_not_allowed
+    ├── PayloadTooLarge                 413 payload_too_large
+    ├── UnsupportedMediaType            415 unsupported_media_type
+    ├── Unavailable                     503 unavailable          (has retry_after_s)
+    │   ├── ModelNotReady               503 model_not_ready      still loading, failed, or unloaded
+    │   └── ShuttingDown                503 shutting_down
+    ├── DeadlineExceeded                504 deadline_exceeded    the request's deadline passed
+    ├── ModelError                      500 model_error          the model raised; no internals leak
+    └── ConfigurationError              (start-up only)          a service or setting is wrong
+
+The HTTP layer renders any of them as ``{"error": "<message>", "code": "<code>"}`` with the
+status code, the body the Open Inference Protocol prescribes plus a stable machine code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class AsyncServeError(Exception):
+    """Base class of every error asyncserve raises on purpose."""
+
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.message, "code": self.code}
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error asks for."""
+        return {}
+
+
+class InvalidRequest(AsyncServeError):
+    """The request body is malformed, or its data does not match its declared shape."""
+
+    status_code = 400
+    code = "invalid_request"
+
+
+class SchemaViolation(InvalidRequest):
+    """A field of the body breaks the schema; the message starts with the field's path."""
+
+    status_code = 422
+    code = "schema_violation"
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}" if path else problem)
+        self.path = path
+
+
+class NotFound(AsyncServeError):
+    status_code = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(AsyncServeError):
+    status_code = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(AsyncServeError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(AsyncServeError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class Unavailable(AsyncServeError):
+    """The server cannot take this request now; retrying after ``retry_after_s`` may work."""
+
+    status_code = 503
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        # Retry-After takes whole seconds; round up so a client never retries too early.
+        return {"retry-after": str(max(1, int(-(-self.retry_after_s // 1))))}
+
+
+class ModelNotReady(Unavailable):
+    code = "model_not_ready"
+
+
+class ShuttingDown(Unavailable):
+    code = "shutting_down"
+
+
+class DeadlineExceeded(AsyncServeError):
+    status_code = 504
+    code = "deadline_exceeded"
+
+
+class ModelError(AsyncServeError):
+    """The model's own code raised. The message names the model, never the exception's text."""
+
+    status_code = 500
+    code = "model_error"
+
+
+class ConfigurationError(AsyncServeError):
+    """A service, model declaration or setting is wrong; raised at start-up, before serving."""
+
+    code = "configuration_error"

@@ -1,0 +1,188 @@
+"""The model API: what a user writes, and the checked description asyncserve builds from it."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from asyncserve.exceptions import ConfigurationError, ModelError
+from asyncserve.tensors import Columns, Datatype, Tensor, declared_tensors
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Model:
+    """Base class of a served model.
+
+    Declare a name, an optional version, typed ``inputs`` and ``outputs``, load weights in
+    ``load()`` and write ``predict`` with one keyword argument per input. ``predict`` always
+    receives a batch: each argument is an array whose first dimension is the number of rows, and
+    it returns a dict of arrays with as many rows (or one array when there is one output).
+
+    A plain ``def predict`` is treated as CPU-bound and runs in the executor (threads or
+    processes), never on the event loop; an ``async def predict`` is awaited on the loop and must
+    only do I/O. asyncserve tells them apart, so user code cannot block the loop by accident.
+
+    Example::
+
+        class Doubler(Model):
+            name = "doubler"
+            inputs = {"x": Tensor("FP32", shape=(3,))}
+            outputs = {"y": Tensor("FP32", shape=(3,))}
+
+            def predict(self, x: np.ndarray) -> np.ndarray:
+                return x * 2
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str | None] = None
+    inputs: ClassVar[Mapping[str, Tensor]]
+    outputs: ClassVar[Mapping[str, Tensor]]
+    platform: ClassVar[str] = "python"
+    timeout_s: ClassVar[float] = 30.0
+    """The longest a request may take; a client's ``X-Request-Timeout`` can only shorten it."""
+    max_batch_size: ClassVar[int] = 64
+    """The most rows one ``predict`` call takes."""
+    example: ClassVar[Mapping[str, Any] | None] = None
+    """One row of inputs as JSON values; used to warm the model up and in the API docs."""
+
+    def load(self) -> None:
+        """Load weights. Runs once, off the event loop (in each worker process with processes)."""
+
+    def warmup(self) -> None:
+        """Run once after ``load()``; the default predicts on ``example`` when one is given."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's declaration, checked once when it is added to a service."""
+
+    name: str
+    version: str | None
+    inputs: dict[str, Tensor]
+    outputs: dict[str, Tensor]
+    platform: str
+    timeout_s: float
+    max_batch_size: int
+    example: Mapping[str, Any] | None
+    is_async: bool
+    model: Model = field(repr=False, compare=False)
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return (self.name, self.version)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.version is None else f"{self.name}:{self.version}"
+
+
+def describe(model: Model) -> ModelSpec:
+    """Check a model's declaration and describe it; every problem is a ConfigurationError."""
+    owner = type(model).__name__
+    name = getattr(model, "name", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigurationError(f"{owner}.name must be a string of letters, digits, '_', '.', '-', got {name!r}")
+    version = getattr(model, "version", None)
+    if version is not None and (not isinstance(version, str) or not _NAME.match(version)):
+        raise ConfigurationError(f"{owner}.version must be None or a string like '1', got {version!r}")
+    inputs = declared_tensors(owner, "inputs", getattr(model, "inputs", None))
+    outputs = declared_tensors(owner, "outputs", getattr(model, "outputs", None))
+    predict = _checked_predict(owner, model, inputs)
+    if not (isinstance(model.timeout_s, int | float) and model.timeout_s > 0):
+        raise ConfigurationError(f"{owner}.timeout_s must be a number of seconds > 0, got {model.timeout_s!r}")
+    if not (isinstance(model.max_batch_size, int) and model.max_batch_size >= 1):
+        raise ConfigurationError(f"{owner}.max_batch_size must be an integer >= 1, got {model.max_batch_size!r}")
+    return ModelSpec(
+        name=name,
+        version=version,
+        inputs=inputs,
+        outputs=outputs,
+        platform=model.platform,
+        timeout_s=float(model.timeout_s),
+        max_batch_size=model.max_batch_size,
+        example=model.example,
+        is_async=inspect.iscoroutinefunction(predict),
+        model=model,
+    )
+
+
+def _checked_predict(owner: str, model: Model, inputs: Mapping[str, Tensor]) -> Callable[..., Any]:
+    predict = getattr(model, "predict", None)
+    if not callable(predict):
+        raise ConfigurationError(f"{owner} must define predict(self, {', '.join(inputs)})")
+    if inspect.isasyncgenfunction(predict) or inspect.isgeneratorfunction(predict):
+        raise ConfigurationError(f"{owner}.predict must return its outputs, not yield them")
+    parameters = inspect.signature(predict).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = {n for n, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if not takes_any and named != set(inputs):
+        raise ConfigurationError(
+            f"{owner}.predict takes ({', '.join(sorted(named))}) but the model declares inputs "
+            f"({', '.join(sorted(inputs))}); give predict one keyword argument per input"
+        )
+    return predict
+
+
+def call_predict(spec: ModelSpec, columns: Columns) -> Any:
+    """Call the model's predict (sync or async: the caller awaits the latter) on a batch."""
+    return spec.model.predict(**columns)  # type: ignore[attr-defined]
+
+
+def warm_up(spec: ModelSpec) -> None:
+    """Run the model's warm-up: its own ``warmup()`` if overridden, else a prediction on ``example``."""
+    model = spec.model
+    if type(model).warmup is not Model.warmup:
+        model.warmup()
+    elif spec.example is not None and not spec.is_async:
+        columns = {name: example_column(spec.inputs[name], spec.example[name]) for name in spec.inputs}
+        check_outputs(spec, call_predict(spec, columns), rows=1)
+
+
+def example_column(tensor: Tensor, value: Any) -> np.ndarray[Any, Any]:
+    if tensor.dtype is Datatype.BYTES:
+        column = np.empty(1, dtype=object)
+        column[0] = value
+        return column
+    return np.asarray([value], dtype=tensor.dtype.numpy_dtype)
+
+
+def check_outputs(spec: ModelSpec, result: Any, rows: int) -> Columns:
+    """Turn what predict returned into columns, checking it against the declared outputs."""
+    if not isinstance(result, Mapping):
+        if len(spec.outputs) != 1:
+            raise ModelError(
+                f"model {spec.label!r} declares outputs {sorted(spec.outputs)} and must return a dict of them, "
+                f"got {type(result).__name__}"
+            )
+        result = {next(iter(spec.outputs)): result}
+    missing = [name for name in spec.outputs if name not in result]
+    if missing:
+        raise ModelError(f"model {spec.label!r} did not return its declared output(s) {missing}")
+    return {name: _output_column(spec, name, tensor, result[name], rows) for name, tensor in spec.outputs.items()}
+
+
+def _output_column(spec: ModelSpec, name: str, tensor: Tensor, value: Any, rows: int) -> np.ndarray[Any, Any]:
+    if tensor.dtype is Datatype.BYTES:
+        array = np.asarray(value, dtype=object)
+    else:
+        try:
+            array = np.asarray(value, dtype=tensor.dtype.numpy_dtype)
+        except (TypeError, ValueError):
+            raise ModelError(
+                f"model {spec.label!r} returned output {name!r} that cannot be read as {tensor.dtype}"
+            ) from None
+    if array.ndim == 0 or array.shape[0] != rows:
+        got = "a scalar" if array.ndim == 0 else f"{array.shape[0]} rows"
+        raise ModelError(f"model {spec.label!r} returned {got} for output {name!r} but was given {rows} rows")
+    if not tensor.row_shape_matches(array.shape[1:]):
+        raise ModelError(
+            f"model {spec.label!r} returned output {name!r} with rows of shape {list(array.shape[1:])}, "
+            f"declared {list(tensor.shape)}"
+        )
+    return array
