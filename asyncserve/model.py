@@ -94,18 +94,20 @@ def describe(model: Model) -> ModelSpec:
     inputs = declared_tensors(owner, "inputs", getattr(model, "inputs", None))
     outputs = declared_tensors(owner, "outputs", getattr(model, "outputs", None))
     predict = _checked_predict(owner, model, inputs)
-    if not (isinstance(model.timeout_s, int | float) and model.timeout_s > 0):
-        raise ConfigurationError(f"{owner}.timeout_s must be a number of seconds > 0, got {model.timeout_s!r}")
-    if not (isinstance(model.max_batch_size, int) and model.max_batch_size >= 1):
-        raise ConfigurationError(f"{owner}.max_batch_size must be an integer >= 1, got {model.max_batch_size!r}")
+    timeout_s: object = model.timeout_s
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
+        raise ConfigurationError(f"{owner}.timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+    max_batch_size: object = model.max_batch_size
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ConfigurationError(f"{owner}.max_batch_size must be an integer >= 1, got {max_batch_size!r}")
     return ModelSpec(
         name=name,
         version=version,
         inputs=inputs,
         outputs=outputs,
         platform=model.platform,
-        timeout_s=float(model.timeout_s),
-        max_batch_size=model.max_batch_size,
+        timeout_s=float(timeout_s),
+        max_batch_size=max_batch_size,
         example=model.example,
         is_async=inspect.iscoroutinefunction(predict),
         model=model,
@@ -113,7 +115,7 @@ def describe(model: Model) -> ModelSpec:
 
 
 def _checked_predict(owner: str, model: Model, inputs: Mapping[str, Tensor]) -> Callable[..., Any]:
-    predict = getattr(model, "predict", None)
+    predict: Callable[..., Any] | None = getattr(model, "predict", None)
     if not callable(predict):
         raise ConfigurationError(f"{owner} must define predict(self, {', '.join(inputs)})")
     if inspect.isasyncgenfunction(predict) or inspect.isgeneratorfunction(predict):

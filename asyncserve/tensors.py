@@ -115,7 +115,8 @@ class Tensor:
             names = ", ".join(Datatype)
             raise ConfigurationError(f"unknown tensor datatype {self.datatype!r}; use one of {names}") from None
         object.__setattr__(self, "shape", tuple(self.shape))
-        if not all(isinstance(d, int) and (d >= 0 or d == -1) for d in self.shape):
+        dims: tuple[object, ...] = self.shape
+        if not all(isinstance(d, int) and (d >= 0 or d == -1) for d in dims):
             raise ConfigurationError(f"a tensor shape holds lengths >= 0 or -1 for any length, got {self.shape}")
         if self.binary and self.datatype is not Datatype.BYTES:
             raise ConfigurationError("binary=True applies to BYTES tensors only")
