@@ -1,0 +1,5 @@
+import sys
+
+from asyncserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,328 @@
+"""The ASGI application: routes of the Open Inference Protocol (V2) and the JSON API, errors, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Awaitable
+
+import orjson
+
+import asyncserve
+from asyncserve import jsonapi, openapi, v2
+from asyncserve.config import Settings
+from asyncserve.exceptions import (
+    AsyncServeError,
+    InvalidRequest,
+    ModelError,
+    ModelNotReady,
+    SchemaViolation,
+    ShuttingDown,
+    UnsupportedMediaType,
+)
+from asyncserve.executor import Executor, ProcessExecutor, ThreadExecutor
+from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
+from asyncserve.registry import ModelEntry, ModelRegistry
+from asyncserve.routing import JSON_TYPE, Receive, Request, Response, Router, Scope, Send, header_dict
+from asyncserve.service import Service
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+"""The protocol extensions this server implements, exactly as ``GET /v2`` reports them."""
+
+
+def make_executor(settings: Settings) -> Executor:
+    if settings.executor == "process":
+        return ProcessExecutor(settings.pool_size)
+    return ThreadExecutor(settings.pool_size)
+
+
+class AsyncServeApp:
+    """Serves a :class:`Service` over HTTP; an ASGI app to run under uvicorn (see ``asyncserve.server``).
+
+    Example::
+
+        app = AsyncServeApp(service, Settings(executor="thread"))
+        # uvicorn.run(app) or asyncserve.serve(service)
+    """
+
+    def __init__(self, service: Service, settings: Settings | None = None) -> None:
+        self.service = service
+        self.settings = settings or Settings()
+        self.metrics = Metrics()
+        self.executor = make_executor(self.settings)
+        self.registry = ModelRegistry(service.specs, self.executor, self.metrics)
+        self.loop_lag = LoopLagProbe(self.metrics.loop_lag, self.settings.loop_lag_interval_s)
+        self.shutting_down = False
+        self._loading: asyncio.Task[None] | None = None
+        self._openapi_json: bytes | None = None
+        self.router = self._build_router()
+
+    def _build_router(self) -> Router:
+        r = Router()
+        r.add("GET", "/v2/health/live", self.live, "live")
+        r.add("GET", "/v2/health/ready", self.ready, "ready")
+        r.add("GET", "/v2", self.server_metadata, "server_metadata")
+        r.add("GET", "/v2/models/{model}", self.model_metadata, "model_metadata")
+        r.add("GET", "/v2/models/{model}/versions/{version}", self.model_metadata, "model_metadata")
+        r.add("GET", "/v2/models/{model}/ready", self.model_ready, "model_ready")
+        r.add("GET", "/v2/models/{model}/versions/{version}/ready", self.model_ready, "model_ready")
+        r.add("POST", "/v2/models/{model}/infer", self.infer, "v2_infer", cancel_on_disconnect=True)
+        r.add("POST", "/v2/models/{model}/versions/{version}/infer", self.infer, "v2_infer", cancel_on_disconnect=True)
+        r.add("POST", "/v2/repository/index", self.repository_index, "repository_index")
+        r.add("POST", "/v2/repository/models/{model}/load", self.repository_load, "repository_load")
+        r.add("POST", "/v2/repository/models/{model}/unload", self.repository_unload, "repository_unload")
+        r.add("POST", "/v1/models/{model}/predict", self.predict, "v1_predict", cancel_on_disconnect=True)
+        r.add("GET", "/metrics", self.prometheus, "metrics")
+        r.add("GET", "/openapi.json", self.openapi_json, "openapi")
+        r.add("GET", "/docs", self.docs, "docs")
+        return r
+
+    # ASGI entry point
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        # Websocket scopes are not served; returning closes them.
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        arrived = time.monotonic()
+        headers = header_dict(scope)
+        request_id = headers.get("x-request-id") or os.urandom(8).hex()
+        route_name, model = "unknown", ""
+        try:
+            route, params = self.router.match(scope["method"], scope["path"])
+            route_name, model = route.name, params.get("model", "")
+            request = Request(scope, receive, request_id, params, headers, arrived, self.settings.max_body_bytes)
+            self.metrics.in_flight.labels(route_name).inc()
+            try:
+                if route.cancel_on_disconnect:
+                    # Read the body first: afterwards the only message left to receive is the disconnect.
+                    await request.body()
+                    response = await self._until_disconnect(route.handler(request), receive, route_name, model)
+                else:
+                    response = await route.handler(request)
+            finally:
+                self.metrics.in_flight.labels(route_name).dec()
+        except AsyncServeError as exc:
+            response = self._error_response(exc, request_id, route_name, model)
+        except _ClientGone:
+            return
+        except Exception:
+            logger.exception("request %s: unexpected error on %s %s", request_id, scope["method"], scope["path"])
+            internal = AsyncServeError(f"internal server error; the server log has the details (request {request_id})")
+            response = self._error_response(internal, request_id, route_name, model)
+        await response.send(send, request_id)
+        self.metrics.requests.labels(route_name, model, str(response.status)).inc()
+        self.metrics.request_duration.labels(route_name, model).observe(time.perf_counter() - started)
+
+    async def _until_disconnect(
+        self, handling: Awaitable[Response], receive: Receive, route_name: str, model: str
+    ) -> Response:
+        """Run a handler, cancelling it (and the work it queued) if the client disconnects first."""
+        handler_task = asyncio.ensure_future(handling)
+        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait((handler_task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if handler_task.done():
+            return handler_task.result()
+        handler_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await handler_task
+        self.metrics.disconnects.labels(route_name, model).inc()
+        raise _ClientGone
+
+    def _error_response(self, exc: AsyncServeError, request_id: str, route_name: str, model: str) -> Response:
+        if isinstance(exc, ModelError):
+            logger.error("request %s: %s", request_id, exc.message, exc_info=exc.__cause__ or exc)
+        self.metrics.errors.labels(route_name, model, exc.code).inc()
+        return Response.json(exc.to_dict(), exc.status_code, exc.headers())
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        self.loop_lag.start()
+        # Models load in the background so that liveness answers while they do.
+        self._loading = asyncio.get_running_loop().create_task(self.registry.load_all(), name="asyncserve-load")
+        self._loading.add_done_callback(_log_failure)
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await self.aclose()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    def begin_shutdown(self) -> None:
+        """Turn readiness off and refuse new predictions; in-flight ones go on (the server drains them)."""
+        self.shutting_down = True
+
+    async def aclose(self) -> None:
+        """Release the models' workers and background tasks, after in-flight requests have finished."""
+        self.shutting_down = True
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loading
+        await self.executor.aclose()
+        await self.loop_lag.aclose()
+
+    async def wait_ready(self) -> None:
+        """Wait until the start-up loading has finished (whether every model loaded or not)."""
+        if self._loading is not None:
+            await asyncio.shield(self._loading)
+
+    # Health and metadata
+
+    async def live(self, request: Request) -> Response:
+        return Response.json({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down")
+        if not self.registry.ready:
+            waiting = [e.index_row() for e in self.registry.entries if e.state.value != "READY"]
+            exc = ModelNotReady(f"not every model is ready: {waiting}", retry_after_s=2.0)
+            return Response.json({"ready": False, **exc.to_dict()}, 503, exc.headers())
+        return Response.json({"ready": True})
+
+    async def server_metadata(self, request: Request) -> Response:
+        return Response.json({"name": self.service.name, "version": asyncserve.__version__, "extensions": EXTENSIONS})
+
+    async def model_metadata(self, request: Request) -> Response:
+        entry = self.registry.find(request.params["model"], request.params.get("version"))
+        return Response.json(v2.model_metadata(entry.spec))
+
+    async def model_ready(self, request: Request) -> Response:
+        entry = self.registry.get_ready(request.params["model"], request.params.get("version"))
+        return Response.json({"name": entry.spec.name, "ready": True})
+
+    # Inference
+
+    async def infer(self, request: Request) -> Response:
+        entry, deadline = self._admit(request)
+        body = await request.body()
+        header_length = _binary_header_length(request)
+        # Any V2 body may say application/octet-stream: tritonclient's aio client always does.
+        _require_json(request, also="application/octet-stream")
+        decoded = v2.decode_infer_request(body, entry.spec, header_length)
+        outputs = await self.registry.predict(entry, decoded.columns, decoded.rows, deadline)
+        payload, headers = v2.encode_infer_response(entry.spec, decoded, outputs)
+        content_type = headers.pop("content-type", JSON_TYPE)
+        return Response(200, payload, headers, content_type)
+
+    async def predict(self, request: Request) -> Response:
+        entry, deadline = self._admit(request)
+        body = await request.body()
+        _require_json(request)
+        columns, as_list = jsonapi.decode_rows(body, entry.spec)
+        rows = len(next(iter(columns.values())))
+        outputs = await self.registry.predict(entry, columns, rows, deadline)
+        return Response(200, jsonapi.encode_rows(entry.spec, outputs, as_list))
+
+    def _admit(self, request: Request) -> tuple[ModelEntry, float]:
+        """Find the model and fix the request's deadline, once, at the edge."""
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down; send the request to another replica")
+        entry = self.registry.get_ready(request.params["model"], request.params.get("version"))
+        timeout_s = entry.spec.timeout_s
+        asked = request.headers.get("x-request-timeout")
+        if asked is not None:
+            timeout_s = min(timeout_s, _parse_timeout(asked))
+        return entry, request.arrived + timeout_s
+
+    # Model repository extension
+
+    async def repository_index(self, request: Request) -> Response:
+        body = await request.body()
+        only_ready = _index_filter(body)
+        rows = [e.index_row() for e in self.registry.entries if not only_ready or e.state.value == "READY"]
+        return Response.json(rows)
+
+    async def repository_load(self, request: Request) -> Response:
+        await self.registry.load(request.params["model"])
+        entry = self.registry.find(request.params["model"])
+        if entry.state.value != "READY":
+            raise ModelError(f"model {entry.spec.label!r} failed to load: {entry.reason}")
+        return Response.json({})
+
+    async def repository_unload(self, request: Request) -> Response:
+        self.registry.unload(request.params["model"])
+        return Response.json({})
+
+    # Operations
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(200, self.metrics.exposition(), content_type=CONTENT_TYPE)
+
+    async def openapi_json(self, request: Request) -> Response:
+        if self._openapi_json is None:
+            document = openapi.openapi_document(self.service.name, asyncserve.__version__, self.service.specs)
+            self._openapi_json = Response.json(document).body
+        return Response(200, self._openapi_json)
+
+    async def docs(self, request: Request) -> Response:
+        html = openapi.docs_html("/openapi.json", f"{self.service.name} - asyncserve")
+        return Response(200, html.encode(), content_type="text/html; charset=utf-8")
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer; there is nobody to answer."""
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def _parse_timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidRequest(f"X-Request-Timeout must be a number of seconds > 0, got {value!r}")
+    return seconds
+
+
+def _binary_header_length(request: Request) -> int | None:
+    value = request.headers.get("inference-header-content-length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise InvalidRequest(f"Inference-Header-Content-Length must be a byte count, got {value!r}")
+    return int(value)
+
+
+def _require_json(request: Request, also: str = JSON_TYPE) -> None:
+    content_type = request.headers.get("content-type", JSON_TYPE)
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type not in (JSON_TYPE, also, "") and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"content type {media_type!r} is not supported; send Content-Type: application/json "
+            "(or binary tensors with the Inference-Header-Content-Length header)"
+        )
+
+
+def _index_filter(body: bytes) -> bool:
+    """The repository index request's optional ``{"ready": true}``: list only ready models."""
+    if not body.strip():
+        return False
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the repository index request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("ready", False), bool):
+        raise SchemaViolation("ready", 'send {"ready": true} or {"ready": false}, or no body')
+    return bool(request.get("ready", False))

@@ -1,0 +1,70 @@
+"""The command line: ``asyncserve serve MODULE:ATTR``, ``asyncserve demo``; also ``python -m asyncserve``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from asyncserve.config import Settings
+from asyncserve.exceptions import ConfigurationError
+
+logger = logging.getLogger("asyncserve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asyncserve", description="Serve ML models without blocking.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a Service given as MODULE:ATTR")
+    serve.add_argument("target", metavar="MODULE:ATTR", help="the service to serve, like mypackage.models:service")
+    _add_server_options(serve)
+    demo = commands.add_parser("demo", help="serve the demo models (a text embedder, FAQ search, iris classifier)")
+    _add_server_options(demo)
+    return parser
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    # Unset options fall back to ASYNCSERVE_* variables, then to the defaults in Settings.
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on, 0 for any free one (default 8000)")
+    parser.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    parser.add_argument("--executor", choices=["thread", "process"], help="where CPU-bound predict runs")
+    parser.add_argument("--executor-workers", type=int, help="threads or processes in the executor pool")
+    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        executor=args.executor,
+        executor_workers=args.executor_workers,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from asyncserve.server import bind_socket, serve
+
+    try:
+        settings = settings_from(args)
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        target = "asyncserve.demo:service" if args.command == "demo" else args.target
+        sock = bind_socket(settings.host, settings.port)
+        if args.command == "demo":
+            _print_demo_usage(sock)
+        serve(target, settings, sock=sock)
+    except ConfigurationError as exc:
+        print(f"asyncserve: error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print_demo_usage(sock: object) -> None:
+    from asyncserve import demo
+
+    host, port = sock.getsockname()[:2]  # type: ignore[attr-defined]
+    print(demo.usage(f"http://{host}:{port}"), flush=True)

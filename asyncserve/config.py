@@ -1,0 +1,91 @@
+"""Settings: every server knob in one frozen value object, also readable from ``ASYNCSERVE_*`` variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from asyncserve.exceptions import ConfigurationError
+
+ExecutorKind = Literal["thread", "process"]
+_EXECUTORS = ("thread", "process")
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """How the server runs. Build it directly, or from the environment with :meth:`from_env`.
+
+    Example::
+
+        Settings(port=9000, executor="process")
+        Settings.from_env()          # ASYNCSERVE_PORT=9000 ASYNCSERVE_EXECUTOR=process
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    """Server processes sharing the port."""
+    executor: ExecutorKind = "thread"
+    """Where plain (CPU-bound) ``predict`` functions run: a thread pool or a process pool."""
+    executor_workers: int = 0
+    """Threads or processes in the pool; 0 means one per CPU core."""
+    max_body_bytes: int = 64 * 1024 * 1024
+    grace_period_s: float = 30.0
+    """How long SIGTERM waits for in-flight requests before cancelling them."""
+    loop_lag_interval_s: float = 0.05
+    """How often the event-loop lag probe wakes up."""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535 or self.port == 0, "port", "an integer from 0 to 65535", self.port)
+        _require(self.workers >= 1, "workers", "an integer >= 1", self.workers)
+        _require(self.executor in _EXECUTORS, "executor", "'thread' or 'process'", self.executor)
+        _require(self.executor_workers >= 0, "executor_workers", "an integer >= 0", self.executor_workers)
+        _require(self.max_body_bytes >= 1024, "max_body_bytes", "an integer >= 1024", self.max_body_bytes)
+        _require(self.grace_period_s >= 0, "grace_period_s", "a number of seconds >= 0", self.grace_period_s)
+        _require(
+            self.loop_lag_interval_s > 0, "loop_lag_interval_s", "a number of seconds > 0", self.loop_lag_interval_s
+        )
+        _require(self.log_level in _LOG_LEVELS, "log_level", f"one of {', '.join(_LOG_LEVELS)}", self.log_level)
+
+    @property
+    def pool_size(self) -> int:
+        return self.executor_workers or os.cpu_count() or 1
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, prefix: str = "ASYNCSERVE_", **overrides: Any
+    ) -> Settings:
+        """Read ``{prefix}{FIELD}`` variables (``ASYNCSERVE_PORT=9000``); ``overrides`` win over them."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(prefix + field.name.upper())
+            if raw is not None:
+                values[field.name] = _cast(prefix + field.name.upper(), raw, cls._field_type(field.name))
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigurationError(f"unknown setting(s) {sorted(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def _field_type(cls, name: str) -> type:
+        default = getattr(cls, name)
+        return type(default)
+
+
+def _cast(variable: str, raw: str, kind: type) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigurationError(f"{variable}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _require(ok: bool, name: str, rule: str, value: object) -> None:
+    if not ok:
+        raise ConfigurationError(f"setting {name} must be {rule}, got {value!r}")

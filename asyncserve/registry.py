@@ -1,0 +1,179 @@
+"""The model registry: which models a server has, their state, and the one way to run one.
+
+Loading happens in the background after start-up, so liveness answers at once while readiness
+turns true only when every model is loaded and warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from asyncserve.exceptions import AsyncServeError, DeadlineExceeded, ModelError, ModelNotFound, ModelNotReady
+from asyncserve.executor import Executor, Prediction, load_and_warm
+from asyncserve.metrics import Metrics
+from asyncserve.model import ModelSpec, call_predict, check_outputs
+from asyncserve.tensors import Columns
+
+logger = logging.getLogger(__name__)
+
+
+class ModelState(enum.StrEnum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ModelEntry:
+    spec: ModelSpec
+    state: ModelState = ModelState.LOADING
+    reason: str = ""
+
+    def index_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"name": self.spec.name, "state": self.state.value, "reason": self.reason}
+        if self.spec.version is not None:
+            row["version"] = self.spec.version
+        return row
+
+
+def _version_order(version: str | None) -> tuple[int, int, str]:
+    # Numeric versions compare as numbers ("10" > "9"); others after them, by text.
+    if version is None:
+        return (0, 0, "")
+    return (1, int(version), "") if version.isdigit() else (2, 0, version)
+
+
+class ModelRegistry:
+    """Models by name and version, their readiness, and ``predict`` routed to the right place."""
+
+    def __init__(self, specs: Sequence[ModelSpec], executor: Executor, metrics: Metrics) -> None:
+        self._entries = {spec.key: ModelEntry(spec) for spec in specs}
+        self._by_name: dict[str, list[ModelEntry]] = {}
+        for entry in self._entries.values():
+            self._by_name.setdefault(entry.spec.name, []).append(entry)
+        for versions in self._by_name.values():
+            versions.sort(key=lambda e: _version_order(e.spec.version), reverse=True)
+        self._executor = executor
+        self._metrics = metrics
+        for entry in self._entries.values():
+            self._publish(entry)
+
+    @property
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    @property
+    def ready(self) -> bool:
+        return all(entry.state is ModelState.READY for entry in self._entries.values())
+
+    def find(self, name: str, version: str | None = None) -> ModelEntry:
+        """The model ``name`` at ``version``, or its highest version; ModelNotFound otherwise."""
+        versions = self._by_name.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._by_name)) or "none"
+            raise ModelNotFound(f"unknown model {name!r}; this server has: {known}")
+        if version is None:
+            return versions[0]
+        for entry in versions:
+            if entry.spec.version == version:
+                return entry
+        known = ", ".join(str(e.spec.version) for e in versions)
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; its versions: {known}")
+
+    def get_ready(self, name: str, version: str | None = None) -> ModelEntry:
+        entry = self.find(name, version)
+        if entry.state is not ModelState.READY:
+            why = "is still loading" if entry.state is ModelState.LOADING else f"is unavailable ({entry.reason})"
+            raise ModelNotReady(f"model {entry.spec.label!r} {why}; retry later", retry_after_s=2.0)
+        return entry
+
+    async def load_all(self) -> None:
+        """Load and warm every model; a model that fails becomes UNAVAILABLE with the reason."""
+        sync_entries = [e for e in self._entries.values() if not e.spec.is_async]
+        async_entries = [e for e in self._entries.values() if e.spec.is_async]
+        await asyncio.gather(self._load_sync(sync_entries), *(self._load_async(e) for e in async_entries))
+
+    async def _load_sync(self, entries: list[ModelEntry]) -> None:
+        started = time.perf_counter()
+        try:
+            await self._executor.start([e.spec for e in entries])
+        except Exception as exc:
+            logger.exception("loading models %s failed", [e.spec.label for e in entries])
+            for entry in entries:
+                self._set(entry, ModelState.UNAVAILABLE, f"load failed: {type(exc).__name__}")
+            return
+        logger.info("loaded %d model(s) in %.2fs with %r", len(entries), time.perf_counter() - started, self._executor)
+        for entry in entries:
+            self._set(entry, ModelState.READY)
+
+    async def _load_async(self, entry: ModelEntry) -> None:
+        # load() is plain code even for an async model; keep it off the loop.
+        await self._load_one(entry, asyncio.to_thread(load_and_warm, entry.spec))
+
+    async def _load_one(self, entry: ModelEntry, loading: Awaitable[None]) -> None:
+        try:
+            await loading
+        except Exception as exc:
+            logger.exception("loading model %s failed", entry.spec.label)
+            self._set(entry, ModelState.UNAVAILABLE, f"load failed: {type(exc).__name__}")
+            return
+        self._set(entry, ModelState.READY)
+
+    def unload(self, name: str) -> None:
+        """Stop serving every version of ``name`` (the repository extension's unload)."""
+        for entry in self._versions(name):
+            self._set(entry, ModelState.UNAVAILABLE, "unloaded")
+
+    async def load(self, name: str) -> list[ModelEntry]:
+        """Serve ``name`` again: load it anew, or retry a load that failed."""
+        entries = [e for e in self._versions(name) if e.state is not ModelState.READY]
+        for entry in entries:
+            self._set(entry, ModelState.LOADING)
+            spec = entry.spec
+            loading = asyncio.to_thread(load_and_warm, spec) if spec.is_async else self._executor.reload(spec)
+            await self._load_one(entry, loading)
+        return entries
+
+    def _versions(self, name: str) -> list[ModelEntry]:
+        self.find(name)
+        return self._by_name[name]
+
+    def _set(self, entry: ModelEntry, state: ModelState, reason: str = "") -> None:
+        entry.state, entry.reason = state, reason
+        self._publish(entry)
+
+    def _publish(self, entry: ModelEntry) -> None:
+        ready = 1 if entry.state is ModelState.READY else 0
+        self._metrics.model_ready.labels(entry.spec.name, entry.spec.version or "").set(ready)
+
+    async def predict(self, entry: ModelEntry, columns: Columns, rows: int, deadline: float) -> Columns:
+        """Run the model on a batch: sync models in the executor, async ones on the loop."""
+        spec = entry.spec
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"the request's deadline passed before model {spec.label!r} could start")
+        try:
+            outputs, seconds = await (self._predict_async(spec, columns, rows, deadline) if spec.is_async
+                                      else self._executor.run(spec, columns, rows, deadline))  # fmt: skip
+        except AsyncServeError:
+            raise
+        except Exception as exc:
+            # The caller logs the cause with the request id; the client never sees it.
+            raise ModelError(f"model {spec.label!r} failed while predicting; the server log has the details") from exc
+        self._metrics.inference_duration.labels(spec.label).observe(seconds)
+        self._metrics.inference_rows.labels(spec.label).inc(rows)
+        return outputs
+
+    async def _predict_async(self, spec: ModelSpec, columns: Columns, rows: int, deadline: float) -> Prediction:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                result = await call_predict(spec, columns)
+        except TimeoutError:
+            raise DeadlineExceeded(f"model {spec.label!r} did not answer before the request's deadline") from None
+        return check_outputs(spec, result, rows), time.perf_counter() - started

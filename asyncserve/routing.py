@@ -1,0 +1,134 @@
+"""The thin HTTP layer under the app: requests, responses and a router, straight on ASGI.
+
+No web framework sits here on purpose: the server's own cost per request is paid on the same
+core as the models, and benchmarks/results/frameworks.md shows what Starlette and FastAPI add.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from asyncserve.exceptions import MethodNotAllowed, NotFound, PayloadTooLarge
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON_TYPE = "application/json"
+
+
+@dataclass
+class Request:
+    scope: Scope
+    receive: Receive
+    request_id: str
+    params: dict[str, str]
+    headers: dict[str, str]
+    arrived: float
+    """``time.monotonic()`` when the request arrived: deadlines count from here."""
+    body_limit: int
+    _body: bytes | None = None
+
+    @property
+    def method(self) -> str:
+        method: str = self.scope["method"]
+        return method
+
+    async def body(self) -> bytes:
+        """The whole body, read once; over ``body_limit`` bytes is a PayloadTooLarge, before or while reading."""
+        if self._body is None:
+            self._body = await self._read_body(self.body_limit)
+        return self._body
+
+    async def _read_body(self, limit: int) -> bytes:
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(_too_large(int(declared), limit))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(_too_large(size, limit))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"the request body has {size} bytes or more, over the server's limit of {limit}; send smaller batches"
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = JSON_TYPE
+
+    @classmethod
+    def json(cls, content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        return cls(status, orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), headers or {})
+
+    async def send(self, send: Send, request_id: str) -> None:
+        headers = [
+            (b"content-type", self.content_type.encode()),
+            (b"content-length", str(len(self.body)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
+        headers.extend((name.encode(), value.encode()) for name, value in self.headers.items())
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: Handler
+    name: str
+    """A short label for metrics (never the raw path, whose values are unbounded)."""
+    cancel_on_disconnect: bool = False
+
+
+class Router:
+    """Matches a method and path to a route; ``{param}`` in a path matches one segment."""
+
+    def __init__(self) -> None:
+        self._routes: list[Route] = []
+
+    def add(self, method: str, path: str, handler: Handler, name: str, *, cancel_on_disconnect: bool = False) -> None:
+        regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
+        self._routes.append(Route(method, re.compile(f"^{regex}$"), handler, name, cancel_on_disconnect))
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        allowed: list[str] = []
+        for route in self._routes:
+            found = route.pattern.match(path)
+            if found is None:
+                continue
+            if route.method == method:
+                return route, found.groupdict()
+            allowed.append(route.method)
+        if allowed:
+            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {' or '.join(allowed)}")
+        raise NotFound(f"no route {method} {path}; see /docs for the API")
+
+    @property
+    def routes(self) -> Iterable[Route]:
+        return iter(self._routes)
+
+
+def header_dict(scope: Scope) -> dict[str, str]:
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}

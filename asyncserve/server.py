@@ -1,0 +1,158 @@
+"""Running the app: uvicorn (uvloop + httptools) on a pre-bound socket, one or several processes.
+
+Shutdown on SIGTERM or SIGINT, in order:
+1. readiness turns false and new predictions get 503 (the app's ``begin_shutdown``);
+2. uvicorn stops accepting connections and waits up to ``grace_period_s`` for in-flight requests,
+   then cancels what is left;
+3. the lifespan shutdown releases the executor (running predictions finish, queued ones are
+   dropped) and background tasks;
+4. the process exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import socket
+import threading
+from collections.abc import Generator
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+import uvicorn
+
+from asyncserve._utils import import_string
+from asyncserve.app import AsyncServeApp
+from asyncserve.config import Settings
+from asyncserve.exceptions import ConfigurationError
+from asyncserve.service import Service
+
+logger = logging.getLogger(__name__)
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server that tells the app when shutdown starts and exits cleanly after draining.
+
+    uvicorn re-raises the signal after its graceful shutdown, which makes the process die *by*
+    SIGTERM (status 143); a drained server has done its job and exits 0 instead.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: AsyncServeApp) -> None:
+        super().__init__(config)
+        self.asyncserve_app = app
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in _STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.asyncserve_app.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(app: AsyncServeApp) -> Server:
+    settings = app.settings
+    config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.grace_period_s),
+        log_config=None,
+    )
+    return Server(config, app)
+
+
+def serve(target: Service | str, settings: Settings | None = None, *, sock: socket.socket | None = None) -> None:
+    """Serve a service (or its ``module:attribute`` import string) until SIGTERM or SIGINT.
+
+    With ``settings.workers > 1`` the service must be given as an import string: each worker
+    process imports it anew.
+    """
+    settings = settings or Settings.from_env()
+    sock = sock or bind_socket(settings.host, settings.port)
+    if settings.workers == 1:
+        _serve_one(target, settings, sock)
+        return
+    if not isinstance(target, str):
+        raise ConfigurationError("--workers > 1 needs the service as an import string, like 'mymodule:service'")
+    Supervisor(target, settings, sock).run()
+
+
+def _serve_one(target: Service | str, settings: Settings, sock: socket.socket) -> None:
+    service = load_service(target) if isinstance(target, str) else target
+    server = make_server(AsyncServeApp(service, settings))
+    server.run(sockets=[sock])
+
+
+def load_service(target: str) -> Service:
+    service = import_string(target)
+    if not isinstance(service, Service):
+        raise ConfigurationError(f"{target!r} is a {type(service).__name__}, not an asyncserve.Service")
+    return service
+
+
+def _worker_main(target: str, settings: Settings, sock: socket.socket) -> None:
+    _serve_one(target, settings, sock)
+
+
+class Supervisor:
+    """Runs ``workers`` server processes on one shared socket, restarts any that dies, stops them all on a signal."""
+
+    def __init__(self, target: str, settings: Settings, sock: socket.socket) -> None:
+        self.target, self.settings, self.sock = target, settings, sock
+        self._context = multiprocessing.get_context("spawn")
+        self._children: list[BaseProcess] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        load_service(self.target)  # fail here, once, rather than in every worker
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, lambda *_: self._stop.set())
+        self._children = [self._spawn() for _ in range(self.settings.workers)]
+        while not self._stop.wait(0.5):
+            self._replace_dead()
+        for child in self._children:
+            if child.pid is not None and child.is_alive():
+                child.terminate()  # SIGTERM: each worker drains on its own
+        for child in self._children:
+            child.join()
+        logger.info("all %d workers stopped", len(self._children))
+
+    def _spawn(self) -> BaseProcess:
+        process = self._context.Process(target=_worker_main, args=(self.target, self.settings, self.sock))
+        process.start()
+        return process
+
+    def _replace_dead(self) -> None:
+        for index, child in enumerate(self._children):
+            if not child.is_alive() and not self._stop.is_set():
+                logger.error("worker %s exited with %s; starting another", child.pid, child.exitcode)
+                self._children[index] = self._spawn()

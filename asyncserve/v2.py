@@ -1,0 +1,464 @@
+"""The Open Inference Protocol (KServe V2, Triton HTTP) codec: pure functions, no I/O.
+
+A request body is a JSON object, optionally followed by binary tensor data (the binary tensor
+data extension): the ``Inference-Header-Content-Length`` header gives the length of the JSON
+part, and each input whose ``parameters`` carry ``binary_data_size`` takes that many bytes of the
+tail, in the order the inputs are listed. Outputs go back the same way when asked for as binary,
+which is what ``tritonclient.http`` does by default.
+
+Structural problems (a field missing or of the wrong JSON type, a value of the wrong type or range) raise
+:class:`SchemaViolation` with the field's path; problems with what the fields say (an unknown
+input, a wrong datatype or shape, sizes that do not add up) raise :class:`InvalidRequest`.
+
+Example::
+
+    request = decode_infer_request(body, spec, header_length=None)
+    outputs = check_outputs(spec, call_predict(spec, request.columns), request.rows)
+    body, headers = encode_infer_response(spec, request, outputs)
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from dataclasses import dataclass
+from itertools import accumulate, chain, pairwise
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from asyncserve.exceptions import InvalidRequest, SchemaViolation
+from asyncserve.model import ModelSpec
+from asyncserve.tensors import INTEGER_RANGES, Columns, Datatype, Tensor
+
+_U32 = struct.Struct("<I")
+_ACCEPTED = {Datatype.BOOL: (frozenset({bool}), "true or false"), Datatype.BYTES: (frozenset({str}), "strings")}
+_ACCEPTED |= {dt: (frozenset({int, float}), "numbers") for dt in (Datatype.FP16, Datatype.FP32, Datatype.FP64)}
+_ACCEPTED |= {dt: (frozenset({int}), "integers") for dt in INTEGER_RANGES}
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}
+_JSON_TYPES |= {float: "a number", type(None): "null"}
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """One output the client asked for, and whether to send it as binary data."""
+
+    name: str
+    binary: bool
+
+
+@dataclass
+class InferRequest:
+    """A decoded inference request: one column per declared input, all with ``rows`` rows."""
+
+    id: str | None
+    columns: Columns
+    rows: int
+    parameters: dict[str, Any]
+    outputs: list[RequestedOutput]
+
+
+@dataclass(frozen=True)
+class _Input:
+    """One entry of the request's ``inputs``, structurally checked but not yet decoded."""
+
+    path: str
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any]  # empty when the data is binary
+    binary_size: int | None
+
+
+def decode_infer_request(body: bytes, spec: ModelSpec, header_length: int | None) -> InferRequest:
+    """Decode a ``POST /v2/models/{model}/infer`` body into columns for ``spec``'s inputs.
+
+    Args:
+        body: The whole request body.
+        spec: The model the request is for.
+        header_length: The ``Inference-Header-Content-Length`` header, or None when absent.
+
+    Raises:
+        SchemaViolation: A field is missing or has the wrong JSON type (the message starts with its path).
+        InvalidRequest: The body is not JSON, or the inputs do not match the model's declaration.
+    """
+    header, tail = _split_body(body, header_length)
+    document = _parse_json(header, header_length)
+    request_id: str | None = _get(document, "id", str, "", required=False)
+    parameters: dict[str, Any] = _get(document, "parameters", dict, "", required=False) or {}
+    items: list[Any] = _get(document, "inputs", list, "")
+    entries = [_input_entry(item, f"inputs[{i}]") for i, item in enumerate(items)]
+    blobs = _slice_blobs(entries, tail, header_length)
+    _check_names(entries, spec)
+    rows = _check_shapes(entries, spec)
+    decoded = {e.name: _decode_input(e, spec.inputs[e.name], blob) for e, blob in zip(entries, blobs, strict=True)}
+    columns = {name: decoded[name] for name in spec.inputs}
+    outputs = _requested_outputs(document, parameters, spec)
+    return InferRequest(id=request_id, columns=columns, rows=rows, parameters=parameters, outputs=outputs)
+
+
+def encode_infer_response(spec: ModelSpec, request: InferRequest, outputs: Columns) -> tuple[bytes, dict[str, str]]:
+    """Encode the requested outputs as a response body, and the headers it needs.
+
+    Binary outputs follow the JSON part in the order they are listed, and the
+    ``inference-header-content-length`` header gives the JSON part's length.
+    """
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for requested in request.outputs:
+        entry, blob = _encode_output(requested, spec.outputs[requested.name], outputs[requested.name])
+        entries.append(entry)
+        if blob is not None:
+            blobs.append(blob)
+    document: dict[str, Any] = {"model_name": spec.name}
+    if spec.version is not None:
+        document["model_version"] = spec.version
+    if request.id is not None:
+        document["id"] = request.id
+    document["outputs"] = entries
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not any(r.binary for r in request.outputs):
+        return header, {"content-type": "application/json"}
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
+    return b"".join([header, *blobs]), headers
+
+
+def model_metadata(spec: ModelSpec) -> dict[str, Any]:
+    """The body of ``GET /v2/models/{model}``: name, versions, platform and tensor declarations."""
+    return {
+        "name": spec.name,
+        "versions": [] if spec.version is None else [spec.version],
+        "platform": spec.platform,
+        "inputs": [_tensor_metadata(name, tensor) for name, tensor in spec.inputs.items()],
+        "outputs": [_tensor_metadata(name, tensor) for name, tensor in spec.outputs.items()],
+    }
+
+
+def _tensor_metadata(name: str, tensor: Tensor) -> dict[str, Any]:
+    return {"name": name, "datatype": str(tensor.dtype), "shape": tensor.batch_shape()}
+
+
+# --- request structure ---------------------------------------------------------------------
+
+
+def _split_body(body: bytes, header_length: int | None) -> tuple[memoryview, memoryview]:
+    view = memoryview(body)
+    if header_length is None:
+        return view, view[len(body) :]
+    if not 0 <= header_length <= len(body):
+        raise InvalidRequest(
+            f"Inference-Header-Content-Length is {header_length} but the body holds {len(body)} bytes; "
+            f"it must give the length of the JSON part, between 0 and {len(body)}"
+        )
+    return view[:header_length], view[header_length:]
+
+
+def _parse_json(header: memoryview, header_length: int | None) -> dict[str, Any]:
+    try:
+        document = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        hint = (
+            ""
+            if header_length is not None
+            else "; a body with binary data needs the Inference-Header-Content-Length header"
+        )
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}{hint}") from None
+    if not isinstance(document, dict):
+        raise SchemaViolation("", f"the request must be a JSON object, got {_json_type(document)}")
+    return document
+
+
+def _get(obj: dict[str, Any], key: str, kind: type, path: str, *, required: bool = True) -> Any:
+    """``obj[key]`` checked to be of JSON type ``kind``; None when absent (or null) and not required."""
+    where = f"{path}.{key}" if path else key
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise SchemaViolation(where, "is required")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SchemaViolation(where, f"must be {_JSON_TYPES[kind]}, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _input_entry(item: Any, path: str) -> _Input:
+    if not isinstance(item, dict):
+        raise SchemaViolation(path, f"must be an object, got {_json_type(item)}")
+    binary_size = _binary_size(item, path)
+    data: list[Any] | None = _get(item, "data", list, path, required=binary_size is None)
+    if data is not None and binary_size is not None:
+        raise SchemaViolation(f"{path}.data", "must be left out when parameters.binary_data_size is given")
+    shape: list[Any] = _get(item, "shape", list, path)
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise SchemaViolation(f"{path}.shape", f"must be a list of integers >= 0, got {shape}")
+    name: str = _get(item, "name", str, path)
+    datatype: str = _get(item, "datatype", str, path)
+    return _Input(path, name, datatype, shape, data or [], binary_size)
+
+
+def _binary_size(item: dict[str, Any], path: str) -> int | None:
+    parameters: dict[str, Any] = _get(item, "parameters", dict, path, required=False) or {}
+    if "shared_memory_region" in parameters:
+        raise InvalidRequest(f"{path}: the shared-memory extension is not supported; send the data in the body")
+    size: int | None = _get(parameters, "binary_data_size", int, f"{path}.parameters", required=False)
+    if size is not None and size < 0:
+        raise SchemaViolation(f"{path}.parameters.binary_data_size", f"must be >= 0, got {size}")
+    return size
+
+
+def _slice_blobs(entries: list[_Input], tail: memoryview, header_length: int | None) -> list[memoryview | None]:
+    """Each input's share of the binary tail, in the order the inputs are listed."""
+    total = sum(e.binary_size or 0 for e in entries)
+    if header_length is None and total:
+        raise InvalidRequest(
+            "inputs carry parameters.binary_data_size but the request has no Inference-Header-Content-Length "
+            "header; send it with the length of the JSON part"
+        )
+    if total != len(tail):
+        raise InvalidRequest(
+            f"the inputs' binary_data_size values add up to {total} bytes but {len(tail)} bytes "
+            "follow the JSON part of the body"
+        )
+    ends = list(accumulate((e.binary_size or 0 for e in entries), initial=0))
+    return [
+        None if e.binary_size is None else tail[start:end]
+        for e, (start, end) in zip(entries, pairwise(ends), strict=True)
+    ]
+
+
+def _check_names(entries: list[_Input], spec: ModelSpec) -> None:
+    declared = list(spec.inputs)
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.name not in spec.inputs:
+            raise InvalidRequest(f"model {spec.label!r} has no input {entry.name!r}; its inputs are {declared}")
+        if entry.name in seen:
+            raise InvalidRequest(f"input {entry.name!r} is given more than once; send each input once")
+        seen.add(entry.name)
+    missing = [name for name in declared if name not in seen]
+    if missing:
+        raise InvalidRequest(f"the request is missing input(s) {missing}; model {spec.label!r} takes {declared}")
+
+
+def _check_shapes(entries: list[_Input], spec: ModelSpec) -> int:
+    """Check each input's datatype and shape against its declaration; return the common row count."""
+    rows = 0
+    for entry in entries:
+        tensor = spec.inputs[entry.name]
+        if entry.datatype != tensor.dtype:
+            raise InvalidRequest(
+                f'input {entry.name!r} is declared {tensor.dtype}; send "datatype": "{tensor.dtype}", '
+                f"got {entry.datatype!r}"
+            )
+        shape = entry.shape
+        if not shape or shape[0] < 1 or not tensor.row_shape_matches(tuple(shape[1:])):
+            expected = ", ".join(["rows", *(str(d) for d in tensor.shape)])
+            raise InvalidRequest(
+                f"input {entry.name!r} takes shape [{expected}] with rows >= 1 (-1 matches any length), got {shape}"
+            )
+        if rows and shape[0] != rows:
+            raise InvalidRequest(
+                f"input {entry.name!r} has {shape[0]} rows but {entries[0].name!r} has {rows}; "
+                "all inputs must have the same number of rows"
+            )
+        rows = shape[0]
+    return rows
+
+
+def _requested_outputs(document: dict[str, Any], parameters: dict[str, Any], spec: ModelSpec) -> list[RequestedOutput]:
+    default: bool = _get(parameters, "binary_data_output", bool, "parameters", required=False) or False
+    items: list[Any] = _get(document, "outputs", list, "", required=False) or []
+    if not items:
+        return [RequestedOutput(name, default) for name in spec.outputs]
+    requested = [_requested_output(item, f"outputs[{i}]", spec, default) for i, item in enumerate(items)]
+    names = [r.name for r in requested]
+    if len(set(names)) != len(names):
+        raise InvalidRequest(f"outputs name {names}; ask for each output once")
+    return requested
+
+
+def _requested_output(item: Any, path: str, spec: ModelSpec, default: bool) -> RequestedOutput:
+    if not isinstance(item, dict):
+        raise SchemaViolation(path, f"must be an object, got {_json_type(item)}")
+    name: str = _get(item, "name", str, path)
+    if name not in spec.outputs:
+        raise InvalidRequest(f"model {spec.label!r} has no output {name!r}; its outputs are {list(spec.outputs)}")
+    parameters: dict[str, Any] = _get(item, "parameters", dict, path, required=False) or {}
+    for extension in ("classification", "shared_memory_region"):
+        if extension in parameters:
+            raise InvalidRequest(f"{path}: parameters.{extension} is not supported by this server")
+    binary: bool | None = _get(parameters, "binary_data", bool, f"{path}.parameters", required=False)
+    return RequestedOutput(name, default if binary is None else binary)
+
+
+# --- input data ----------------------------------------------------------------------------
+
+
+def _decode_input(entry: _Input, tensor: Tensor, blob: memoryview | None) -> npt.NDArray[Any]:
+    if blob is not None and tensor.dtype is not Datatype.BYTES:
+        return _fixed_size_column(entry, tensor.dtype, blob)
+    if blob is not None:
+        values: list[Any] = _unpack_bytes(entry, blob)
+    else:
+        values, types = _flatten(entry)
+        _check_types(entry, tensor.dtype, values, types)
+    count = math.prod(entry.shape)
+    if len(values) != count:
+        raise InvalidRequest(
+            f"input {entry.name!r} has shape {entry.shape}, which holds {count} values, "
+            f"but its data holds {len(values)}"
+        )
+    if tensor.dtype is Datatype.BYTES:
+        return _bytes_column(entry, tensor.binary, values).reshape(entry.shape)
+    return _numeric_column(entry, tensor.dtype, values).reshape(entry.shape)
+
+
+def _flatten(entry: _Input) -> tuple[list[Any], set[type]]:
+    """Flatten nested lists (row-major); also return the set of element types, found at C speed."""
+    data = entry.data
+    types = set(map(type, data))
+    while list in types:
+        if len(types) > 1:
+            raise SchemaViolation(f"{entry.path}.data", f"input {entry.name!r} mixes lists and values at one depth")
+        data = list(chain.from_iterable(data))
+        types = set(map(type, data))
+    return data, types
+
+
+def _check_types(entry: _Input, datatype: Datatype, values: list[Any], types: set[type]) -> None:
+    allowed, word = _ACCEPTED[datatype]
+    if not types <= allowed:
+        index, bad = next((i, v) for i, v in enumerate(values) if type(v) not in allowed)
+        raise SchemaViolation(
+            f"{entry.path}.data",
+            f"input {entry.name!r} is {datatype} and takes {word}; value {index} is {orjson.dumps(bad).decode()[:80]}",
+        )
+
+
+def _numeric_column(entry: _Input, datatype: Datatype, values: list[Any]) -> npt.NDArray[Any]:
+    try:
+        with np.errstate(over="raise"):
+            return np.array(values, dtype=datatype.numpy_dtype)
+    except (OverflowError, FloatingPointError):
+        raise SchemaViolation(
+            f"{entry.path}.data", f"input {entry.name!r} holds a value out of the {datatype} range {_range(datatype)}"
+        ) from None
+
+
+def _range(datatype: Datatype) -> str:
+    if datatype in INTEGER_RANGES:
+        low, high = INTEGER_RANGES[datatype]
+        return f"[{low}, {high}]"
+    return f"[-{np.finfo(datatype.numpy_dtype).max}, {np.finfo(datatype.numpy_dtype).max}]"
+
+
+def _bytes_column(entry: _Input, binary: bool, values: list[Any]) -> npt.NDArray[Any]:
+    """An object column of bytes (binary tensors) or str, whichever form the values came in."""
+    if binary:
+        values = [v.encode() if isinstance(v, str) else v for v in values]
+    else:
+        values = [_utf8(entry, i, v) if isinstance(v, bytes) else v for i, v in enumerate(values)]
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+def _utf8(entry: _Input, index: int, value: bytes) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"input {entry.name!r} takes text, but value {index} is not valid UTF-8") from None
+
+
+def _unpack_bytes(entry: _Input, blob: memoryview) -> list[bytes]:
+    """Split BYTES binary data: each element is a little-endian uint32 length, then that many bytes."""
+    values: list[bytes] = []
+    offset = 0
+    while offset < len(blob):
+        end = offset + _U32.size
+        if end <= len(blob):
+            (length,) = _U32.unpack_from(blob, offset)
+            offset, end = end, end + length
+        if end > len(blob):
+            raise InvalidRequest(
+                f"input {entry.name!r}: its binary BYTES data ends inside value {len(values)}; "
+                "each value is a 4-byte little-endian length followed by that many bytes"
+            )
+        values.append(bytes(blob[offset:end]))
+        offset = end
+    return values
+
+
+def _fixed_size_column(entry: _Input, datatype: Datatype, blob: memoryview) -> npt.NDArray[Any]:
+    dtype = datatype.numpy_dtype
+    expected = math.prod(entry.shape) * dtype.itemsize
+    if len(blob) != expected:
+        raise InvalidRequest(
+            f"input {entry.name!r} of shape {entry.shape} and datatype {datatype} takes {expected} bytes "
+            f"of binary data, got binary_data_size {len(blob)}"
+        )
+    if datatype is Datatype.BOOL:
+        raw = np.frombuffer(blob, dtype=np.uint8)
+        if raw.size and raw.max() > 1:
+            raise InvalidRequest(f"input {entry.name!r} is BOOL and its binary data must hold bytes 0 or 1")
+        return raw.astype(np.bool_).reshape(entry.shape)
+    # astype copies: the column is writable, native-endian and does not pin the request body.
+    return np.frombuffer(blob, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(entry.shape)
+
+
+# --- output data ---------------------------------------------------------------------------
+
+
+def _encode_output(requested: RequestedOutput, tensor: Tensor, value: Any) -> tuple[dict[str, Any], bytes | None]:
+    datatype = tensor.dtype
+    if datatype is Datatype.BYTES:
+        array = np.asarray(value, dtype=object)
+    else:
+        array = np.ascontiguousarray(value, dtype=datatype.numpy_dtype)
+    entry: dict[str, Any] = {"name": requested.name, "datatype": str(datatype), "shape": list(array.shape)}
+    flat = array.reshape(-1)
+    if requested.binary:
+        blob = (
+            _pack_bytes(flat)
+            if datatype is Datatype.BYTES
+            else flat.astype(flat.dtype.newbyteorder("<"), copy=False).tobytes()
+        )
+        entry["parameters"] = {"binary_data_size": len(blob)}
+        return entry, blob
+    if datatype is Datatype.BYTES:
+        entry["data"], is_base64 = _json_strings(flat.tolist())
+        if is_base64:
+            entry["parameters"] = {"content_type": "base64"}
+    else:
+        entry["data"] = flat
+    return entry, None
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return str(value).encode()
+
+
+def _pack_bytes(values: npt.NDArray[Any]) -> bytes:
+    parts: list[bytes] = []
+    for value in values.tolist():
+        data = _as_bytes(value)
+        parts.append(_U32.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _json_strings(values: list[Any]) -> tuple[list[str], bool]:
+    """Values as JSON strings: text as is, bytes as UTF-8, or all of them base64 when some bytes are not UTF-8."""
+    try:
+        return [v if isinstance(v, str) else _as_bytes(v).decode() for v in values], False
+    except UnicodeDecodeError:
+        return [base64.b64encode(_as_bytes(v)).decode("ascii") for v in values], True

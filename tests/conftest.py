@@ -1,0 +1,73 @@
+"""Shared fixtures: a real uvicorn server on an ephemeral port, in its own thread and event loop."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from asyncserve.app import AsyncServeApp
+from asyncserve.config import Settings
+from asyncserve.server import Server, bind_socket, make_server
+from asyncserve.service import Service
+
+
+@dataclass
+class RunningServer:
+    app: AsyncServeApp
+    server: Server
+    url: str
+
+    def client(self, **kwargs: object) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=30.0, **kwargs)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    service: Service, settings: Settings | None = None, *, wait_ready: bool = True
+) -> Iterator[RunningServer]:
+    """Run the real server (uvicorn, uvloop, httptools) on 127.0.0.1:0 until the block ends."""
+    settings = settings or Settings(executor_workers=2, loop_lag_interval_s=0.01)
+    sock = bind_socket("127.0.0.1", 0)
+    app = AsyncServeApp(service, settings)
+    server = make_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: server.started, "the server to start")
+        if wait_ready:
+            _wait(lambda: app._loading is not None and app._loading.done(), "the models to load")
+        host, port = sock.getsockname()[:2]
+        yield RunningServer(app, server, f"http://{host}:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    event = threading.Event()
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        event.wait(0.01)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def running(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    """A server for the test module's ``SERVICE`` (and optional ``SETTINGS``)."""
+    service: Service = request.module.SERVICE
+    settings: Settings | None = getattr(request.module, "SETTINGS", None)
+    with serve_in_thread(service, settings) as server:
+        yield server
+
+
+@pytest.fixture
+async def client(running: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with running.client() as client:
+        yield client

@@ -1,0 +1,8 @@
+"""Services the end-to-end tests start with the real CLI, as `tests.services:<name>`."""
+
+from __future__ import annotations
+
+from asyncserve import Service
+from tests.models import Adder, Sleeper, Spinner
+
+service = Service(Adder(), Sleeper(), Spinner(), name="e2e")

@@ -1,0 +1,137 @@
+"""The server as users run it: the CLI in a subprocess, signals, several workers, the process executor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def cli(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run ``python -m asyncserve ARGS`` and wait until it is ready; kill it if the test leaves it running."""
+    port = free_port()
+    command = [sys.executable, "-m", "asyncserve", *args, "--port", str(port)]
+    process = subprocess.Popen(
+        command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(process, url)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def wait_until_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read().decode() if process.stdout else ""
+            raise AssertionError(f"the server exited with {process.returncode}:\n{output}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not become ready")
+
+
+async def test_sigterm_finishes_in_flight_requests_then_exits_0() -> None:
+    with cli("serve", "tests.services:service", "--executor-workers", "2") as (process, url):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            in_flight = asyncio.create_task(client.post("/v1/models/sleeper/predict", json={"seconds": 1.0}))
+            await asyncio.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            response = await in_flight
+        assert response.status_code == 200
+        assert await asyncio.to_thread(process.wait, 15) == 0
+        async with httpx.AsyncClient() as fresh:
+            with pytest.raises(httpx.ConnectError):
+                await fresh.get(f"{url}/v2/health/live")
+
+
+async def test_several_workers_share_the_port() -> None:
+    with cli("serve", "tests.services:service", "--workers", "2") as (process, url):
+        pids: set[int] = set()
+        for _ in range(60):
+            # A fresh connection each time, so the kernel may hand it to either worker.
+            async with httpx.AsyncClient(base_url=url) as client:
+                pids.add((await client.post("/v1/models/sleeper/predict", json={"seconds": 0})).json()["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
+        assert process.pid not in pids
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+
+
+async def test_process_executor_loads_models_in_workers_and_keeps_the_loop_free() -> None:
+    env = {"ASYNCSERVE_EXECUTOR": "process", "ASYNCSERVE_EXECUTOR_WORKERS": "2"}
+    with cli("serve", "tests.services:service", env=env) as (process, url):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            response = await client.post("/v1/models/sleeper/predict", json={"seconds": 0})
+            assert response.status_code == 200
+            assert response.json()["pid"] != process.pid
+            busy = [client.post("/v1/models/spinner/predict", json={"seconds": 0.3}) for _ in range(8)]
+            spinning = asyncio.gather(*busy)
+            latencies = await probe_liveness(client, seconds=0.8)
+            assert all(r.status_code == 200 for r in await spinning)
+        assert percentile(latencies, 99) < 0.05, latencies
+
+
+async def probe_liveness(client: httpx.AsyncClient, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        assert (await client.get("/v2/health/live")).status_code == 200
+        latencies.append(time.perf_counter() - started)
+        await asyncio.sleep(0.005)
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
+
+
+def test_bad_target_is_a_clear_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncserve", "serve", "tests.services:nothing", "--port", "0"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "has no attribute 'nothing'" in result.stderr
+
+
+def test_bad_environment_setting_is_a_clear_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncserve", "serve", "tests.services:service"],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "ASYNCSERVE_PORT": "eighty"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "ASYNCSERVE_PORT='eighty'" in result.stderr
