@@ -1,0 +1,322 @@
+"""The OpenAPI document: typed predict operations per model, the V2 routes, and the /docs page."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pytest
+
+from asyncserve.jsonapi import decode_rows
+from asyncserve.model import Model, describe
+from asyncserve.openapi import docs_html, openapi_document, row_schema, tensor_schema
+from asyncserve.tensors import Datatype, Tensor
+
+
+class Iris(Model):
+    name = "iris"
+    version = "2"
+    inputs: ClassVar[Mapping[str, Tensor]] = {
+        "features": Tensor("FP32", shape=(4,), description="Sepal and petal sizes in cm.")
+    }
+    outputs: ClassVar[Mapping[str, Tensor]] = {"label": Tensor("BYTES"), "probabilities": Tensor("FP32", shape=(3,))}
+    example: ClassVar[Mapping[str, Any]] = {"features": [5.1, 3.5, 1.4, 0.2]}
+
+    def predict(self, features: npt.NDArray[Any]) -> dict[str, Any]:
+        return {"label": np.array(["setosa"] * len(features), dtype=object), "probabilities": features[:, :3]}
+
+
+class IrisV10(Iris):
+    version = "10"
+    inputs: ClassVar[Mapping[str, Tensor]] = {"features": Tensor("FP64", shape=(4,))}
+
+
+class Thumbnail(Model):
+    name = "thumbnail"
+    inputs: ClassVar[Mapping[str, Tensor]] = {
+        "image": Tensor("BYTES", binary=True),
+        "size": Tensor("UINT16", shape=(2,)),
+    }
+    outputs: ClassVar[Mapping[str, Tensor]] = {"image": Tensor("BYTES", binary=True)}
+
+    def predict(self, image: npt.NDArray[Any], size: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        return image
+
+
+IRIS = describe(Iris())
+THUMBNAIL = describe(Thumbnail())
+ERROR_STATUSES = ["400", "404", "413", "415", "422", "500", "503", "504"]
+
+
+@pytest.fixture(scope="module")
+def document() -> dict[str, Any]:
+    return openapi_document("demo", "1.2.3", [IRIS, THUMBNAIL])
+
+
+def follow(document: dict[str, Any], node: Any) -> Any:
+    """Follow a local ``$ref`` (if any) to what it names."""
+    while isinstance(node, dict) and "$ref" in node:
+        pointer = node["$ref"]
+        assert pointer.startswith("#/"), pointer
+        node = document
+        for part in pointer[2:].split("/"):
+            node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def operations(document: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    for path, item in document["paths"].items():
+        for method in ("get", "post"):
+            if method in item:
+                yield path, method, item, item[method]
+
+
+# -- the document --------------------------------------------------------------------------------
+
+
+def test_the_document_is_openapi_3_1_for_the_service(document: dict[str, Any]) -> None:
+    assert document["openapi"] == "3.1.0"
+    assert document["info"]["title"] == "demo"
+    assert document["info"]["version"] == "1.2.3"
+    assert "`iris:2`" in document["info"]["description"]
+
+
+def test_the_document_is_json(document: dict[str, Any]) -> None:
+    assert orjson.loads(orjson.dumps(document)) == document
+
+
+def test_each_call_builds_a_fresh_document() -> None:
+    first = openapi_document("demo", "1", [IRIS])
+    first["paths"].clear()
+    first["components"]["schemas"]["Error"]["required"].append("x")
+    second = openapi_document("demo", "1", [IRIS])
+    assert "/v1/models/iris/predict" in second["paths"]
+    assert second["components"]["schemas"]["Error"]["required"] == ["error", "code"]
+
+
+def test_every_reference_resolves(document: dict[str, Any]) -> None:
+    refs = [node["$ref"] for node in walk(document) if "$ref" in node]
+    assert refs
+    for ref in refs:
+        assert follow(document, {"$ref": ref}) is not None
+
+
+def test_every_path_parameter_is_declared(document: dict[str, Any]) -> None:
+    for path, _, item, operation in operations(document):
+        declared = [follow(document, p) for p in item.get("parameters", []) + operation.get("parameters", [])]
+        in_path = {p["name"] for p in declared if p["in"] == "path"}
+        assert in_path == set(re.findall(r"{(\w+)}", path)), path
+        assert all(p["required"] for p in declared if p["in"] == "path")
+
+
+def test_every_operation_answers_and_operation_ids_are_unique(document: dict[str, Any]) -> None:
+    ids = [operation["operationId"] for *_, operation in operations(document) if "operationId" in operation]
+    assert len(ids) == len(set(ids))
+    for _, _, _, operation in operations(document):
+        assert "200" in operation["responses"]
+        assert operation["summary"]
+
+
+def test_component_names_are_valid(document: dict[str, Any]) -> None:
+    for kind in ("schemas", "responses", "parameters"):
+        for name in document["components"][kind]:
+            assert re.fullmatch(r"[A-Za-z0-9._-]+", name), name
+
+
+# -- predict operations --------------------------------------------------------------------------
+
+
+def test_each_model_gets_a_typed_predict_operation(document: dict[str, Any]) -> None:
+    operation = document["paths"]["/v1/models/iris/predict"]["post"]
+    assert operation["operationId"] == "predict_iris"
+    assert document["paths"]["/v1/models/thumbnail/predict"]["post"]["operationId"] == "predict_thumbnail"
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    row, rows = schema["oneOf"]
+    assert follow(document, row) == row_schema(IRIS.inputs)
+    assert rows == {"type": "array", "items": row, "minItems": 1}
+    answer = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert follow(document, answer["oneOf"][0]) == row_schema(IRIS.outputs)
+    assert answer["oneOf"][1]["type"] == "array"
+
+
+def test_examples_come_from_the_model_and_decode(document: dict[str, Any]) -> None:
+    media = document["paths"]["/v1/models/iris/predict"]["post"]["requestBody"]["content"]["application/json"]
+    assert media["examples"]["row"]["value"] == {"features": [5.1, 3.5, 1.4, 0.2]}
+    columns, as_list = decode_rows(orjson.dumps(media["examples"]["rows"]["value"]), IRIS)
+    assert as_list is True
+    assert columns["features"].shape == (2, 4)
+
+
+def test_a_model_without_example_has_no_examples(document: dict[str, Any]) -> None:
+    media = document["paths"]["/v1/models/thumbnail/predict"]["post"]["requestBody"]["content"]["application/json"]
+    assert "examples" not in media
+
+
+def test_predict_documents_every_error_with_the_error_schema(document: dict[str, Any]) -> None:
+    responses = document["paths"]["/v1/models/iris/predict"]["post"]["responses"]
+    assert sorted(responses) == ["200", *ERROR_STATUSES]
+    for status in ERROR_STATUSES:
+        response = follow(document, responses[status])
+        assert response["description"]
+        assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert "Retry-After" in follow(document, responses["503"])["headers"]
+    assert document["components"]["schemas"]["Error"] == {
+        "type": "object",
+        "properties": {
+            "error": {"type": "string", "description": "What went wrong, and how to fix it."},
+            "code": {"type": "string", "description": "A stable machine code, like `schema_violation`."},
+        },
+        "required": ["error", "code"],
+    }
+
+
+def test_predict_takes_the_request_timeout_header(document: dict[str, Any]) -> None:
+    operation = document["paths"]["/v1/models/iris/predict"]["post"]
+    (parameter,) = [follow(document, p) for p in operation["parameters"]]
+    assert parameter["name"] == "X-Request-Timeout"
+    assert parameter["in"] == "header"
+
+
+def test_the_v1_route_documents_the_highest_version() -> None:
+    v10 = describe(IrisV10())
+    for specs in ([IRIS, v10], [v10, IRIS]):
+        document = openapi_document("demo", "1", specs)
+        schema = document["components"]["schemas"]["iris.Inputs"]
+        assert schema["properties"]["features"]["items"]["format"] == "double"
+        assert [p for p in document["paths"] if p.startswith("/v1/")] == ["/v1/models/iris/predict"]
+
+
+def test_a_service_without_models_still_has_the_generic_routes() -> None:
+    document = openapi_document("empty", "1", [])
+    assert not [p for p in document["paths"] if p.startswith("/v1/")]
+    assert "/v2/health/ready" in document["paths"]
+
+
+# -- generic routes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [
+        ("/v2", "get"),
+        ("/v2/health/live", "get"),
+        ("/v2/health/ready", "get"),
+        ("/v2/models/{model_name}", "get"),
+        ("/v2/models/{model_name}/versions/{model_version}", "get"),
+        ("/v2/models/{model_name}/ready", "get"),
+        ("/v2/models/{model_name}/versions/{model_version}/ready", "get"),
+        ("/v2/models/{model_name}/infer", "post"),
+        ("/v2/models/{model_name}/versions/{model_version}/infer", "post"),
+        ("/v2/repository/index", "post"),
+        ("/v2/repository/models/{model_name}/load", "post"),
+        ("/v2/repository/models/{model_name}/unload", "post"),
+        ("/metrics", "get"),
+        ("/openapi.json", "get"),
+    ],
+)
+def test_the_generic_routes_are_documented(document: dict[str, Any], path: str, method: str) -> None:
+    assert method in document["paths"][path]
+
+
+def test_v2_infer_uses_the_inference_schemas(document: dict[str, Any]) -> None:
+    operation = document["paths"]["/v2/models/{model_name}/infer"]["post"]
+    request = follow(document, operation["requestBody"]["content"]["application/json"]["schema"])
+    assert request["required"] == ["inputs"]
+    item = follow(document, request["properties"]["inputs"]["items"])
+    assert item["properties"]["datatype"]["enum"] == [str(d) for d in Datatype]
+    response = follow(document, operation["responses"]["200"]["content"]["application/json"]["schema"])
+    assert response["required"] == ["model_name", "outputs"]
+    assert "application/octet-stream" in operation["requestBody"]["content"]
+    assert sorted(operation["responses"]) == ["200", *ERROR_STATUSES]
+
+
+def test_metrics_are_plain_text(document: dict[str, Any]) -> None:
+    assert "text/plain" in document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+# -- tensor schemas ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("datatype", list(Datatype))
+def test_every_datatype_has_its_json_type(datatype: Datatype) -> None:
+    schema = tensor_schema(Tensor(datatype))
+    expected = {"BOOL": "boolean", "BYTES": "string", "FP16": "number", "FP32": "number", "FP64": "number"}
+    assert schema["type"] == expected.get(str(datatype), "integer")
+    if schema["type"] == "integer":
+        info = np.iinfo(datatype.numpy_dtype)
+        assert (schema["minimum"], schema["maximum"]) == (int(info.min), int(info.max))
+    else:
+        assert "minimum" not in schema
+    assert schema["description"] == f"{datatype}, one value per row."
+
+
+def test_binary_bytes_are_base64_strings() -> None:
+    schema = tensor_schema(Tensor("BYTES", binary=True))
+    assert schema["type"] == "string"
+    assert schema["contentEncoding"] == "base64"
+    assert "base64" in schema["description"]
+    assert "contentEncoding" not in tensor_schema(Tensor("BYTES"))
+
+
+def test_shapes_become_nested_arrays_with_bounds() -> None:
+    schema = tensor_schema(Tensor("INT8", shape=(2, 3)))
+    assert schema["type"] == "array"
+    assert (schema["minItems"], schema["maxItems"]) == (2, 2)
+    inner = schema["items"]
+    assert (inner["type"], inner["minItems"], inner["maxItems"]) == ("array", 3, 3)
+    assert inner["items"] == {"type": "integer", "minimum": -128, "maximum": 127}
+    assert "description" not in inner
+
+
+def test_any_length_dimensions_have_no_bounds() -> None:
+    schema = tensor_schema(Tensor("FP32", shape=(-1, 2)))
+    assert "minItems" not in schema
+    assert "maxItems" not in schema
+    assert schema["items"]["minItems"] == 2
+    assert "-1: any length" in schema["description"]
+
+
+def test_descriptions_name_datatype_shape_and_the_declared_description() -> None:
+    schema = tensor_schema(Tensor("FP32", shape=(4,), description="Sepal and petal sizes in cm."))
+    assert schema["description"] == "FP32, shape [4] per row. Sepal and petal sizes in cm."
+
+
+def test_a_row_requires_every_tensor_and_nothing_else() -> None:
+    schema = row_schema(THUMBNAIL.inputs)
+    assert schema["type"] == "object"
+    assert schema["required"] == ["image", "size"]
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["size"]["items"]["maximum"] == 65535
+
+
+# -- /docs ---------------------------------------------------------------------------------------
+
+
+def test_docs_load_swagger_ui_from_the_cdn() -> None:
+    page = docs_html("/openapi.json", "demo - asyncserve")
+    assert page.startswith("<!DOCTYPE html>")
+    assert "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js" in page
+    assert "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css" in page
+    assert 'url: "/openapi.json"' in page
+    assert "<title>demo - asyncserve</title>" in page
+
+
+def test_docs_escape_the_title_and_url() -> None:
+    page = docs_html('/x"</script><script>alert(1)//', "<b>demo</b>")
+    assert "<title>&lt;b&gt;demo&lt;/b&gt;</title>" in page
+    assert page.count("</script>") == 2
+    assert 'url: "/x\\"\\u003c/script>\\u003cscript>alert(1)//"' in page
