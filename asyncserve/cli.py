@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -63,8 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _print_demo_usage(sock: object) -> None:
+def _print_demo_usage(sock: socket.socket) -> None:
     from asyncserve import demo
 
-    host, port = sock.getsockname()[:2]  # type: ignore[attr-defined]
-    print(demo.usage(f"http://{host}:{port}"), flush=True)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+    print(f"asyncserve demo on {url}: API docs {url}/docs, metrics {url}/metrics, readiness {url}/v2/health/ready")
+    print(demo.usage(url), flush=True)

@@ -135,3 +135,22 @@ def test_bad_environment_setting_is_a_clear_error() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "ASYNCSERVE_PORT='eighty'" in result.stderr
+
+
+async def test_demo_serves_real_models() -> None:
+    with cli("demo") as (process, url):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            iris = await client.post("/v1/models/iris/predict", json={"features": [5.1, 3.5, 1.4, 0.2]})
+            v2_body = {
+                "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]
+            }
+            v2 = await client.post("/v2/models/iris/infer", json=v2_body)
+            faq = await client.post("/v1/models/faq/predict", json={"question": "how can a request time out?"})
+            embedding = await client.post("/v1/models/minilm/predict", json={"text": "hello"})
+        assert iris.json()["label"] == "setosa"
+        labels = {o["name"]: o for o in v2.json()["outputs"]}["label"]
+        assert labels["data"] == ["virginica"]
+        assert "X-Request-Timeout" in faq.json()["answer"]
+        assert len(embedding.json()["embedding"]) == 384
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 15) == 0

@@ -1,0 +1,67 @@
+"""The public API is short, sorted and complete, and the modules keep to the import rules."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncserve
+
+PACKAGE = Path(asyncserve.__file__).parent
+
+LAYERS = {
+    "exceptions": 0, "tensors": 0, "config": 0, "metrics": 0, "_utils": 0,
+    "model": 1, "executor": 1,
+    "registry": 2, "service": 2,
+    "v2": 3, "jsonapi": 3, "openapi": 3, "routing": 3, "app": 3, "server": 3, "cli": 3, "demo": 3, "minilm": 3,
+    "__main__": 3,
+}  # fmt: skip
+"""leaves 0, engine 1, domain/composition 2, edges 3: a module imports only from its layer or below."""
+
+SAME_LAYER_FORBIDDEN = {("registry", "service"), ("service", "registry")}
+
+
+def test_all_is_sorted_and_every_name_exists() -> None:
+    assert asyncserve.__all__ == sorted(asyncserve.__all__)
+    for name in asyncserve.__all__:
+        assert hasattr(asyncserve, name), name
+
+
+def test_every_module_has_a_layer() -> None:
+    modules = {path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    assert modules == set(LAYERS)
+
+
+def imported_modules(path: Path) -> set[str]:
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("asyncserve"):
+            parts = node.module.split(".")
+            if len(parts) > 1:
+                imported.add(parts[1])
+            else:
+                imported.update(alias.name for alias in node.names if alias.name in LAYERS)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[1] for a in node.names if a.name.startswith("asyncserve."))
+    return imported
+
+
+def test_import_rules() -> None:
+    broken = []
+    for module, layer in LAYERS.items():
+        for imported in imported_modules(PACKAGE / f"{module}.py"):
+            if LAYERS[imported] > layer or (module, imported) in SAME_LAYER_FORBIDDEN:
+                broken.append(f"{module} (layer {layer}) imports {imported} (layer {LAYERS[imported]})")
+    assert not broken
+
+
+def test_importing_asyncserve_loads_no_server_or_model_library() -> None:
+    code = (
+        "import sys, asyncserve; "
+        "heavy = [m for m in ('uvicorn', 'sklearn', 'tokenizers', 'httpx', 'prometheus_client') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,42 @@
+"""The README's service runs, and answers what the README says it answers, through a real server."""
+
+from __future__ import annotations
+
+import re
+import types
+from pathlib import Path
+
+import orjson
+
+from asyncserve import Service
+from tests.conftest import serve_in_thread
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
+
+
+def test_readme_names_the_two_setup_commands() -> None:
+    assert "make demo" in README
+    assert "make test" in README
+
+
+async def test_the_readme_service_answers_the_readme_curl() -> None:
+    (code,) = python_blocks()
+    module = types.ModuleType("readme_service")
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    service = module.__dict__["service"]
+    assert isinstance(service, Service)
+    request, answer = _curl_and_answer("scaler")
+    with serve_in_thread(service) as running:
+        async with running.client() as client:
+            response = await client.post("/v1/models/scaler/predict", content=request)
+    assert response.json() == orjson.loads(answer)
+
+
+def _curl_and_answer(model: str) -> tuple[bytes, str]:
+    match = re.search(rf"/v1/models/{model}/predict .*?-d '(.*?)'\n# (.*?)\n", README)
+    assert match, f"the README has no curl for {model}"
+    return match.group(1).encode(), match.group(2)
