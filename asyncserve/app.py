@@ -62,6 +62,7 @@ class AsyncServeApp:
         self._loading: asyncio.Task[None] | None = None
         self._openapi_json: bytes | None = None
         self.router = self._build_router()
+        self._model_names = {spec.name for spec in service.specs}
 
     def _build_router(self) -> Router:
         r = Router()
@@ -100,7 +101,7 @@ class AsyncServeApp:
         route_name, model = "unknown", ""
         try:
             route, params = self.router.match(scope["method"], scope["path"])
-            route_name, model = route.name, params.get("model", "")
+            route_name, model = route.name, self._model_label(params.get("model", ""))
             request = Request(scope, receive, request_id, params, headers, arrived, self.settings.max_body_bytes)
             self.metrics.in_flight.labels(route_name).inc()
             try:
@@ -123,6 +124,11 @@ class AsyncServeApp:
         await response.send(send, request_id)
         self.metrics.requests.labels(route_name, model, str(response.status)).inc()
         self.metrics.request_duration.labels(route_name, model).observe(time.perf_counter() - started)
+
+    def _model_label(self, name: str) -> str:
+        # Only names of served models become label values: a client must not be able to grow
+        # the metrics without bound by asking for made-up models.
+        return name if name in self._model_names else ""
 
     async def _until_disconnect(
         self, handling: Awaitable[Response], receive: Receive, route_name: str, model: str
