@@ -14,6 +14,7 @@ import orjson
 
 import asyncserve
 from asyncserve import jsonapi, openapi, v2
+from asyncserve.batching import PRIORITY_LEVELS
 from asyncserve.config import Settings
 from asyncserve.exceptions import (
     AsyncServeError,
@@ -157,6 +158,7 @@ class AsyncServeApp:
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         self.loop_lag.start()
+        self.registry.start()
         # Models load in the background so that liveness answers while they do.
         self._loading = asyncio.get_running_loop().create_task(self.registry.load_all(), name="asyncserve-load")
         self._loading.add_done_callback(_log_failure)
@@ -176,6 +178,8 @@ class AsyncServeApp:
             self._loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loading
+        # In-flight requests are done (the server drained them): stop the batchers, then their executor.
+        await self.registry.aclose()
         await self.executor.aclose()
         await self.loop_lag.aclose()
 
@@ -218,7 +222,8 @@ class AsyncServeApp:
         # Any V2 body may say application/octet-stream: tritonclient's aio client always does.
         _require_json(request, also="application/octet-stream")
         decoded = v2.decode_infer_request(body, entry.spec, header_length)
-        outputs = await self.registry.predict(entry, decoded.columns, decoded.rows, deadline)
+        priority = _parse_priority(decoded.parameters.get("priority", 0), "parameters.priority")
+        outputs = await self.registry.predict(entry, decoded.columns, decoded.rows, deadline, priority)
         payload, headers = v2.encode_infer_response(entry.spec, decoded, outputs)
         content_type = headers.pop("content-type", JSON_TYPE)
         return Response(200, payload, headers, content_type)
@@ -229,7 +234,8 @@ class AsyncServeApp:
         _require_json(request)
         columns, as_list = jsonapi.decode_rows(body, entry.spec)
         rows = len(next(iter(columns.values())))
-        outputs = await self.registry.predict(entry, columns, rows, deadline)
+        priority = _parse_priority(request.headers.get("x-priority", "0"), "X-Priority")
+        outputs = await self.registry.predict(entry, columns, rows, deadline, priority)
         return Response(200, jsonapi.encode_rows(entry.spec, outputs, as_list))
 
     def _admit(self, request: Request) -> tuple[ModelEntry, float]:
@@ -300,6 +306,17 @@ def _parse_timeout(value: str) -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise InvalidRequest(f"X-Request-Timeout must be a number of seconds > 0, got {value!r}")
     return seconds
+
+
+def _parse_priority(value: object, where: str) -> int:
+    """A priority lane: 0 (the default) to 9, served first; from V2 parameters or the X-Priority header."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < PRIORITY_LEVELS:
+        raise SchemaViolation(
+            where, f"a priority is an integer from 0 to {PRIORITY_LEVELS - 1} (higher first), got {value!r}"
+        )
+    return value
 
 
 def _binary_header_length(request: Request) -> int | None:

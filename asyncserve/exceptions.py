@@ -10,6 +10,7 @@
     ├── UnsupportedMediaType            415 unsupported_media_type
     ├── Unavailable                     503 unavailable          (has retry_after_s)
     │   ├── ModelNotReady               503 model_not_ready      still loading, failed, or unloaded
+    │   ├── Overloaded                  503 overloaded           queue full, or the deadline cannot be met
     │   └── ShuttingDown                503 shutting_down
     ├── DeadlineExceeded                504 deadline_exceeded    the request's deadline passed
     ├── ModelError                      500 model_error          the model raised; no internals leak
@@ -101,6 +102,12 @@ class Unavailable(AsyncServeError):
 
 class ModelNotReady(Unavailable):
     code = "model_not_ready"
+
+
+class Overloaded(Unavailable):
+    """The model's queue is full, or the work ahead means the request's deadline cannot be met."""
+
+    code = "overloaded"
 
 
 class ShuttingDown(Unavailable):

@@ -28,6 +28,9 @@ Prediction = tuple[Columns, float]
 
 
 class Executor(Protocol):
+    workers: int
+    """How many predictions can run at once."""
+
     async def start(self, specs: Sequence[ModelSpec]) -> None:
         """Load and warm up every (sync) model; raises if one fails."""
 

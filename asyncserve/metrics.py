@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LOOP_LAG_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -60,8 +61,64 @@ class Metrics:
             buckets=LOOP_LAG_BUCKETS_S, registry=r,
         )  # fmt: skip
 
+        self.batch_rows = Histogram(
+            "asyncserve_batch_rows", "Rows in each predict call the batcher made.",
+            ["model"], buckets=BATCH_ROWS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_queue_wait = Histogram(
+            "asyncserve_batch_queue_wait_seconds", "Time a request's rows waited in the batcher's queue, in seconds.",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.batch_queue_rows = Gauge(
+            "asyncserve_batch_queue_rows", "Rows waiting in the batcher's queue.", ["model"], registry=r
+        )
+        self.batches = Counter(
+            "asyncserve_batches",
+            "Batches run, by why they closed: full, idle (nothing else running), wait (max_wait_s), deadline.",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self.batch_shed = Counter(
+            "asyncserve_batch_shed_rows",
+            "Requests the batcher refused or dropped, by reason: queue_full, deadline_unreachable, expired, cancelled.",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self.batch_isolations = Counter(
+            "asyncserve_batch_isolations", "Failed batches bisected to find the failing items.", ["model"], registry=r
+        )
+        self.batch_cost = Gauge(
+            "asyncserve_batch_cost_seconds",
+            "The fitted cost model t(n) = per_row * n + per_batch of one predict call, in seconds.",
+            ["model", "term"], registry=r,
+        )  # fmt: skip
+
+    def for_batcher(self, model: str) -> BatchMetrics:
+        return BatchMetrics(self, model)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BatchMetrics:
+    """The batcher metrics of one model, with their labels bound once (they are hit per request)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._metrics, self._model = metrics, model
+        self.batch_rows = metrics.batch_rows.labels(model)
+        self.queue_wait = metrics.batch_queue_wait.labels(model)
+        self.queue_rows = metrics.batch_queue_rows.labels(model)
+        self.isolations = metrics.batch_isolations.labels(model)
+        self._per_row = metrics.batch_cost.labels(model, "per_row")
+        self._per_batch = metrics.batch_cost.labels(model, "per_batch")
+
+    def reason(self, reason: str) -> Counter:
+        return self._metrics.batches.labels(self._model, reason)
+
+    def shed(self, reason: str) -> Counter:
+        return self._metrics.batch_shed.labels(self._model, reason)
+
+    def observe_cost(self, per_row_s: float, per_batch_s: float) -> None:
+        self._per_row.set(per_row_s)
+        self._per_batch.set(per_batch_s)
 
 
 class LoopLagProbe:

@@ -47,7 +47,13 @@ class Model:
     timeout_s: ClassVar[float] = 30.0
     """The longest a request may take; a client's ``X-Request-Timeout`` can only shorten it."""
     max_batch_size: ClassVar[int] = 64
-    """The most rows one ``predict`` call takes."""
+    """The most rows one ``predict`` call takes; 1 turns batching off."""
+    max_wait_s: ClassVar[float] = 0.002
+    """Longest a row may wait for more rows to join its batch; spent only when it pays (see batching.py)."""
+    max_concurrent_batches: ClassVar[int | None] = None
+    """Batches of this model running at once; None means one per executor worker (64 for async models)."""
+    max_queue_size: ClassVar[int] = 1024
+    """Most rows waiting for this model; more are refused at once with 503 and Retry-After."""
     example: ClassVar[Mapping[str, Any] | None] = None
     """One row of inputs as JSON values; used to warm the model up and in the API docs."""
 
@@ -69,6 +75,9 @@ class ModelSpec:
     platform: str
     timeout_s: float
     max_batch_size: int
+    max_wait_s: float
+    max_concurrent_batches: int | None
+    max_queue_size: int
     example: Mapping[str, Any] | None
     is_async: bool
     model: Model = field(repr=False, compare=False)
@@ -97,9 +106,19 @@ def describe(model: Model) -> ModelSpec:
     timeout_s: object = model.timeout_s
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
         raise ConfigurationError(f"{owner}.timeout_s must be a number of seconds > 0, got {timeout_s!r}")
-    max_batch_size: object = model.max_batch_size
-    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise ConfigurationError(f"{owner}.max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+    max_batch_size = _positive_int(owner, "max_batch_size", model.max_batch_size)
+    max_queue_size = _positive_int(owner, "max_queue_size", model.max_queue_size)
+    concurrency = model.max_concurrent_batches
+    max_concurrent_batches = (
+        None if concurrency is None else _positive_int(owner, "max_concurrent_batches", concurrency)
+    )
+    max_wait_s: object = model.max_wait_s
+    if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, int | float) or max_wait_s < 0:
+        raise ConfigurationError(f"{owner}.max_wait_s must be a number of seconds >= 0, got {max_wait_s!r}")
+    if max_queue_size < max_batch_size:
+        raise ConfigurationError(
+            f"{owner}.max_queue_size ({max_queue_size}) must be >= max_batch_size ({max_batch_size})"
+        )
     return ModelSpec(
         name=name,
         version=version,
@@ -108,10 +127,19 @@ def describe(model: Model) -> ModelSpec:
         platform=model.platform,
         timeout_s=float(timeout_s),
         max_batch_size=max_batch_size,
+        max_wait_s=float(max_wait_s),
+        max_concurrent_batches=max_concurrent_batches,
+        max_queue_size=max_queue_size,
         example=model.example,
         is_async=inspect.iscoroutinefunction(predict),
         model=model,
     )
+
+
+def _positive_int(owner: str, name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{owner}.{name} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def _checked_predict(owner: str, model: Model, inputs: Mapping[str, Tensor]) -> Callable[..., Any]:

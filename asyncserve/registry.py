@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from asyncserve.batching import Batcher, BatchSettings, Runner
 from asyncserve.exceptions import AsyncServeError, DeadlineExceeded, ModelError, ModelNotFound, ModelNotReady
 from asyncserve.executor import Executor, Prediction, load_and_warm
 from asyncserve.metrics import Metrics
@@ -32,6 +33,7 @@ class ModelState(enum.StrEnum):
 @dataclass
 class ModelEntry:
     spec: ModelSpec
+    batcher: Batcher
     state: ModelState = ModelState.LOADING
     reason: str = ""
 
@@ -53,16 +55,51 @@ class ModelRegistry:
     """Models by name and version, their readiness, and ``predict`` routed to the right place."""
 
     def __init__(self, specs: Sequence[ModelSpec], executor: Executor, metrics: Metrics) -> None:
-        self._entries = {spec.key: ModelEntry(spec) for spec in specs}
+        self._executor = executor
+        self._metrics = metrics
+        self._entries = {spec.key: ModelEntry(spec, self._batcher(spec)) for spec in specs}
         self._by_name: dict[str, list[ModelEntry]] = {}
         for entry in self._entries.values():
             self._by_name.setdefault(entry.spec.name, []).append(entry)
         for versions in self._by_name.values():
             versions.sort(key=lambda e: _version_order(e.spec.version), reverse=True)
-        self._executor = executor
-        self._metrics = metrics
         for entry in self._entries.values():
             self._publish(entry)
+
+    def _batcher(self, spec: ModelSpec) -> Batcher:
+        # By default a model may keep every executor worker busy: one batch per worker.
+        default_concurrency = 64 if spec.is_async else self._executor.workers
+        settings = BatchSettings(
+            max_batch_size=spec.max_batch_size,
+            max_wait_s=spec.max_wait_s,
+            max_concurrent_batches=spec.max_concurrent_batches or default_concurrency,
+            max_queue_size=spec.max_queue_size,
+        )
+        return Batcher(spec.label, self._runner(spec), settings, self._metrics.for_batcher(spec.label))
+
+    def _runner(self, spec: ModelSpec) -> Runner:
+        inference_duration = self._metrics.inference_duration.labels(spec.label)
+        inference_rows = self._metrics.inference_rows.labels(spec.label)
+
+        async def run(columns: Columns, rows: int, deadline: float) -> Prediction:
+            if spec.is_async:
+                outputs, seconds = await self._predict_async(spec, columns, rows, deadline)
+            else:
+                outputs, seconds = await self._executor.run(spec, columns, rows, deadline)
+            inference_duration.observe(seconds)
+            inference_rows.inc(rows)
+            return outputs, seconds
+
+        return run
+
+    def start(self) -> None:
+        """Start every model's batcher (in the running event loop)."""
+        for entry in self._entries.values():
+            entry.batcher.start()
+
+    async def aclose(self) -> None:
+        """Stop admitting rows, let running batches finish, fail what is still queued."""
+        await asyncio.gather(*(entry.batcher.aclose() for entry in self._entries.values()))
 
     @property
     def entries(self) -> list[ModelEntry]:
@@ -152,22 +189,20 @@ class ModelRegistry:
         ready = 1 if entry.state is ModelState.READY else 0
         self._metrics.model_ready.labels(entry.spec.name, entry.spec.version or "").set(ready)
 
-    async def predict(self, entry: ModelEntry, columns: Columns, rows: int, deadline: float) -> Columns:
-        """Run the model on a batch: sync models in the executor, async ones on the loop."""
+    async def predict(
+        self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int = 0
+    ) -> Columns:
+        """Run the model on a request's rows, batched with other requests' rows."""
         spec = entry.spec
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"the request's deadline passed before model {spec.label!r} could start")
         try:
-            outputs, seconds = await (self._predict_async(spec, columns, rows, deadline) if spec.is_async
-                                      else self._executor.run(spec, columns, rows, deadline))  # fmt: skip
+            return await entry.batcher.submit(columns, rows, deadline, priority)
         except AsyncServeError:
             raise
         except Exception as exc:
             # The caller logs the cause with the request id; the client never sees it.
             raise ModelError(f"model {spec.label!r} failed while predicting; the server log has the details") from exc
-        self._metrics.inference_duration.labels(spec.label).observe(seconds)
-        self._metrics.inference_rows.labels(spec.label).inc(rows)
-        return outputs
 
     async def _predict_async(self, spec: ModelSpec, columns: Columns, rows: int, deadline: float) -> Prediction:
         started = time.perf_counter()

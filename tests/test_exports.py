@@ -13,7 +13,7 @@ PACKAGE = Path(asyncserve.__file__).parent
 
 LAYERS = {
     "exceptions": 0, "tensors": 0, "config": 0, "metrics": 0, "_utils": 0,
-    "model": 1, "executor": 1,
+    "model": 1, "executor": 1, "batching": 1, "cost": 1,
     "registry": 2, "service": 2,
     "v2": 3, "jsonapi": 3, "openapi": 3, "routing": 3, "app": 3, "server": 3, "cli": 3, "demo": 3, "minilm": 3,
     "__main__": 3,

@@ -1,0 +1,403 @@
+"""Dynamic batching: merge concurrent requests' rows into one predict call, without waiting in vain.
+
+The batcher *pulls*: a batch is formed when an execution slot is free, from whatever is queued.
+- With nothing running (the executor idle), the queued rows go at once: a lone request on an idle
+  server waits for nothing.
+- With every slot busy, rows pile up in the queue and leave together when a slot frees up: under
+  load, batches grow by themselves, no timer involved.
+- Only when a slot is free *and* another batch is running (``max_concurrent_batches > 1``) may
+  waiting pay; then the batcher waits for more rows, until the batch is full, ``max_wait_s`` after
+  the oldest row arrived, or the latest moment that still meets the tightest deadline in the batch
+  (from the cost model), whichever comes first, and only if rows arrive fast enough to be worth it.
+
+Every item carries its absolute deadline (``time.monotonic()``). Admission refuses at once (503
+with ``Retry-After``) a request that finds the queue full or that cannot finish in time behind the
+rows ahead of it; expired and cancelled items are dropped before they reach the model. When a
+batch fails, it is bisected so that only the failing items' callers get the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from asyncserve.cost import CostModel
+from asyncserve.exceptions import DeadlineExceeded, InvalidRequest, Overloaded, ShuttingDown
+from asyncserve.metrics import BatchMetrics
+from asyncserve.tensors import Columns
+
+logger = logging.getLogger(__name__)
+
+Runner = Callable[[Columns, int, float], Awaitable[tuple[Columns, float]]]
+"""Runs one batch: ``(columns, rows, deadline) -> (outputs, seconds the model took)``."""
+
+PRIORITY_LEVELS = 10
+"""Priorities are 0 (the default, lowest) to 9 (served first)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchSettings:
+    """How one model's requests are batched; each field can be set on the Model class."""
+
+    max_batch_size: int = 64
+    """Most rows in one predict call."""
+    max_wait_s: float = 0.002
+    """Longest a row may wait for company, counted from its arrival; only spent when it pays."""
+    max_concurrent_batches: int = 1
+    """Batches running at once (executor slots this model may use)."""
+    max_queue_size: int = 1024
+    """Most rows waiting; more is refused at once with 503."""
+    priority_aging_s: float = 0.1
+    """A waiting row climbs one priority level per this many seconds, so low lanes never starve."""
+
+
+@dataclass(eq=False)
+class Item:
+    columns: Columns
+    rows: int
+    deadline: float
+    priority: int
+    arrived: float
+    future: asyncio.Future[Columns]
+    shape_key: tuple[tuple[int, ...], ...]
+
+    @property
+    def dead(self) -> bool:
+        return self.future.done()
+
+
+@dataclass
+class _Queue:
+    """Priority lanes of FIFO items, with a count of the rows they hold."""
+
+    lanes: list[deque[Item]] = field(default_factory=lambda: [deque() for _ in range(PRIORITY_LEVELS)])
+    rows: int = 0
+
+    def push(self, item: Item) -> None:
+        self.lanes[item.priority].append(item)
+        self.rows += item.rows
+
+    def rows_at_or_above(self, priority: int) -> int:
+        return sum(item.rows for lane in self.lanes[priority:] for item in lane)
+
+    def heads(self) -> list[Item]:
+        return [lane[0] for lane in self.lanes if lane]
+
+    def remove(self, item: Item) -> None:
+        self.lanes[item.priority].remove(item)
+        self.rows -= item.rows
+
+
+class Batcher:
+    """Queues rows for one model and feeds them to ``runner`` in batches.
+
+    Example::
+
+        batcher = Batcher("iris", runner, BatchSettings(max_batch_size=32), metrics)
+        batcher.start()
+        outputs = await batcher.submit(columns, rows=1, deadline=time.monotonic() + 1.0)
+        await batcher.aclose()
+    """
+
+    def __init__(self, label: str, runner: Runner, settings: BatchSettings, metrics: BatchMetrics) -> None:
+        self.label = label
+        self.settings = settings
+        self.cost = CostModel()
+        self._runner = runner
+        self._metrics = metrics
+        self._queue = _Queue()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.max_concurrent_batches)
+        self._running: dict[asyncio.Task[None], tuple[float, int]] = {}
+        """Running batches: when each started and how many rows it holds."""
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._closing = False
+        self._arrival_rate = _RateMeter()
+
+    # Submitting
+
+    async def submit(self, columns: Columns, rows: int, deadline: float, priority: int = 0) -> Columns:
+        """Queue ``rows`` rows and wait for their outputs, at most until ``deadline``."""
+        now = time.monotonic()
+        self._admit(rows, priority, deadline, now)
+        item = Item(
+            columns, rows, deadline, priority, now, asyncio.get_running_loop().create_future(), _shape_key(columns)
+        )
+        self._queue.push(item)
+        self._arrival_rate.add(rows, now)
+        self._metrics.queue_rows.set(self._queue.rows)
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(deadline - now):
+                return await item.future
+        except TimeoutError:
+            raise DeadlineExceeded(f"model {self.label!r} did not answer before the request's deadline") from None
+
+    def _admit(self, rows: int, priority: int, deadline: float, now: float) -> None:
+        if self._closing:
+            raise ShuttingDown(f"model {self.label!r} is shutting down")
+        if rows > self.settings.max_batch_size:
+            raise InvalidRequest(
+                f"the request has {rows} rows but model {self.label!r} takes at most "
+                f"{self.settings.max_batch_size} per call; split it into smaller requests"
+            )
+        if self._queue.rows + rows > self.settings.max_queue_size:
+            self._shed("queue_full")
+            raise Overloaded(
+                f"model {self.label!r} has {self._queue.rows} rows queued (limit {self.settings.max_queue_size}); "
+                "retry later",
+                retry_after_s=self._drain_time_s(self._queue.rows),
+            )
+        expected = self._expected_latency_s(self._queue.rows_at_or_above(priority) + rows)
+        if expected is not None and now + expected > deadline:
+            self._shed("deadline_unreachable")
+            raise Overloaded(
+                f"model {self.label!r} cannot answer within the request's deadline: about {expected:.3f}s of work "
+                f"is ahead of it; retry later or allow more time with X-Request-Timeout",
+                retry_after_s=self._drain_time_s(self._queue.rows),
+            )
+
+    def _expected_latency_s(self, rows_ahead: int) -> float | None:
+        """Time until ``rows_ahead`` rows are done: until a slot frees up, then their batches."""
+        if not self.cost.fitted:
+            return None
+        size = self.settings.max_batch_size
+        batches = math.ceil(rows_ahead / size)
+        queued = (
+            self.cost.per_row_s * rows_ahead + self.cost.per_batch_s * batches
+        ) / self.settings.max_concurrent_batches
+        return queued + self._until_a_slot_frees_s()
+
+    def _until_a_slot_frees_s(self) -> float:
+        if len(self._running) < self.settings.max_concurrent_batches:
+            return 0.0
+        now = time.monotonic()
+        return min(max(0.0, started + self.cost.seconds(rows) - now) for started, rows in self._running.values())
+
+    def _drain_time_s(self, rows: int) -> float:
+        return self._expected_latency_s(rows) or 1.0
+
+    # Dispatching
+
+    def start(self) -> None:
+        if self._dispatcher is not None:
+            raise RuntimeError(f"the batcher of {self.label!r} is already running")
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher-{self.label}")
+        self._dispatcher.add_done_callback(_log_crash)
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                batch, reason = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._execute(batch, reason))
+            self._running[task] = (time.monotonic(), sum(item.rows for item in batch))
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self._slots.release()
+        _log_crash(task)
+
+    async def _next_batch(self) -> tuple[list[Item], str]:
+        """Wait until a batch should leave, and take it out of the queue."""
+        while True:
+            self._drop_dead_heads()
+            if self._queue.rows == 0:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self._queue.rows >= self.settings.max_batch_size:
+                return self._take(), "full"
+            if not self._running:
+                return self._take(), "idle"
+            release_at, reason = self._release_time()
+            if release_at <= time.monotonic():
+                return self._take(), reason
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(release_at - time.monotonic()):
+                    await self._wakeup.wait()
+
+    def _release_time(self) -> tuple[float, str]:
+        """When a partial batch must leave while another batch runs, and why."""
+        heads = self._queue.heads()
+        by_wait = min(item.arrived for item in heads) + self.settings.max_wait_s
+        missing = self.settings.max_batch_size - self._queue.rows
+        if not self._arrival_rate.expects(missing, by_wait - time.monotonic()):
+            return time.monotonic(), "idle"  # rows do not come fast enough for waiting to pay
+        if self.cost.fitted:
+            tightest = min(item.deadline for lane in self._queue.lanes for item in lane)
+            by_deadline = tightest - self.cost.seconds(self.settings.max_batch_size)
+            if by_deadline < by_wait:
+                return by_deadline, "deadline"
+        return by_wait, "wait"
+
+    def _drop_dead_heads(self) -> None:
+        for lane in self._queue.lanes:
+            while lane and lane[0].dead:
+                self._queue.remove(lane[0])
+                self._shed("cancelled")
+
+    def _take(self) -> list[Item]:
+        """The next batch: lanes by effective priority (aged), oldest first, rows of one shape, up to the limit."""
+        now = time.monotonic()
+        aging = self.settings.priority_aging_s
+        lanes = sorted(
+            (lane for lane in self._queue.lanes if lane),
+            key=lambda lane: lane[0].priority + (now - lane[0].arrived) / aging,
+            reverse=True,
+        )
+        batch: list[Item] = []
+        room = self.settings.max_batch_size
+        key = lanes[0][0].shape_key
+        for lane in lanes:
+            for item in list(lane):
+                if item.rows <= room and item.shape_key == key:
+                    lane.remove(item)
+                    batch.append(item)
+                    room -= item.rows
+        self._queue.rows -= self.settings.max_batch_size - room
+        self._metrics.queue_rows.set(self._queue.rows)
+        return batch
+
+    # Executing
+
+    async def _execute(self, batch: list[Item], reason: str) -> None:
+        live = self._live(batch)
+        if not live:
+            return
+        self._metrics.reason(reason).inc()
+        now = time.monotonic()
+        for item in live:
+            self._metrics.queue_wait.observe(now - item.arrived)
+        await self._run(live, isolate=True)
+
+    def _live(self, items: list[Item]) -> list[Item]:
+        """Drop the items nobody waits for any more, and those whose deadline passed."""
+        now = time.monotonic()
+        live = []
+        for item in items:
+            if item.dead:
+                self._shed("cancelled")
+            elif item.deadline <= now:
+                self._shed("expired")
+                item.future.set_exception(
+                    DeadlineExceeded(f"the deadline passed before model {self.label!r} could start")
+                )
+            else:
+                live.append(item)
+        return live
+
+    async def _run(self, items: list[Item], *, isolate: bool) -> None:
+        rows = sum(item.rows for item in items)
+        deadline = max(item.deadline for item in items)
+        self._metrics.batch_rows.observe(rows)
+        try:
+            outputs, seconds = await self._runner(_concatenate(items), rows, deadline)
+        except DeadlineExceeded as exc:
+            _fail(items, exc)
+        except Exception as exc:
+            if isolate and len(items) > 1:
+                await self._isolate(items)
+            else:
+                _fail(items, exc)
+        else:
+            self.cost.observe(rows, seconds)
+            self._metrics.observe_cost(self.cost.per_row_s, self.cost.per_batch_s)
+            _resolve(items, outputs)
+
+    async def _isolate(self, items: list[Item]) -> None:
+        """Bisect a failed batch so that only the items that make the model fail get its error."""
+        self._metrics.isolations.inc()
+        middle = len(items) // 2
+        for half in (items[:middle], items[middle:]):
+            live = self._live(half)
+            if live:
+                await self._run(live, isolate=len(live) > 1)
+
+    def _shed(self, reason: str) -> None:
+        self._metrics.shed(reason).inc()
+
+    # Closing
+
+    async def aclose(self) -> None:
+        """Refuse new rows, finish running batches, fail what is still queued."""
+        self._closing = True
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        if self._running:
+            await asyncio.wait(self._running)
+        for lane in self._queue.lanes:
+            _fail(list(lane), ShuttingDown(f"model {self.label!r} shut down before this request ran"))
+            lane.clear()
+        self._queue.rows = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Batcher({self.label!r}, queued_rows={self._queue.rows}, running={len(self._running)}, cost={self.cost!r})"
+        )
+
+
+class _RateMeter:
+    """Arrival rate in rows per second, smoothed over recent arrivals."""
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self._smoothing = smoothing
+        self._last: float | None = None
+        self._rows_per_s = 0.0
+
+    def add(self, rows: int, now: float) -> None:
+        if self._last is not None:
+            gap = max(now - self._last, 1e-6)
+            self._rows_per_s += self._smoothing * (rows / gap - self._rows_per_s)
+        self._last = now
+
+    def expects(self, rows: int, within_s: float) -> bool:
+        """Whether at least one more row is likely within ``within_s`` (waiting for ``rows`` may pay)."""
+        return rows > 0 and within_s > 0 and self._rows_per_s * within_s >= 1.0
+
+
+def _shape_key(columns: Columns) -> tuple[tuple[int, ...], ...]:
+    # Rows can share a batch only if every input has the same row shape (dimensions declared -1 vary).
+    return tuple(column.shape[1:] for column in columns.values())
+
+
+def _concatenate(items: list[Item]) -> Columns:
+    if len(items) == 1:
+        return items[0].columns
+    return {name: np.concatenate([item.columns[name] for item in items]) for name in items[0].columns}
+
+
+def _resolve(items: list[Item], outputs: Columns) -> None:
+    start = 0
+    for item in items:
+        end = start + item.rows
+        if not item.future.done():
+            item.future.set_result({name: column[start:end] for name, column in outputs.items()})
+        start = end
+
+
+def _fail(items: list[Item], exc: BaseException) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+
+def _log_crash(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("batching task %s crashed", task.get_name(), exc_info=task.exception())
