@@ -1,0 +1,221 @@
+"""Dynamic batching, proved through HTTP against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+
+from asyncserve import Model, Service, Settings, Tensor
+from tests.conftest import RunningServer, serve_in_thread
+
+POISON = 666
+
+
+class Recorder(Model):
+    """Doubles its input, records every batch it sees, and can be held at a gate."""
+
+    name = "recorder"
+    inputs = {"x": Tensor("INT64")}
+    outputs = {"y": Tensor("INT64")}
+    max_batch_size = 32
+    max_queue_size = 64
+
+    def __init__(self, **settings: Any) -> None:
+        for name, value in settings.items():
+            setattr(self, name, value)
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def predict(self, x: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        self.entered.set()
+        self.gate.wait(10)
+        if (x == POISON).any():
+            raise ValueError("poisoned input")
+        self.batches.append(x.tolist())
+        return x * 2
+
+    def seen(self) -> list[int]:
+        return [value for batch in self.batches for value in batch]
+
+
+@asynccontextmanager
+async def serving(model: Recorder) -> AsyncIterator[tuple[RunningServer, httpx.AsyncClient]]:
+    settings = Settings(executor_workers=1, loop_lag_interval_s=0.01)
+    with serve_in_thread(Service(model), settings) as running:
+        async with running.client() as client:
+            yield running, client
+
+
+@asynccontextmanager
+async def held(model: Recorder, client: httpx.AsyncClient) -> AsyncIterator[None]:
+    """Keep the model's only slot busy with a blocking request until the block ends."""
+    model.gate.clear()
+    model.entered.clear()
+    blocker = asyncio.create_task(predict(client, -1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    try:
+        yield
+    finally:
+        model.gate.set()
+        assert (await blocker).status_code == 200
+
+
+def predict(client: httpx.AsyncClient, x: int, **headers: str) -> Awaitable[httpx.Response]:
+    return client.post("/v1/models/recorder/predict", json={"x": x}, headers=headers)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("condition never held")
+
+
+def queued_rows(running: RunningServer) -> int:
+    return running.app.registry.find("recorder").batcher._queue.rows
+
+
+async def test_two_concurrent_requests_reach_the_model_as_one_batch() -> None:
+    model = Recorder()
+    async with serving(model) as (running, client):
+        async with held(model, client):
+            pending = [asyncio.create_task(predict(client, x)) for x in (1, 2)]
+            await until(lambda: queued_rows(running) == 2)
+        responses = await asyncio.gather(*pending)
+    assert [r.json() for r in responses] == [{"y": 2}, {"y": 4}]
+    assert [1, 2] in model.batches
+
+
+async def test_an_idle_server_adds_no_wait() -> None:
+    model = Recorder(max_wait_s=5.0, max_concurrent_batches=2)
+    async with serving(model) as (running, client):
+        started = time.perf_counter()
+        response = await predict(client, 7)
+        elapsed = time.perf_counter() - started
+        metrics = (await client.get("/metrics")).text
+    assert response.json() == {"y": 14}
+    assert elapsed < 0.5
+    assert 'asyncserve_batches_total{model="recorder",reason="idle"} 1.0' in metrics
+
+
+async def test_a_full_queue_answers_503_with_retry_after_at_once() -> None:
+    model = Recorder(max_batch_size=4, max_queue_size=4)
+    async with serving(model) as (running, client):
+        async with held(model, client):
+            queued = [asyncio.create_task(predict(client, x)) for x in range(4)]
+            await until(lambda: queued_rows(running) == 4)
+            started = time.perf_counter()
+            refused = await predict(client, 99)
+            elapsed = time.perf_counter() - started
+        assert all(r.status_code == 200 for r in await asyncio.gather(*queued))
+        metrics = (await client.get("/metrics")).text
+    assert refused.status_code == 503
+    assert refused.json()["code"] == "overloaded"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert elapsed < 0.2
+    assert 99 not in model.seen()
+    assert 'asyncserve_batch_shed_rows_total{model="recorder",reason="queue_full"} 1.0' in metrics
+
+
+async def test_an_expired_item_never_reaches_the_model() -> None:
+    model = Recorder()
+    async with serving(model) as (running, client):
+        async with held(model, client):
+            late = await predict(client, 42, **{"X-Request-Timeout": "0.2"})
+            assert late.status_code == 504
+        assert (await predict(client, 5)).json() == {"y": 10}
+    assert 42 not in model.seen()
+    assert 5 in model.seen()
+
+
+async def test_one_poisoned_input_fails_alone_in_a_batch_of_32() -> None:
+    model = Recorder()
+    values = [*range(100, 131), POISON]
+    random.Random(3).shuffle(values)
+    async with serving(model) as (running, client):
+        async with held(model, client):
+            pending = [asyncio.create_task(predict(client, x)) for x in values]
+            await until(lambda: queued_rows(running) == 32)
+        responses = dict(zip(values, await asyncio.gather(*pending), strict=True))
+        metrics = (await client.get("/metrics")).text
+    failed = [x for x, r in responses.items() if r.status_code != 200]
+    assert failed == [POISON]
+    assert responses[POISON].status_code == 500
+    assert all(responses[x].json() == {"y": 2 * x} for x in values if x != POISON)
+    assert sorted(model.seen()) == sorted([-1, *(x for x in values if x != POISON)])  # each good row ran once
+    assert 'asyncserve_batches_total{model="recorder",reason="full"} 1.0' in metrics
+    assert 'asyncserve_batch_isolations_total{model="recorder"}' in metrics
+
+
+async def test_higher_priorities_are_served_first_and_lower_ones_still_served() -> None:
+    model = Recorder(max_batch_size=1)
+    async with serving(model) as (running, client):
+        async with held(model, client):
+            low = [asyncio.create_task(predict(client, x, **{"X-Priority": "0"})) for x in range(1, 6)]
+            await until(lambda: queued_rows(running) == 5)
+            high = [asyncio.create_task(predict(client, x, **{"X-Priority": "9"})) for x in range(101, 106)]
+            await until(lambda: queued_rows(running) == 10)
+        responses = await asyncio.gather(*low, *high)
+        bad = await predict(client, 1, **{"X-Priority": "12"})
+    assert all(r.status_code == 200 for r in responses)
+    order = model.seen()[1:]
+    assert sorted(order[:5]) == list(range(101, 106))
+    assert sorted(order[5:]) == list(range(1, 6))
+    assert bad.status_code == 422
+    assert "X-Priority" in bad.json()["error"]
+
+
+async def test_v2_rows_are_batched_and_routed_back_under_random_concurrency() -> None:
+    model = Recorder(max_batch_size=16, max_queue_size=1024)
+    rng = random.Random(11)
+
+    async def call(client: httpx.AsyncClient, caller: int) -> None:
+        rows = rng.randint(1, 4)
+        values = [caller * 10 + i for i in range(rows)]
+        await asyncio.sleep(rng.random() * 0.05)
+        if rng.random() < 0.5:
+            body = {"inputs": [{"name": "x", "shape": [rows], "datatype": "INT64", "data": values}]}
+            response = await client.post("/v2/models/recorder/infer", json=body)
+            assert response.status_code == 200, response.text
+            assert response.json()["outputs"][0]["data"] == [2 * v for v in values]
+            assert response.json()["outputs"][0]["shape"] == [rows]
+        else:
+            response = await client.post("/v1/models/recorder/predict", json=[{"x": v} for v in values])
+            assert response.json() == [{"y": 2 * v} for v in values]
+
+    async with serving(model) as (running, client):
+        await asyncio.gather(*(call(client, caller) for caller in range(200)))
+    assert max(len(batch) for batch in model.batches) > 4  # requests really were merged
+    assert all(len(batch) <= 16 for batch in model.batches)
+
+
+async def test_more_rows_than_the_batch_limit_is_a_clear_400() -> None:
+    model = Recorder(max_batch_size=4)
+    async with serving(model) as (running, client):
+        response = await client.post("/v1/models/recorder/predict", json=[{"x": v} for v in range(5)])
+    assert response.status_code == 400
+    assert "5 rows" in response.json()["error"]
+    assert "at most 4" in response.json()["error"]
+
+
+def test_cost_model_fits_a_line() -> None:
+    from asyncserve.cost import CostModel
+
+    cost = CostModel()
+    for rows in (1, 8, 32, 64, 8, 1):
+        cost.observe(rows, 0.002 + 0.0005 * rows)
+    assert np.isclose(cost.per_row_s, 0.0005)
+    assert np.isclose(cost.per_batch_s, 0.002)
+    assert np.isclose(cost.seconds(10), 0.007)
