@@ -6,7 +6,7 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -71,8 +71,8 @@ async def held(model: Recorder, client: httpx.AsyncClient) -> AsyncIterator[None
         assert (await blocker).status_code == 200
 
 
-def predict(client: httpx.AsyncClient, x: int, **headers: str) -> Awaitable[httpx.Response]:
-    return client.post("/v1/models/recorder/predict", json={"x": x}, headers=headers)
+async def predict(client: httpx.AsyncClient, x: int, **headers: str) -> httpx.Response:
+    return await client.post("/v1/models/recorder/predict", json={"x": x}, headers=headers)
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -100,7 +100,7 @@ async def test_two_concurrent_requests_reach_the_model_as_one_batch() -> None:
 
 async def test_an_idle_server_adds_no_wait() -> None:
     model = Recorder(max_wait_s=5.0, max_concurrent_batches=2)
-    async with serving(model) as (running, client):
+    async with serving(model) as (_running, client):
         started = time.perf_counter()
         response = await predict(client, 7)
         elapsed = time.perf_counter() - started
@@ -131,7 +131,7 @@ async def test_a_full_queue_answers_503_with_retry_after_at_once() -> None:
 
 async def test_an_expired_item_never_reaches_the_model() -> None:
     model = Recorder()
-    async with serving(model) as (running, client):
+    async with serving(model) as (_running, client):
         async with held(model, client):
             late = await predict(client, 42, **{"X-Request-Timeout": "0.2"})
             assert late.status_code == 504
@@ -195,7 +195,7 @@ async def test_v2_rows_are_batched_and_routed_back_under_random_concurrency() ->
             response = await client.post("/v1/models/recorder/predict", json=[{"x": v} for v in values])
             assert response.json() == [{"y": 2 * v} for v in values]
 
-    async with serving(model) as (running, client):
+    async with serving(model) as (_running, client):
         await asyncio.gather(*(call(client, caller) for caller in range(200)))
     assert max(len(batch) for batch in model.batches) > 4  # requests really were merged
     assert all(len(batch) <= 16 for batch in model.batches)
@@ -203,7 +203,7 @@ async def test_v2_rows_are_batched_and_routed_back_under_random_concurrency() ->
 
 async def test_more_rows_than_the_batch_limit_is_a_clear_400() -> None:
     model = Recorder(max_batch_size=4)
-    async with serving(model) as (running, client):
+    async with serving(model) as (_running, client):
         response = await client.post("/v1/models/recorder/predict", json=[{"x": v} for v in range(5)])
     assert response.status_code == 400
     assert "5 rows" in response.json()["error"]
