@@ -2,7 +2,7 @@
 
 Layout and import rules (checked by tests/test_exports.py):
 - leaves import nothing from the package but other leaves: exceptions, tensors, config, metrics, _utils;
-- engines import leaves only: model, executor;
+- engines import leaves and each other: model, executor, batching, cost;
 - domain: registry; composition: service;
 - edges import anything above: v2, jsonapi, openapi, routing, app, server, cli, demo, minilm.
 Importing asyncserve loads no model library, opens no socket and configures no logging.
@@ -17,6 +17,7 @@ from asyncserve.exceptions import (
     ModelError,
     ModelNotFound,
     ModelNotReady,
+    Overloaded,
     PayloadTooLarge,
     SchemaViolation,
     Unavailable,
@@ -38,6 +39,7 @@ __all__ = [
     "ModelError",
     "ModelNotFound",
     "ModelNotReady",
+    "Overloaded",
     "PayloadTooLarge",
     "SchemaViolation",
     "Service",
