@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from blockbuster import BlockBuster, blockbuster_ctx
 
 from asyncserve.app import AsyncServeApp
 from asyncserve.config import Settings
@@ -49,6 +51,19 @@ def serve_in_thread(
         sock.close()
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    service: Service, settings: Settings | None = None, *, wait_ready: bool = True
+) -> AsyncIterator[RunningServer]:
+    """``serve_in_thread`` for async tests: starting and stopping run off the test's event loop."""
+    manager = serve_in_thread(service, settings, wait_ready=wait_ready)
+    running = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield running
+    finally:
+        await asyncio.to_thread(manager.__exit__, None, None, None)
+
+
 def _wait(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
     event = threading.Event()
     for _ in range(int(timeout_s / 0.01)):
@@ -71,3 +86,10 @@ def running(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
 async def client(running: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
     async with running.client() as client:
         yield client
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """Fail any test in which a blocking call (file, socket, sleep, lock) runs on an event loop thread."""
+    with blockbuster_ctx() as detector:
+        yield detector

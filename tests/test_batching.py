@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from asyncserve import Model, Service, Settings, Tensor
-from tests.conftest import RunningServer, serve_in_thread
+from tests.conftest import RunningServer, serving
 
 POISON = 666
 
@@ -50,11 +50,10 @@ class Recorder(Model):
 
 
 @asynccontextmanager
-async def serving(model: Recorder) -> AsyncIterator[tuple[RunningServer, httpx.AsyncClient]]:
+async def serving_model(model: Recorder) -> AsyncIterator[tuple[RunningServer, httpx.AsyncClient]]:
     settings = Settings(executor_workers=1, loop_lag_interval_s=0.01)
-    with serve_in_thread(Service(model), settings) as running:
-        async with running.client() as client:
-            yield running, client
+    async with serving(Service(model), settings) as running, running.client() as client:
+        yield running, client
 
 
 @asynccontextmanager
@@ -89,7 +88,7 @@ def queued_rows(running: RunningServer) -> int:
 
 async def test_two_concurrent_requests_reach_the_model_as_one_batch() -> None:
     model = Recorder()
-    async with serving(model) as (running, client):
+    async with serving_model(model) as (running, client):
         async with held(model, client):
             pending = [asyncio.create_task(predict(client, x)) for x in (1, 2)]
             await until(lambda: queued_rows(running) == 2)
@@ -100,7 +99,7 @@ async def test_two_concurrent_requests_reach_the_model_as_one_batch() -> None:
 
 async def test_an_idle_server_adds_no_wait() -> None:
     model = Recorder(max_wait_s=5.0, max_concurrent_batches=2)
-    async with serving(model) as (_running, client):
+    async with serving_model(model) as (_running, client):
         started = time.perf_counter()
         response = await predict(client, 7)
         elapsed = time.perf_counter() - started
@@ -112,7 +111,7 @@ async def test_an_idle_server_adds_no_wait() -> None:
 
 async def test_a_full_queue_answers_503_with_retry_after_at_once() -> None:
     model = Recorder(max_batch_size=4, max_queue_size=4)
-    async with serving(model) as (running, client):
+    async with serving_model(model) as (running, client):
         async with held(model, client):
             queued = [asyncio.create_task(predict(client, x)) for x in range(4)]
             await until(lambda: queued_rows(running) == 4)
@@ -131,7 +130,7 @@ async def test_a_full_queue_answers_503_with_retry_after_at_once() -> None:
 
 async def test_an_expired_item_never_reaches_the_model() -> None:
     model = Recorder()
-    async with serving(model) as (_running, client):
+    async with serving_model(model) as (_running, client):
         async with held(model, client):
             late = await predict(client, 42, **{"X-Request-Timeout": "0.2"})
             assert late.status_code == 504
@@ -144,7 +143,7 @@ async def test_one_poisoned_input_fails_alone_in_a_batch_of_32() -> None:
     model = Recorder()
     values = [*range(100, 131), POISON]
     random.Random(3).shuffle(values)
-    async with serving(model) as (running, client):
+    async with serving_model(model) as (running, client):
         async with held(model, client):
             pending = [asyncio.create_task(predict(client, x)) for x in values]
             await until(lambda: queued_rows(running) == 32)
@@ -161,7 +160,7 @@ async def test_one_poisoned_input_fails_alone_in_a_batch_of_32() -> None:
 
 async def test_higher_priorities_are_served_first_and_lower_ones_still_served() -> None:
     model = Recorder(max_batch_size=1)
-    async with serving(model) as (running, client):
+    async with serving_model(model) as (running, client):
         async with held(model, client):
             low = [asyncio.create_task(predict(client, x, **{"X-Priority": "0"})) for x in range(1, 6)]
             await until(lambda: queued_rows(running) == 5)
@@ -195,7 +194,7 @@ async def test_v2_rows_are_batched_and_routed_back_under_random_concurrency() ->
             response = await client.post("/v1/models/recorder/predict", json=[{"x": v} for v in values])
             assert response.json() == [{"y": 2 * v} for v in values]
 
-    async with serving(model) as (_running, client):
+    async with serving_model(model) as (_running, client):
         await asyncio.gather(*(call(client, caller) for caller in range(200)))
     assert max(len(batch) for batch in model.batches) > 4  # requests really were merged
     assert all(len(batch) <= 16 for batch in model.batches)
@@ -203,7 +202,7 @@ async def test_v2_rows_are_batched_and_routed_back_under_random_concurrency() ->
 
 async def test_more_rows_than_the_batch_limit_is_a_clear_400() -> None:
     model = Recorder(max_batch_size=4)
-    async with serving(model) as (_running, client):
+    async with serving_model(model) as (_running, client):
         response = await client.post("/v1/models/recorder/predict", json=[{"x": v} for v in range(5)])
     assert response.status_code == 400
     assert "5 rows" in response.json()["error"]

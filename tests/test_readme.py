@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 
 from asyncserve import Service
-from tests.conftest import serve_in_thread
+from tests.conftest import serving
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -30,9 +30,8 @@ async def test_the_readme_service_answers_the_readme_curl() -> None:
     service = module.__dict__["service"]
     assert isinstance(service, Service)
     request, answer = _curl_and_answer("scaler")
-    with serve_in_thread(service) as running:
-        async with running.client() as client:
-            response = await client.post("/v1/models/scaler/predict", content=request)
+    async with serving(service) as running, running.client() as client:
+        response = await client.post("/v1/models/scaler/predict", content=request)
     assert response.json() == orjson.loads(answer)
 
 

@@ -9,8 +9,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import httpx
 import pytest
@@ -25,8 +25,19 @@ def free_port() -> int:
         return port
 
 
+@asynccontextmanager
+async def cli(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+    """``python -m asyncserve ARGS`` for async tests: starting and stopping run off the test's event loop."""
+    manager = started_cli(*args, env=env)
+    running = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield running
+    finally:
+        await asyncio.to_thread(manager.__exit__, None, None, None)
+
+
 @contextmanager
-def cli(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def started_cli(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Run ``python -m asyncserve ARGS`` and wait until it is ready; kill it if the test leaves it running."""
     port = free_port()
     command = [sys.executable, "-m", "asyncserve", *args, "--port", str(port)]
@@ -61,7 +72,7 @@ def wait_until_ready(process: subprocess.Popen[bytes], url: str, timeout_s: floa
 
 
 async def test_sigterm_finishes_in_flight_requests_then_exits_0() -> None:
-    with cli("serve", "tests.services:service", "--executor-workers", "2") as (process, url):
+    async with cli("serve", "tests.services:service", "--executor-workers", "2") as (process, url):
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             in_flight = asyncio.create_task(client.post("/v1/models/sleeper/predict", json={"seconds": 1.0}))
             await asyncio.sleep(0.3)
@@ -75,7 +86,7 @@ async def test_sigterm_finishes_in_flight_requests_then_exits_0() -> None:
 
 
 async def test_several_workers_share_the_port() -> None:
-    with cli("serve", "tests.services:service", "--workers", "2") as (process, url):
+    async with cli("serve", "tests.services:service", "--workers", "2") as (process, url):
         pids: set[int] = set()
         for _ in range(60):
             # A fresh connection each time, so the kernel may hand it to either worker.
@@ -91,7 +102,7 @@ async def test_several_workers_share_the_port() -> None:
 
 async def test_process_executor_loads_models_in_workers_and_keeps_the_loop_free() -> None:
     env = {"ASYNCSERVE_EXECUTOR": "process", "ASYNCSERVE_EXECUTOR_WORKERS": "2"}
-    with cli("serve", "tests.services:service", env=env) as (process, url):
+    async with cli("serve", "tests.services:service", env=env) as (process, url):
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             response = await client.post("/v1/models/sleeper/predict", json={"seconds": 0})
             assert response.status_code == 200
@@ -138,7 +149,7 @@ def test_bad_environment_setting_is_a_clear_error() -> None:
 
 
 async def test_demo_serves_real_models() -> None:
-    with cli("demo") as (process, url):
+    async with cli("demo") as (process, url):
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             iris = await client.post("/v1/models/iris/predict", json={"features": [5.1, 3.5, 1.4, 0.2]})
             v2_body = {
