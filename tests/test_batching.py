@@ -218,3 +218,78 @@ def test_cost_model_fits_a_line() -> None:
     assert np.isclose(cost.per_row_s, 0.0005)
     assert np.isclose(cost.per_batch_s, 0.002)
     assert np.isclose(cost.seconds(10), 0.007)
+
+
+class _Runs:
+    """A runner that records each batch's rows and holds batches until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.first_started = asyncio.Event()
+
+    async def __call__(self, columns: dict[str, npt.NDArray[Any]], rows: int, deadline: float) -> Any:
+        self.batches.append(columns["x"].tolist())
+        if len(self.batches) == 1:
+            self.first_started.set()
+            await self.release.wait()
+        return {"y": columns["x"] * 2}, 0.001 * rows
+
+
+def _batcher(runs: _Runs, **settings: Any) -> Any:
+    from asyncserve.batching import Batcher, BatchSettings
+    from asyncserve.metrics import Metrics
+
+    return Batcher("direct", runs, BatchSettings(**settings), Metrics().for_batcher("direct"))
+
+
+def _column(value: int) -> dict[str, npt.NDArray[Any]]:
+    return {"x": np.array([value], dtype=np.int64)}
+
+
+async def test_with_a_free_slot_and_a_busy_one_the_batcher_waits_for_rows_that_keep_coming() -> None:
+    runs = _Runs()
+    batcher = _batcher(runs, max_batch_size=8, max_wait_s=0.2, max_concurrent_batches=2)
+    batcher.start()
+    try:
+        deadline = time.monotonic() + 5
+        first = asyncio.create_task(batcher.submit(_column(0), 1, deadline))
+        await runs.first_started.wait()
+        # Rows arriving every 5 ms: waiting up to 200 ms for a full batch of 8 pays.
+        rest = []
+        for value in range(1, 9):
+            rest.append(asyncio.create_task(batcher.submit(_column(value), 1, deadline)))
+            await asyncio.sleep(0.005)
+        results = await asyncio.gather(*rest)
+        runs.release.set()
+        await first
+    finally:
+        await batcher.aclose()
+    assert [r["y"].tolist() for r in results] == [[2 * v] for v in range(1, 9)]
+    assert runs.batches[1] == list(range(1, 9))  # one full batch, not eight singles
+
+
+async def test_a_tight_deadline_releases_a_waiting_batch_early() -> None:
+    runs = _Runs()
+    batcher = _batcher(runs, max_batch_size=64, max_wait_s=1.0, max_concurrent_batches=2)
+    batcher.cost.observe(1, 0.01)  # a known cost: 10 ms per row
+    batcher.start()
+    try:
+        first = asyncio.create_task(batcher.submit(_column(0), 1, time.monotonic() + 5))
+        await runs.first_started.wait()
+        others = []
+        for value in range(1, 4):  # teach the rate meter that rows come fast
+            others.append(asyncio.create_task(batcher.submit(_column(value), 1, time.monotonic() + 5)))
+            await asyncio.sleep(0.002)
+        started = time.perf_counter()
+        tight = await batcher.submit(_column(9), 1, time.monotonic() + 1.0)
+        elapsed = time.perf_counter() - started
+        await asyncio.gather(*others)
+        runs.release.set()
+        await first
+    finally:
+        await batcher.aclose()
+    assert tight["y"].tolist() == [18]
+    # It waited for company, but left 1.0 - t(64) = 0.36 s before the deadline, not after max_wait_s (1 s).
+    assert 0.2 < elapsed < 0.6
+    assert runs.batches[1] == [1, 2, 3, 9]
