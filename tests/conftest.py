@@ -18,6 +18,10 @@ from asyncserve.server import Server, bind_socket, make_server
 from asyncserve.service import Service
 
 
+# Fixtures for the real PostgreSQL and Redis servers live in tests/backends.py.
+pytest_plugins = ["tests.backends"]
+
+
 @dataclass
 class RunningServer:
     app: AsyncServeApp
