@@ -12,7 +12,9 @@
     │   ├── ModelNotReady               503 model_not_ready      still loading, failed, or unloaded
     │   ├── Overloaded                  503 overloaded           queue full, or the deadline cannot be met
     │   └── ShuttingDown                503 shutting_down
+    ├── FeatureUnavailable              502 feature_unavailable  a feature source failed (named)
     ├── DeadlineExceeded                504 deadline_exceeded    the request's deadline passed
+    │   └── FeatureTimeout              504 feature_timeout      a feature source was too slow (named)
     ├── ModelError                      500 model_error          the model raised; no internals leak
     └── ConfigurationError              (start-up only)          a service or setting is wrong
 
@@ -117,6 +119,19 @@ class ShuttingDown(Unavailable):
 class DeadlineExceeded(AsyncServeError):
     status_code = 504
     code = "deadline_exceeded"
+
+
+class FeatureTimeout(DeadlineExceeded):
+    """A feature source did not answer in time; the message names the source."""
+
+    code = "feature_timeout"
+
+
+class FeatureUnavailable(AsyncServeError):
+    """A feature source failed (error, circuit open); the message names the source."""
+
+    status_code = 502
+    code = "feature_unavailable"
 
 
 class ModelError(AsyncServeError):

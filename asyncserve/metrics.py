@@ -91,6 +91,34 @@ class Metrics:
             ["model", "term"], registry=r,
         )  # fmt: skip
 
+        self.feature_fetch = Histogram(
+            "asyncserve_feature_fetch_seconds", "Time of one round trip to a feature source, in seconds.",
+            ["source"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.feature_batch_keys = Histogram(
+            "asyncserve_feature_batch_keys", "Keys looked up in one round trip to a feature source.",
+            ["source"], buckets=BATCH_ROWS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.feature_errors = Counter(
+            "asyncserve_feature_errors", "Failed feature lookups, by source and kind (error, timeout, breaker_open).",
+            ["source", "kind"], registry=r,
+        )  # fmt: skip
+        self.feature_cache = Counter(
+            "asyncserve_feature_cache_lookups", "Feature cache lookups, by source and result (hit, miss).",
+            ["source", "result"], registry=r,
+        )  # fmt: skip
+        self.feature_source_state = Gauge(
+            "asyncserve_feature_source_breaker_state", "Circuit breaker of a source: 0 closed, 1 half open, 2 open.",
+            ["source"], registry=r,
+        )  # fmt: skip
+        self.degraded = Counter(
+            "asyncserve_degraded_responses", "Answers that used declared defaults for a failed feature source.",
+            ["model", "source"], registry=r,
+        )  # fmt: skip
+
+    def for_source(self, source: str) -> SourceMetrics:
+        return SourceMetrics(self, source)
+
     def for_batcher(self, model: str) -> BatchMetrics:
         return BatchMetrics(self, model)
 
@@ -119,6 +147,21 @@ class BatchMetrics:
     def observe_cost(self, per_row_s: float, per_batch_s: float) -> None:
         self._per_row.set(per_row_s)
         self._per_batch.set(per_batch_s)
+
+
+class SourceMetrics:
+    """The metrics of one feature source, with their labels bound once."""
+
+    def __init__(self, metrics: Metrics, source: str) -> None:
+        self._metrics, self._source = metrics, source
+        self.fetch_seconds = metrics.feature_fetch.labels(source)
+        self.batch_keys = metrics.feature_batch_keys.labels(source)
+
+    def error(self, kind: str) -> Counter:
+        return self._metrics.feature_errors.labels(self._source, kind)
+
+    def cache(self, result: str) -> Counter:
+        return self._metrics.feature_cache.labels(self._source, result)
 
 
 class LoopLagProbe:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
 from asyncserve.exceptions import ConfigurationError, ModelError
+from asyncserve.features import Feature
 from asyncserve.tensors import Columns, Datatype, Tensor, declared_tensors
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -56,6 +57,8 @@ class Model:
     """Most rows waiting for this model; more are refused at once with 503 and Retry-After."""
     example: ClassVar[Mapping[str, Any] | None] = None
     """One row of inputs as JSON values; used to warm the model up and in the API docs."""
+    features: ClassVar[Sequence[Feature]] = ()
+    """Columns looked up per request in feature sources and passed to ``predict`` besides the inputs."""
 
     def load(self) -> None:
         """Load weights. Runs once, off the event loop (in each worker process with processes)."""
@@ -79,8 +82,13 @@ class ModelSpec:
     max_concurrent_batches: int | None
     max_queue_size: int
     example: Mapping[str, Any] | None
+    features: tuple[Feature, ...]
     is_async: bool
     model: Model = field(repr=False, compare=False)
+
+    @property
+    def feature_fields(self) -> dict[str, Tensor]:
+        return {name: tensor for feature in self.features for name, tensor in feature.fields.items()}
 
     @property
     def key(self) -> tuple[str, str | None]:
@@ -102,7 +110,9 @@ def describe(model: Model) -> ModelSpec:
         raise ConfigurationError(f"{owner}.version must be None or a string like '1', got {version!r}")
     inputs = declared_tensors(owner, "inputs", getattr(model, "inputs", None))
     outputs = declared_tensors(owner, "outputs", getattr(model, "outputs", None))
-    predict = _checked_predict(owner, model, inputs)
+    features = _checked_features(owner, model, inputs)
+    fields = {name: tensor for feature in features for name, tensor in feature.fields.items()}
+    predict = _checked_predict(owner, model, {**inputs, **fields})
     timeout_s: object = model.timeout_s
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
         raise ConfigurationError(f"{owner}.timeout_s must be a number of seconds > 0, got {timeout_s!r}")
@@ -131,9 +141,26 @@ def describe(model: Model) -> ModelSpec:
         max_concurrent_batches=max_concurrent_batches,
         max_queue_size=max_queue_size,
         example=model.example,
+        features=features,
         is_async=inspect.iscoroutinefunction(predict),
         model=model,
     )
+
+
+def _checked_features(owner: str, model: Model, inputs: Mapping[str, Tensor]) -> tuple[Feature, ...]:
+    features = tuple(model.features)
+    seen: set[str] = set(inputs)
+    for feature in features:
+        if not isinstance(feature, Feature):
+            raise ConfigurationError(f"{owner}.features must hold Feature(...) declarations, got {feature!r}")
+        feature.check(owner, inputs)
+        clash = seen & set(feature.fields)
+        if clash:
+            raise ConfigurationError(
+                f"{owner}: feature field(s) {sorted(clash)} clash with an input or another feature"
+            )
+        seen |= set(feature.fields)
+    return features
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
@@ -153,8 +180,8 @@ def _checked_predict(owner: str, model: Model, inputs: Mapping[str, Tensor]) -> 
     named = {n for n, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
     if not takes_any and named != set(inputs):
         raise ConfigurationError(
-            f"{owner}.predict takes ({', '.join(sorted(named))}) but the model declares inputs "
-            f"({', '.join(sorted(inputs))}); give predict one keyword argument per input"
+            f"{owner}.predict takes ({', '.join(sorted(named))}) but the model declares inputs and features "
+            f"({', '.join(sorted(inputs))}); give predict one keyword argument per input and feature field"
         )
     return predict
 
@@ -170,7 +197,10 @@ def warm_up(spec: ModelSpec) -> None:
     if type(model).warmup is not Model.warmup:
         model.warmup()
     elif spec.example is not None and not spec.is_async:
-        columns = {name: example_column(spec.inputs[name], spec.example[name]) for name in spec.inputs}
+        tensors = {**spec.inputs, **spec.feature_fields}
+        if not set(tensors) <= set(spec.example):
+            return  # an example without feature values cannot be predicted on without the sources
+        columns = {name: example_column(tensor, spec.example[name]) for name, tensor in tensors.items()}
         check_outputs(spec, call_predict(spec, columns), rows=1)
 
 

@@ -17,7 +17,6 @@ from asyncserve.config import Settings
 from asyncserve.server import Server, bind_socket, make_server
 from asyncserve.service import Service
 
-
 # Fixtures for the real PostgreSQL and Redis servers live in tests/backends.py.
 pytest_plugins = ["tests.backends"]
 
