@@ -23,10 +23,12 @@ from asyncserve.exceptions import (
     ModelNotReady,
     SchemaViolation,
     ShuttingDown,
+    Unavailable,
     UnsupportedMediaType,
 )
 from asyncserve.executor import Executor, ProcessExecutor, ThreadExecutor
 from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
+from asyncserve.pipeline import Pipeline, Prediction
 from asyncserve.registry import ModelEntry, ModelRegistry
 from asyncserve.routing import JSON_TYPE, Receive, Request, Response, Router, Scope, Send, header_dict
 from asyncserve.service import Service
@@ -58,6 +60,7 @@ class AsyncServeApp:
         self.metrics = Metrics()
         self.executor = make_executor(self.settings)
         self.registry = ModelRegistry(service.specs, self.executor, self.metrics)
+        self.pipeline = Pipeline(self.registry, self.metrics)
         self.loop_lag = LoopLagProbe(self.metrics.loop_lag, self.settings.loop_lag_interval_s)
         self.shutting_down = False
         self._loading: asyncio.Task[None] | None = None
@@ -159,6 +162,7 @@ class AsyncServeApp:
         await receive()  # lifespan.startup
         self.loop_lag.start()
         self.registry.start()
+        await self.pipeline.open()
         # Models load in the background so that liveness answers while they do.
         self._loading = asyncio.get_running_loop().create_task(self.registry.load_all(), name="asyncserve-load")
         self._loading.add_done_callback(_log_failure)
@@ -180,6 +184,7 @@ class AsyncServeApp:
                 await self._loading
         # In-flight requests are done (the server drained them): stop the batchers, then their executor.
         await self.registry.aclose()
+        await self.pipeline.aclose()
         await self.executor.aclose()
         await self.loop_lag.aclose()
 
@@ -200,6 +205,10 @@ class AsyncServeApp:
             waiting = [e.index_row() for e in self.registry.entries if e.state.value != "READY"]
             exc = ModelNotReady(f"not every model is ready: {waiting}", retry_after_s=2.0)
             return Response.json({"ready": False, **exc.to_dict()}, 503, exc.headers())
+        failing = self.pipeline.unhealthy_sources()
+        if failing:
+            down = Unavailable(f"feature source(s) {failing} are failing and their models have no defaults")
+            return Response.json({"ready": False, **down.to_dict()}, 503, down.headers())
         return Response.json({"ready": True})
 
     async def server_metadata(self, request: Request) -> Response:
@@ -223,10 +232,10 @@ class AsyncServeApp:
         _require_json(request, also="application/octet-stream")
         decoded = v2.decode_infer_request(body, entry.spec, header_length)
         priority = _parse_priority(decoded.parameters.get("priority", 0), "parameters.priority")
-        outputs = await self.registry.predict(entry, decoded.columns, decoded.rows, deadline, priority)
-        payload, headers = v2.encode_infer_response(entry.spec, decoded, outputs)
+        prediction = await self.pipeline.run(entry, decoded.columns, decoded.rows, deadline, priority)
+        payload, headers = v2.encode_infer_response(entry.spec, decoded, prediction.outputs)
         content_type = headers.pop("content-type", JSON_TYPE)
-        return Response(200, payload, headers, content_type)
+        return Response(200, payload, {**headers, **_degraded_header(prediction)}, content_type)
 
     async def predict(self, request: Request) -> Response:
         entry, deadline = self._admit(request)
@@ -235,8 +244,9 @@ class AsyncServeApp:
         columns, as_list = jsonapi.decode_rows(body, entry.spec)
         rows = len(next(iter(columns.values())))
         priority = _parse_priority(request.headers.get("x-priority", "0"), "X-Priority")
-        outputs = await self.registry.predict(entry, columns, rows, deadline, priority)
-        return Response(200, jsonapi.encode_rows(entry.spec, outputs, as_list))
+        prediction = await self.pipeline.run(entry, columns, rows, deadline, priority)
+        body = jsonapi.encode_rows(entry.spec, prediction.outputs, as_list)
+        return Response(200, body, _degraded_header(prediction))
 
     def _admit(self, request: Request) -> tuple[ModelEntry, float]:
         """Find the model and fix the request's deadline, once, at the edge."""
@@ -306,6 +316,11 @@ def _parse_timeout(value: str) -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise InvalidRequest(f"X-Request-Timeout must be a number of seconds > 0, got {value!r}")
     return seconds
+
+
+def _degraded_header(prediction: Prediction) -> dict[str, str]:
+    """``X-Degraded`` names the feature sources whose defaults stood in: the answer is usable but degraded."""
+    return {"x-degraded": ",".join(prediction.degraded)} if prediction.degraded else {}
 
 
 def _parse_priority(value: object, where: str) -> int:

@@ -6,6 +6,11 @@ Backends (each imports its client library only when used):
 """
 
 from asyncserve.features.fetcher import Feature, FetchedFeatures, fetch_features
+from asyncserve.features.files import FileSource
+from asyncserve.features.function import FunctionSource
+from asyncserve.features.http import HttpSource
+from asyncserve.features.postgres import PostgresSource
+from asyncserve.features.redis import RedisSource
 from asyncserve.features.source import BreakerState, CircuitBreaker, FeatureSource, SourcePolicy
 
 __all__ = [
@@ -14,6 +19,11 @@ __all__ = [
     "Feature",
     "FeatureSource",
     "FetchedFeatures",
+    "FileSource",
+    "FunctionSource",
+    "HttpSource",
+    "PostgresSource",
+    "RedisSource",
     "SourcePolicy",
     "fetch_features",
 ]

@@ -129,6 +129,7 @@ class FeatureSource:
         self._slots = asyncio.Semaphore(self.policy.max_concurrent_fetches)
         self._dispatcher: asyncio.Task[None] | None = None
         self._round_trip_tasks: set[asyncio.Task[None]] = set()
+        self._connected = False
 
     # What a backend implements
 
@@ -148,9 +149,23 @@ class FeatureSource:
         if self._dispatcher is not None:
             raise RuntimeError(f"feature source {self.name!r} is already open")
         self._metrics = metrics
-        await self._open()
+        await self._connect()
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name=f"source-{self.name}")
         self._dispatcher.add_done_callback(_log_crash)
+
+    async def _connect(self) -> bool:
+        """Connect if not connected; a source that cannot connect yet retries on its next round trip."""
+        if self._connected:
+            return True
+        try:
+            async with asyncio.timeout(self.policy.timeout_s * 5):
+                await self._open()
+        except Exception as exc:
+            logger.warning("feature source %s cannot connect yet: %r", self.name, exc)
+            self.breaker.failed()
+            return False
+        self._connected = True
+        return True
 
     async def aclose(self) -> None:
         if self._dispatcher is not None:
@@ -164,7 +179,9 @@ class FeatureSource:
             if not future.done():
                 future.set_exception(FeatureUnavailable(f"feature source {self.name!r} closed"))
         self._pending.clear()
-        await self._close()
+        if self._connected:
+            self._connected = False
+            await self._close()
 
     @property
     def healthy(self) -> bool:
@@ -258,6 +275,8 @@ class FeatureSource:
         for attempt in range(attempts):
             started = time.perf_counter()
             try:
+                if not await self._connect():
+                    raise ConnectionError(f"feature source {self.name!r} is not connected")
                 async with asyncio.timeout(self.policy.timeout_s):
                     found = await self._fetch(keys)
             except Exception as exc:

@@ -1,0 +1,76 @@
+"""HttpSource: feature rows from an HTTP service, over one pooled async client per source (httpx)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from asyncserve.exceptions import ConfigurationError
+from asyncserve.features.source import FeatureSource, Key, Row
+
+
+class HttpSource(FeatureSource):
+    """GETs ``url.format(key=...)`` per key (404 means no row), or, when the service offers one,
+    POSTs all the keys of a round trip to ``batch_url`` as ``{"keys": [...]}`` and reads
+    ``{"<key>": row or null, ...}`` back.
+
+    Example::
+
+        users = HttpSource("users", "http://features:8080/users/{key}",
+                           batch_url="http://features:8080/users:batch", timeout_s=0.2)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        batch_url: str | None = None,
+        pool_size: int = 256,
+        headers: Mapping[str, str] | None = None,
+        **policy: Any,
+    ) -> None:
+        super().__init__(name, **policy)
+        if "{key}" not in url:
+            raise ConfigurationError(f"HttpSource {name!r}: url must contain {{key}}, got {url!r}")
+        self.url = url
+        self.batch_url = batch_url
+        self.pool_size = pool_size
+        self.headers = dict(headers or {})
+        self._client: Any = None
+
+    async def _open(self) -> None:
+        try:
+            import httpx
+        except ImportError:
+            raise ConfigurationError("HttpSource needs httpx: pip install 'asyncserve[client]'") from None
+        limits = httpx.Limits(max_connections=self.pool_size, max_keepalive_connections=self.pool_size)
+        self._client = httpx.AsyncClient(limits=limits, headers=self.headers, timeout=self.policy.timeout_s)
+
+    async def _fetch(self, keys: list[Key]) -> Mapping[Key, Row]:
+        if self.batch_url is not None:
+            return await self._fetch_batch(keys)
+        rows = await asyncio.gather(*(self._fetch_one(key) for key in keys))
+        return {key: row for key, row in zip(keys, rows, strict=True) if row is not None}
+
+    async def _fetch_one(self, key: Key) -> Row | None:
+        response = await self._client.get(self.url.format(key=key))
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        row: Row = orjson.loads(response.content)
+        return row
+
+    async def _fetch_batch(self, keys: list[Key]) -> Mapping[Key, Row]:
+        response = await self._client.post(self.batch_url, content=orjson.dumps({"keys": keys}))
+        response.raise_for_status()
+        found = orjson.loads(response.content)
+        return {key: found[str(key)] for key in keys if found.get(str(key)) is not None}
+
+    async def _close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
