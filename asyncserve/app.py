@@ -70,6 +70,9 @@ class AsyncServeApp:
 
     def _build_router(self) -> Router:
         r = Router()
+        # The inference routes first: the router tries routes with parameters in order.
+        r.add("POST", "/v2/models/{model}/infer", self.infer, "v2_infer", cancel_on_disconnect=True)
+        r.add("POST", "/v1/models/{model}/predict", self.predict, "v1_predict", cancel_on_disconnect=True)
         r.add("GET", "/v2/health/live", self.live, "live")
         r.add("GET", "/v2/health/ready", self.ready, "ready")
         r.add("GET", "/v2", self.server_metadata, "server_metadata")
@@ -77,12 +80,10 @@ class AsyncServeApp:
         r.add("GET", "/v2/models/{model}/versions/{version}", self.model_metadata, "model_metadata")
         r.add("GET", "/v2/models/{model}/ready", self.model_ready, "model_ready")
         r.add("GET", "/v2/models/{model}/versions/{version}/ready", self.model_ready, "model_ready")
-        r.add("POST", "/v2/models/{model}/infer", self.infer, "v2_infer", cancel_on_disconnect=True)
         r.add("POST", "/v2/models/{model}/versions/{version}/infer", self.infer, "v2_infer", cancel_on_disconnect=True)
         r.add("POST", "/v2/repository/index", self.repository_index, "repository_index")
         r.add("POST", "/v2/repository/models/{model}/load", self.repository_load, "repository_load")
         r.add("POST", "/v2/repository/models/{model}/unload", self.repository_unload, "repository_unload")
-        r.add("POST", "/v1/models/{model}/predict", self.predict, "v1_predict", cancel_on_disconnect=True)
         r.add("GET", "/metrics", self.prometheus, "metrics")
         r.add("GET", "/openapi.json", self.openapi_json, "openapi")
         r.add("GET", "/docs", self.docs, "docs")
@@ -107,7 +108,7 @@ class AsyncServeApp:
             route, params = self.router.match(scope["method"], scope["path"])
             route_name, model = route.name, self._model_label(params.get("model", ""))
             request = Request(scope, receive, request_id, params, headers, arrived, self.settings.max_body_bytes)
-            self.metrics.in_flight.labels(route_name).inc()
+            self.metrics.request_started(route_name)
             try:
                 if route.cancel_on_disconnect:
                     # Read the body first: afterwards the only message left to receive is the disconnect.
@@ -116,7 +117,7 @@ class AsyncServeApp:
                 else:
                     response = await route.handler(request)
             finally:
-                self.metrics.in_flight.labels(route_name).dec()
+                self.metrics.request_finished(route_name)
         except AsyncServeError as exc:
             response = self._error_response(exc, request_id, route_name, model)
         except _ClientGone:
@@ -126,8 +127,7 @@ class AsyncServeApp:
             internal = AsyncServeError(f"internal server error; the server log has the details (request {request_id})")
             response = self._error_response(internal, request_id, route_name, model)
         await response.send(send, request_id)
-        self.metrics.requests.labels(route_name, model, str(response.status)).inc()
-        self.metrics.request_duration.labels(route_name, model).observe(time.perf_counter() - started)
+        self.metrics.observe_request(route_name, model, response.status, time.perf_counter() - started)
 
     def _model_label(self, name: str) -> str:
         # Only names of served models become label values: a client must not be able to grow
@@ -137,20 +137,32 @@ class AsyncServeApp:
     async def _until_disconnect(
         self, handling: Awaitable[Response], receive: Receive, route_name: str, model: str
     ) -> Response:
-        """Run a handler, cancelling it (and the work it queued) if the client disconnects first."""
-        handler_task = asyncio.ensure_future(handling)
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        """Run a handler, cancelling it (and the work it queued) if the client disconnects first.
+
+        One watcher task per request, which cancels this task on a disconnect. It can only run
+        while this task waits, so a cancel always lands on the awaited handler, never later.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        async def cancel_on_disconnect() -> None:
+            nonlocal gone
+            await _wait_for_disconnect(receive)
+            gone = True
+            task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(cancel_on_disconnect())
         try:
-            await asyncio.wait((handler_task, watcher), return_when=asyncio.FIRST_COMPLETED)
+            return await handling
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()
+            self.metrics.disconnects.labels(route_name, model).inc()
+            raise _ClientGone from None
         finally:
             watcher.cancel()
-        if handler_task.done():
-            return handler_task.result()
-        handler_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await handler_task
-        self.metrics.disconnects.labels(route_name, model).inc()
-        raise _ClientGone
 
     def _error_response(self, exc: AsyncServeError, request_id: str, route_name: str, model: str) -> Response:
         if isinstance(exc, ModelError):

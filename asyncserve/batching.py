@@ -25,7 +25,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,26 +75,38 @@ class Item:
         return self.future.done()
 
 
-@dataclass
 class _Queue:
-    """Priority lanes of FIFO items, with a count of the rows they hold."""
+    """Priority lanes of FIFO items, with the rows each lane holds (kept, not recounted: it is read per request)."""
 
-    lanes: list[deque[Item]] = field(default_factory=lambda: [deque() for _ in range(PRIORITY_LEVELS)])
-    rows: int = 0
+    def __init__(self) -> None:
+        self.lanes: list[deque[Item]] = [deque() for _ in range(PRIORITY_LEVELS)]
+        self.lane_rows = [0] * PRIORITY_LEVELS
+        self.rows = 0
 
     def push(self, item: Item) -> None:
         self.lanes[item.priority].append(item)
+        self.lane_rows[item.priority] += item.rows
         self.rows += item.rows
 
+    def pop_head(self, lane: deque[Item]) -> Item:
+        item = lane.popleft()
+        self.lane_rows[item.priority] -= item.rows
+        self.rows -= item.rows
+        return item
+
     def rows_at_or_above(self, priority: int) -> int:
-        return sum(item.rows for lane in self.lanes[priority:] for item in lane)
+        return sum(self.lane_rows[priority:])
 
     def heads(self) -> list[Item]:
         return [lane[0] for lane in self.lanes if lane]
 
-    def remove(self, item: Item) -> None:
-        self.lanes[item.priority].remove(item)
-        self.rows -= item.rows
+    def clear(self) -> list[Item]:
+        items = [item for lane in self.lanes for item in lane]
+        for lane in self.lanes:
+            lane.clear()
+        self.lane_rows = [0] * PRIORITY_LEVELS
+        self.rows = 0
+        return items
 
 
 class Batcher:
@@ -122,6 +134,7 @@ class Batcher:
         self._dispatcher: asyncio.Task[None] | None = None
         self._closing = False
         self._arrival_rate = _RateMeter()
+        metrics.queue_rows.set_function(lambda: self._queue.rows)
 
     # Submitting
 
@@ -134,13 +147,15 @@ class Batcher:
         )
         self._queue.push(item)
         self._arrival_rate.add(rows, now)
-        self._metrics.queue_rows.set(self._queue.rows)
         self._wakeup.set()
+        # A bare timer rather than asyncio.timeout(): it is cheaper, and expiring the future (not
+        # cancelling this task) also marks the item dead, so the batcher drops it.
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + (deadline - now), _expire, item.future, self.label)
         try:
-            async with asyncio.timeout(deadline - now):
-                return await item.future
-        except TimeoutError:
-            raise DeadlineExceeded(f"model {self.label!r} did not answer before the request's deadline") from None
+            return await item.future
+        finally:
+            timer.cancel()
 
     def _admit(self, rows: int, priority: int, deadline: float, now: float) -> None:
         if self._closing:
@@ -248,11 +263,15 @@ class Batcher:
     def _drop_dead_heads(self) -> None:
         for lane in self._queue.lanes:
             while lane and lane[0].dead:
-                self._queue.remove(lane[0])
+                self._queue.pop_head(lane)
                 self._shed("cancelled")
 
     def _take(self) -> list[Item]:
-        """The next batch: lanes by effective priority (aged), oldest first, rows of one shape, up to the limit."""
+        """The next batch: lanes by effective priority (aged), oldest first, rows of one shape, up to the limit.
+
+        Within a lane the order stays first in, first out: a head of another row shape (or too many
+        rows to fit) ends that lane's share of this batch rather than being overtaken.
+        """
         now = time.monotonic()
         aging = self.settings.priority_aging_s
         lanes = sorted(
@@ -264,13 +283,10 @@ class Batcher:
         room = self.settings.max_batch_size
         key = lanes[0][0].shape_key
         for lane in lanes:
-            for item in list(lane):
-                if item.rows <= room and item.shape_key == key:
-                    lane.remove(item)
-                    batch.append(item)
-                    room -= item.rows
-        self._queue.rows -= self.settings.max_batch_size - room
-        self._metrics.queue_rows.set(self._queue.rows)
+            while lane and lane[0].rows <= room and lane[0].shape_key == key:
+                item = self._queue.pop_head(lane)
+                batch.append(item)
+                room -= item.rows
         return batch
 
     # Executing
@@ -342,10 +358,7 @@ class Batcher:
                 await self._dispatcher
         if self._running:
             await asyncio.wait(self._running)
-        for lane in self._queue.lanes:
-            _fail(list(lane), ShuttingDown(f"model {self.label!r} shut down before this request ran"))
-            lane.clear()
-        self._queue.rows = 0
+        _fail(self._queue.clear(), ShuttingDown(f"model {self.label!r} shut down before this request ran"))
 
     def __repr__(self) -> str:
         return (
@@ -370,6 +383,11 @@ class _RateMeter:
     def expects(self, rows: int, within_s: float) -> bool:
         """Whether at least one more row is likely within ``within_s`` (waiting for ``rows`` may pay)."""
         return rows > 0 and within_s > 0 and self._rows_per_s * within_s >= 1.0
+
+
+def _expire(future: asyncio.Future[Columns], label: str) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceeded(f"model {label!r} did not answer before the request's deadline"))
 
 
 def _shape_key(columns: Columns) -> tuple[tuple[int, ...], ...]:

@@ -39,6 +39,8 @@ class Settings:
     loop_lag_interval_s: float = 0.05
     """How often the event-loop lag probe wakes up."""
     log_level: str = "info"
+    proxy_headers: bool = False
+    """Trust X-Forwarded-For/-Proto from the peer (only behind a proxy you control)."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535 or self.port == 0, "port", "an integer from 0 to 65535", self.port)
@@ -80,6 +82,10 @@ class Settings:
 
 
 def _cast(variable: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ConfigurationError(f"{variable}={raw!r} is not a valid bool; use true or false")
+        return raw.lower() in ("1", "true", "yes")
     try:
         return kind(raw)
     except ValueError:

@@ -116,6 +116,29 @@ class Metrics:
             ["model", "source"], registry=r,
         )  # fmt: skip
 
+        # Labelled children looked up once: labels() costs microseconds, paid on every request.
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._in_flight_counts: dict[str, int] = {}
+
+    def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
+        children = self._request_children.get((route, model, status))
+        if children is None:
+            children = self.requests.labels(route, model, str(status)), self.request_duration.labels(route, model)
+            self._request_children[(route, model, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def request_started(self, route: str) -> None:
+        # A plain count, read by the gauge only when scraped: no lock or call per request.
+        counts = self._in_flight_counts
+        if route not in counts:
+            counts[route] = 0
+            self.in_flight.labels(route).set_function(lambda: counts[route])
+        counts[route] += 1
+
+    def request_finished(self, route: str) -> None:
+        self._in_flight_counts[route] -= 1
+
     def for_source(self, source: str) -> SourceMetrics:
         return SourceMetrics(self, source)
 

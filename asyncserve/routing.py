@@ -103,24 +103,43 @@ class Route:
 
 
 class Router:
-    """Matches a method and path to a route; ``{param}`` in a path matches one segment."""
+    """Matches a method and path to a route; ``{param}`` in a path matches one segment.
+
+    Paths without parameters are found in a dict; the others are tried in the order they were
+    added, so the busiest (inference) routes should be added first.
+    """
 
     def __init__(self) -> None:
         self._routes: list[Route] = []
+        self._static: dict[tuple[str, str], Route] = {}
+        self._dynamic: list[Route] = []
 
     def add(self, method: str, path: str, handler: Handler, name: str, *, cancel_on_disconnect: bool = False) -> None:
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
-        self._routes.append(Route(method, re.compile(f"^{regex}$"), handler, name, cancel_on_disconnect))
+        route = Route(method, re.compile(f"^{regex}$"), handler, name, cancel_on_disconnect)
+        self._routes.append(route)
+        if "{" in path:
+            self._dynamic.append(route)
+        else:
+            self._static[(method, path)] = route
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        route = self._static.get((method, path))
+        if route is not None:
+            return route, {}
+        for route in self._dynamic:
+            if route.method == method:
+                found = route.pattern.match(path)
+                if found is not None:
+                    return route, found.groupdict()
+        return self._no_match(method, path)
+
+    def _no_match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         allowed: list[str] = []
         for route in self._routes:
             found = route.pattern.match(path)
-            if found is None:
-                continue
-            if route.method == method:
-                return route, found.groupdict()
-            allowed.append(route.method)
+            if found is not None:
+                allowed.append(route.method)
         if allowed:
             raise MethodNotAllowed(f"{method} is not allowed on {path}; use {' or '.join(allowed)}")
         raise NotFound(f"no route {method} {path}; see /docs for the API")

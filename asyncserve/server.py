@@ -83,6 +83,9 @@ def make_server(app: AsyncServeApp) -> Server:
         http="httptools",
         lifespan="on",
         access_log=False,
+        # X-Forwarded-* rewriting costs time on every request; behind a proxy, turn it on with care.
+        proxy_headers=settings.proxy_headers,
+        server_header=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.grace_period_s),
         log_config=None,

@@ -13,7 +13,7 @@ PACKAGE = Path(asyncserve.__file__).parent
 
 LAYERS = {
     "exceptions": 0, "tensors": 0, "config": 0, "metrics": 0, "_utils": 0, "cache": 0,
-    "features": 1, "model": 1, "executor": 1, "batching": 1, "cost": 1,
+    "features": 1, "predlog": 1, "model": 1, "executor": 1, "batching": 1, "cost": 1,
     "registry": 2,
     "service": 3, "pipeline": 3,
     "v2": 4, "jsonapi": 4, "openapi": 4, "routing": 4, "app": 4, "server": 4, "cli": 4, "demo": 4, "minilm": 4,
@@ -22,7 +22,7 @@ LAYERS = {
 """leaves 0, engines 1, domain 2, composition 3, edges 4: a module imports only from its layer or below.
 A sub-package (a family of backends) counts as one module."""
 
-SUBPACKAGES = {"features"}
+SUBPACKAGES = {"features", "predlog"}
 
 SAME_LAYER_FORBIDDEN = {("service", "pipeline"), ("pipeline", "service")}
 
