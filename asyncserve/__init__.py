@@ -13,6 +13,8 @@ from asyncserve.exceptions import (
     AsyncServeError,
     ConfigurationError,
     DeadlineExceeded,
+    FeatureTimeout,
+    FeatureUnavailable,
     InvalidRequest,
     ModelError,
     ModelNotFound,
@@ -23,6 +25,7 @@ from asyncserve.exceptions import (
     Unavailable,
     UnsupportedMediaType,
 )
+from asyncserve.features import Feature
 from asyncserve.model import Model
 from asyncserve.service import Service
 from asyncserve.tensors import Datatype, Tensor
@@ -34,6 +37,9 @@ __all__ = [
     "ConfigurationError",
     "Datatype",
     "DeadlineExceeded",
+    "Feature",
+    "FeatureTimeout",
+    "FeatureUnavailable",
     "InvalidRequest",
     "Model",
     "ModelError",
