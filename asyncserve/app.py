@@ -29,6 +29,7 @@ from asyncserve.exceptions import (
 from asyncserve.executor import Executor, ProcessExecutor, ThreadExecutor
 from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
 from asyncserve.pipeline import Pipeline, Prediction
+from asyncserve.predlog import InputPolicy, PredictionLogger, open_sink
 from asyncserve.registry import ModelEntry, ModelRegistry
 from asyncserve.routing import JSON_TYPE, Receive, Request, Response, Router, Scope, Send, header_dict
 from asyncserve.service import Service
@@ -43,6 +44,20 @@ def make_executor(settings: Settings) -> Executor:
     if settings.executor == "process":
         return ProcessExecutor(settings.pool_size)
     return ThreadExecutor(settings.pool_size)
+
+
+def make_prediction_logger(settings: Settings, metrics: Metrics) -> PredictionLogger | None:
+    if not settings.prediction_log:
+        return None
+    redact = frozenset(name.strip() for name in settings.prediction_log_redact.split(",") if name.strip())
+    return PredictionLogger(
+        open_sink(settings.prediction_log),
+        max_buffer=settings.prediction_log_buffer,
+        overflow="refuse" if settings.prediction_log_overflow == "refuse" else "drop",
+        spill_path=settings.prediction_log_spill,
+        input_policy=InputPolicy(settings.prediction_log_inputs, redact),  # type: ignore[arg-type]
+        registry=metrics.registry,
+    )
 
 
 class AsyncServeApp:
@@ -60,7 +75,7 @@ class AsyncServeApp:
         self.metrics = Metrics()
         self.executor = make_executor(self.settings)
         self.registry = ModelRegistry(service.specs, self.executor, self.metrics)
-        self.pipeline = Pipeline(self.registry, self.metrics)
+        self.pipeline = Pipeline(self.registry, self.metrics, make_prediction_logger(self.settings, self.metrics))
         self.loop_lag = LoopLagProbe(self.metrics.loop_lag, self.settings.loop_lag_interval_s)
         self.shutting_down = False
         self._loading: asyncio.Task[None] | None = None
@@ -174,6 +189,8 @@ class AsyncServeApp:
         await receive()  # lifespan.startup
         self.loop_lag.start()
         self.registry.start()
+        if self.pipeline.predlog is not None:
+            await self.pipeline.predlog.start()
         await self.pipeline.open()
         # Models load in the background so that liveness answers while they do.
         self._loading = asyncio.get_running_loop().create_task(self.registry.load_all(), name="asyncserve-load")
@@ -194,8 +211,11 @@ class AsyncServeApp:
             self._loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loading
-        # In-flight requests are done (the server drained them): stop the batchers, then their executor.
+        # In-flight requests are done (the server drained them): stop the batchers, flush the
+        # prediction log (every accepted record written or spilled), close the sources, the executor.
         await self.registry.aclose()
+        if self.pipeline.predlog is not None:
+            await self.pipeline.predlog.aclose(timeout_s=self.settings.grace_period_s)
         await self.pipeline.aclose()
         await self.executor.aclose()
         await self.loop_lag.aclose()
@@ -244,7 +264,9 @@ class AsyncServeApp:
         _require_json(request, also="application/octet-stream")
         decoded = v2.decode_infer_request(body, entry.spec, header_length)
         priority = _parse_priority(decoded.parameters.get("priority", 0), "parameters.priority")
-        prediction = await self.pipeline.run(entry, decoded.columns, decoded.rows, deadline, priority)
+        prediction = await self.pipeline.run(
+            entry, decoded.columns, decoded.rows, deadline, priority=priority, request_id=request.request_id
+        )
         payload, headers = v2.encode_infer_response(entry.spec, decoded, prediction.outputs)
         content_type = headers.pop("content-type", JSON_TYPE)
         return Response(200, payload, {**headers, **_degraded_header(prediction)}, content_type)
@@ -256,7 +278,9 @@ class AsyncServeApp:
         columns, as_list = jsonapi.decode_rows(body, entry.spec)
         rows = len(next(iter(columns.values())))
         priority = _parse_priority(request.headers.get("x-priority", "0"), "X-Priority")
-        prediction = await self.pipeline.run(entry, columns, rows, deadline, priority)
+        prediction = await self.pipeline.run(
+            entry, columns, rows, deadline, priority=priority, request_id=request.request_id
+        )
         body = jsonapi.encode_rows(entry.spec, prediction.outputs, as_list)
         return Response(200, body, _degraded_header(prediction))
 

@@ -41,6 +41,18 @@ class Settings:
     log_level: str = "info"
     proxy_headers: bool = False
     """Trust X-Forwarded-For/-Proto from the peer (only behind a proxy you control)."""
+    prediction_log: str = ""
+    """Where every prediction is logged: ``jsonl:///path``, ``sqlite:///path.db``, ``postgresql://...``,
+    ``redis://...?stream=name``; empty turns logging off."""
+    prediction_log_inputs: str = "full"
+    """What a record keeps of the inputs: ``full``, ``hash`` (SHA-256) or ``redact``."""
+    prediction_log_redact: str = ""
+    """Comma-separated input names replaced by "<redacted>" when prediction_log_inputs is ``redact``."""
+    prediction_log_overflow: str = "drop"
+    """When the log's buffer is full: ``drop`` new records (counted) or ``refuse`` new predictions (503)."""
+    prediction_log_buffer: int = 10_000
+    prediction_log_spill: str = "var/predlog-spill.jsonl"
+    """Records a sink could not take after its retries go here, so none is lost."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535 or self.port == 0, "port", "an integer from 0 to 65535", self.port)
@@ -51,6 +63,13 @@ class Settings:
         _require(self.grace_period_s >= 0, "grace_period_s", "a number of seconds >= 0", self.grace_period_s)
         _require(
             self.loop_lag_interval_s > 0, "loop_lag_interval_s", "a number of seconds > 0", self.loop_lag_interval_s
+        )
+        _require(self.prediction_log_inputs in ("full", "hash", "redact"), "prediction_log_inputs",
+                 "'full', 'hash' or 'redact'", self.prediction_log_inputs)  # fmt: skip
+        _require(self.prediction_log_overflow in ("drop", "refuse"), "prediction_log_overflow",
+                 "'drop' or 'refuse'", self.prediction_log_overflow)  # fmt: skip
+        _require(
+            self.prediction_log_buffer >= 1, "prediction_log_buffer", "an integer >= 1", self.prediction_log_buffer
         )
         _require(self.log_level in _LOG_LEVELS, "log_level", f"one of {', '.join(_LOG_LEVELS)}", self.log_level)
 

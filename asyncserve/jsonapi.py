@@ -5,19 +5,24 @@
 Values are plain JSON: numbers, booleans, strings, and nested lists for rows with dimensions.
 ``BYTES`` tensors declared ``binary=True`` carry base64 strings.
 
-Decoding converts each input with NumPy in one call (the fast path) and walks the values in
-Python only once that conversion fails or gives the wrong type or shape, to name the exact
-element at fault in a :class:`~asyncserve.exceptions.SchemaViolation`. Pure functions, no I/O.
+Decoding takes the fast path first: what to check for each input is decided once per model (a
+"plan"), the values' lists are measured and their element types collected at C speed, and
+:mod:`struct` converts them into the column in one call, refusing any value out of range. The
+values are walked in Python only once that path declines, to name the exact element at fault in a
+:class:`~asyncserve.exceptions.SchemaViolation`. Pure functions, no I/O.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Iterable, Sequence
+import struct
+import weakref
+from collections.abc import Callable, KeysView, Sequence
+from dataclasses import dataclass
 from functools import partial
 from itertools import chain
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,11 +33,123 @@ from asyncserve.model import ModelSpec
 from asyncserve.tensors import INTEGER_RANGES, Columns, Datatype, Tensor
 
 Array = npt.NDArray[Any]
+_T = TypeVar("_T")
 
 _SHOWN_CHARS = 40
 # Floats beyond 2**53 are not exact integers, so they are refused where an integer is expected.
 _EXACT_FLOAT_INT = 2**53
 _FLOAT_MAX = {dtype: float(np.finfo(dtype.numpy_dtype).max) for dtype in (Datatype.FP16, Datatype.FP32, Datatype.FP64)}
+
+# struct's codes for the datatypes' standard sizes; "=" (native order, standard sizes) makes the
+# "e" and "f" codes refuse a float beyond the datatype's range, and every integer code a value out
+# of its range.
+STRUCT_CODES = {
+    Datatype.BOOL: "?",
+    Datatype.UINT8: "B",
+    Datatype.UINT16: "H",
+    Datatype.UINT32: "I",
+    Datatype.UINT64: "Q",
+    Datatype.INT8: "b",
+    Datatype.INT16: "h",
+    Datatype.INT32: "i",
+    Datatype.INT64: "q",
+    Datatype.FP16: "e",
+    Datatype.FP32: "f",
+    Datatype.FP64: "d",
+}
+# The Python types struct converts exactly as the exact path does; it would also take booleans
+# for numbers (and anything for BOOL), so these sets are checked first.
+ACCEPTED_TYPES = {dt: frozenset({int, float}) for dt in (Datatype.FP16, Datatype.FP32, Datatype.FP64)}
+ACCEPTED_TYPES |= {dt: frozenset({int}) for dt in INTEGER_RANGES}
+ACCEPTED_TYPES |= {Datatype.BOOL: frozenset({bool})}
+_INT = frozenset({int})
+_LIST = frozenset({list})
+_STR = frozenset({str})
+
+
+def pack_numbers(values: list[Any], shape: tuple[int, ...], dtype: np.dtype[Any], code: str) -> Array | None:
+    """``values`` (Python numbers of the accepted types) as a new array, or None if one is out of range.
+
+    struct casts each value as NumPy does: a float in C (round to nearest, even on ties), an integer
+    through a double (exact below 2**53), so the columns are those ``np.array(values, dtype)``
+    makes, without NumPy's per-call set-up or an overflow check of its own.
+    """
+    column = np.empty(shape, dtype)
+    try:
+        struct.pack_into(f"={len(values)}{code}", column, 0, *values)
+    except (struct.error, OverflowError):  # out of range (or an integer code given a float)
+        return None
+    return column
+
+
+def per_spec(build: Callable[[ModelSpec], _T]) -> Callable[[ModelSpec], _T]:
+    """``build``, run once per model: its result is kept as long as the spec lives.
+
+    A ModelSpec is frozen but holds dicts, so it cannot be a dict key: the cache is keyed by its id,
+    and a weak reference both checks the id still names the same spec and drops the entry with it
+    (a cached plan must not keep an unloaded model's weights alive).
+    """
+    cache: dict[int, tuple[weakref.ref[ModelSpec], _T]] = {}
+
+    def cached(spec: ModelSpec) -> _T:
+        hit = cache.get(id(spec))
+        if hit is not None and hit[0]() is spec:
+            return hit[1]
+        key, value = id(spec), build(spec)
+
+        def forget(ref: weakref.ref[ModelSpec]) -> None:
+            if cache.get(key, (None,))[0] is ref:
+                del cache[key]
+
+        cache[key] = (weakref.ref(spec, forget), value)
+        return value
+
+    return cached
+
+
+@dataclass(frozen=True, slots=True)
+class _Reader:
+    """How one declared input is read on the fast path."""
+
+    name: str
+    tensor: Tensor
+    dims: tuple[int, ...]
+    dtype: np.dtype[Any]
+    code: str  # struct's code; "" for BYTES
+    accepted: frozenset[type]
+    int_cast: bool  # see _read_numbers
+
+
+@dataclass(frozen=True, slots=True)
+class _Writer:
+    name: str
+    tensor: Tensor
+    datatype: Datatype
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    keys: KeysView[str]
+    readers: tuple[_Reader, ...]
+    writers: tuple[_Writer, ...]
+
+
+@per_spec
+def _plan(spec: ModelSpec) -> _Plan:
+    readers = tuple(
+        _Reader(
+            name,
+            tensor,
+            tensor.shape,
+            tensor.dtype.numpy_dtype,
+            STRUCT_CODES.get(tensor.dtype, ""),
+            ACCEPTED_TYPES.get(tensor.dtype, _STR),
+            tensor.dtype is Datatype.FP32,
+        )
+        for name, tensor in spec.inputs.items()
+    )
+    writers = tuple(_Writer(name, tensor, tensor.dtype) for name, tensor in spec.outputs.items())
+    return _Plan(spec.inputs.keys(), readers, writers)
 
 
 def decode_rows(body: bytes, spec: ModelSpec) -> tuple[Columns, bool]:
@@ -52,15 +169,15 @@ def decode_rows(body: bytes, spec: ModelSpec) -> tuple[Columns, bool]:
             with the path of the first bad value, like ``[1].features[2]``.
     """
     document = _parse(body)
+    plan = _plan(spec)
     rows, as_list = _rows_of(document, spec)
     for index, row in enumerate(rows):
         # dict keys compare as sets: one C-level comparison per row on the happy path.
-        if row.keys() != spec.inputs.keys():
+        if row.keys() != plan.keys:
             raise _field_error(row, spec, f"[{index}]" if as_list else "")
-    columns = {
-        name: _column(name, tensor, [row[name] for row in rows], as_list) for name, tensor in spec.inputs.items()
-    }
-    return columns, as_list
+    return {
+        reader.name: _column(reader, [row[reader.name] for row in rows], as_list) for reader in plan.readers
+    }, as_list
 
 
 def encode_rows(spec: ModelSpec, outputs: Columns, as_list: bool) -> bytes:
@@ -71,9 +188,11 @@ def encode_rows(spec: ModelSpec, outputs: Columns, as_list: bool) -> bytes:
     0.1 is written ``0.1``), NaN and infinities become ``null`` (JSON has neither), and
     ``binary=True`` values are written base64-encoded.
     """
-    columns = {name: _json_column(spec, name, tensor, outputs[name]) for name, tensor in spec.outputs.items()}
+    writers = _plan(spec).writers
     if not as_list:
-        return orjson.dumps({name: column[0] for name, column in columns.items()}, option=orjson.OPT_SERIALIZE_NUMPY)
+        row = {w.name: _json_column(spec, w, outputs[w.name])[0] for w in writers}
+        return orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)
+    columns = {w.name: _json_column(spec, w, outputs[w.name]) for w in writers}
     count = len(next(iter(columns.values())))
     rows = [{name: column[i] for name, column in columns.items()} for i in range(count)]
     return orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -122,78 +241,67 @@ def _join(prefix: str, name: str) -> str:
 # -- decoding: one input column ------------------------------------------------------------------
 
 
-def _column(name: str, tensor: Tensor, values: list[Any], as_list: bool) -> Array:
-    column = _fast_column(tensor, values)
+def _column(reader: _Reader, values: list[Any], as_list: bool) -> Array:
+    column = _read_numbers(reader, values) if reader.code else _read_text(reader, values)
     if column is not None:
         return column
-    # Only a bad (or unusual but valid) body gets here: walking it costs far more than NumPy does.
-    row_shape = _explain(name, tensor, values, as_list)
-    return _exact_column(tensor, values, row_shape)
+    # Only a bad (or unusual but valid) body gets here: walking it costs far more than the fast path.
+    row_shape = _explain(reader.name, reader.tensor, values, as_list)
+    return _exact_column(reader.tensor, values, row_shape)
 
 
-def _fast_column(tensor: Tensor, values: list[Any]) -> Array | None:
-    """The column NumPy makes of ``values`` in one call, or None if it is not exactly right."""
-    dtype = tensor.dtype
-    if dtype is Datatype.BYTES:
-        return _fast_text(tensor, values)
-    try:
-        array = np.asarray(values)
-    except ValueError:  # ragged lists
-        return None
-    if not tensor.row_shape_matches(array.shape[1:]):
-        return None
-    if dtype is Datatype.BOOL:
-        # A list mixing booleans with anything else does not come out as a bool array.
-        return array if array.dtype.kind == "b" else None
-    # NumPy reads true/false as 1/0 in a list of numbers: booleans are refused by type instead.
-    if array.dtype.kind not in "iuf" or _holds_bools(values, array.ndim):
-        return None
-    if dtype.numpy_dtype.kind == "f":
-        return _fast_float(array, dtype)
-    return _fast_int(array, dtype)
-
-
-def _holds_bools(values: list[Any], ndim: int) -> bool:
-    flat: Iterable[Any] = values
-    for _ in range(ndim - 1):
-        flat = chain.from_iterable(flat)
-    return bool in set(map(type, flat))
-
-
-def _fast_float(array: Array, dtype: Datatype) -> Array | None:
-    with np.errstate(over="ignore"):
-        column = array.astype(dtype.numpy_dtype, copy=False)
-    # JSON carries no infinity, so one here is a number beyond the datatype's range.
-    if dtype is not Datatype.FP64 and np.isinf(column).any():
-        return None
-    return column
-
-
-def _fast_int(array: Array, dtype: Datatype) -> Array | None:
-    if array.dtype.kind == "f":  # integral floats (1.0) are valid, but rare: the exact path takes them
-        return None
-    if not np.can_cast(array.dtype, dtype.numpy_dtype) and array.size:
-        low, high = INTEGER_RANGES[dtype]
-        if int(array.min()) < low or int(array.max()) > high:
+def _batch(values: list[Any], dims: tuple[int, ...]) -> tuple[list[Any], tuple[int, ...]] | None:
+    """The rows' elements in row-major order and the batch's shape, or None unless ``values`` are
+    lists nested as ``dims`` declares, all of one length per level (rows must share one shape)."""
+    flat, shape = values, [len(values)]
+    for dim in dims:
+        # Every item one level down must be a list (an empty level has no item to measure: the
+        # exact path works its shape out), all of one length.
+        if set(map(type, flat)) != _LIST:
             return None
-    return array.astype(dtype.numpy_dtype, copy=False)
+        lengths = set(map(len, flat))
+        length = lengths.pop()
+        if lengths or dim not in (-1, length):
+            return None
+        shape.append(length)
+        flat = flat[0] if len(flat) == 1 else list(chain.from_iterable(flat))
+    return flat, tuple(shape)
 
 
-def _fast_text(tensor: Tensor, values: list[Any]) -> Array | None:
-    try:
-        # dtype=object keeps Python str (a "<U" array would pad them and strip trailing NULs).
-        array = np.asarray(values, dtype=object)
-    except ValueError:  # lists ragged below the first level
+def _read_numbers(reader: _Reader, values: list[Any]) -> Array | None:
+    """The column of a numeric or BOOL input, or None if it is not exactly right."""
+    batch = _batch(values, reader.dims)
+    if batch is None:
         return None
-    if not tensor.row_shape_matches(array.shape[1:]) or not set(map(type, array.flat)) <= {str}:
+    flat, shape = batch
+    types = set(map(type, flat))
+    # Booleans among numbers (struct reads them as 1 and 0), numbers for BOOL, floats for an
+    # integer (even 1.0), null, strings and lists nested too deep: all left to the exact path.
+    if not types <= reader.accepted:
         return None
-    if not tensor.binary:
-        return array
-    try:
-        decoded: Array = np.frompyfunc(_b64decode, 1, 1)(array)
-    except binascii.Error:
+    if reader.int_cast and types == _INT:
+        # NumPy casts integers to FP32 in one rounding, struct through a double: a few integers
+        # beyond 2**53 would differ, so NumPy keeps doing this (no integer overflows FP32).
+        converted: Array = np.asarray(flat).astype(reader.dtype).reshape(shape)
+        return converted
+    return pack_numbers(flat, shape, reader.dtype, reader.code)
+
+
+def _read_text(reader: _Reader, values: list[Any]) -> Array | None:
+    """The column of a BYTES input, or None if it is not exactly right."""
+    batch = _batch(values, reader.dims)
+    if batch is None or not set(map(type, batch[0])) <= _STR:
         return None
-    return decoded
+    flat, shape = batch
+    if reader.tensor.binary:
+        try:
+            flat = [_b64decode(value) for value in flat]
+        except binascii.Error:
+            return None
+    # An object array keeps Python str (a "<U" array would pad them and strip trailing NULs).
+    column = np.empty(len(flat), dtype=object)
+    column[:] = flat
+    return column.reshape(shape)
 
 
 def _b64decode(value: str) -> bytes:
@@ -323,11 +431,11 @@ def _show(value: Any) -> str:
 # -- encoding ------------------------------------------------------------------------------------
 
 
-def _json_column(spec: ModelSpec, name: str, tensor: Tensor, column: Array) -> Array | list[Any]:
+def _json_column(spec: ModelSpec, writer: _Writer, column: Array) -> Array | list[Any]:
     """A column orjson writes as it should: contiguous numbers, or a nested list of strings."""
-    dtype = tensor.dtype
+    dtype = writer.datatype
     if dtype is Datatype.BYTES:
-        return _text_column(spec, name, tensor, column)
+        return _text_column(spec, writer.name, writer.tensor, column)
     if dtype is Datatype.FP16:
         # orjson writes float16 via float32 (0.1 -> 0.099975586); NumPy's str is the shortest
         # form that reads back to the same float16, and float64 keeps it short in orjson.

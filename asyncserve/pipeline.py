@@ -1,4 +1,4 @@
-"""Pipeline: one request's way through features, the model's batcher, and (soon) the prediction log."""
+"""Pipeline: one request's way through features, the model's batcher, and the prediction log."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from asyncserve.features import FeatureSource, fetch_features
 from asyncserve.metrics import Metrics
+from asyncserve.predlog import PredictionLogger, prediction_record
 from asyncserve.registry import ModelEntry, ModelRegistry
 from asyncserve.tensors import Columns
 
@@ -26,8 +27,9 @@ class Prediction:
 class Pipeline:
     """Runs requests: features from every source at once, then the model (batched), then the log."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, predlog: PredictionLogger | None = None) -> None:
         self.registry = registry
+        self.predlog = predlog
         self._metrics = metrics
         self.sources = _unique_sources(registry)
 
@@ -44,9 +46,19 @@ class Pipeline:
         return [s.name for s in self.sources if s.name in failing and not s.healthy]
 
     async def run(
-        self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int = 0
+        self,
+        entry: ModelEntry,
+        columns: Columns,
+        rows: int,
+        deadline: float,
+        *,
+        priority: int = 0,
+        request_id: str = "",
     ) -> Prediction:
         spec = entry.spec
+        if self.predlog is not None:
+            # With overflow="refuse", a full log turns the prediction away before any work (503).
+            self.predlog.check_room()
         started = time.perf_counter()
         fetched = await fetch_features(spec.features, columns, deadline)
         fetched_at = time.perf_counter()
@@ -55,6 +67,12 @@ class Pipeline:
         for source in fetched.degraded:
             self._metrics.degraded.labels(spec.label, source).inc()
         stages = {"features": (fetched_at - started) * 1000, "model": (done_at - fetched_at) * 1000}
+        if self.predlog is not None:
+            record = prediction_record(
+                request_id=request_id, model=spec.name, version=spec.version or "", inputs=columns,
+                outputs=outputs, features=fetched.columns, latency_ms=stages, degraded=bool(fetched.degraded),
+            )  # fmt: skip
+            self.predlog.record(record)
         return Prediction(outputs, fetched.degraded, stages)
 
 

@@ -93,6 +93,26 @@ class Spinner(Model):
         return np.full(len(seconds), spins, dtype=np.int64)
 
 
+class Busy(Model):
+    """CPU-bound NumPy work that releases the GIL, as most model runtimes do; its cost grows with the rows.
+
+    Element-wise, so single-threaded: no BLAS threads compete with the event loop for the cores.
+    """
+
+    name = "busy"
+    inputs = {"n": Tensor("INT64")}
+    outputs = {"checksum": Tensor("FP64")}
+
+    def load(self) -> None:
+        self.matrix = np.random.default_rng(0).standard_normal((400, 400))
+
+    def predict(self, n: Array) -> Array:
+        result = self.matrix
+        for _ in range(int(n.sum())):
+            result = np.tanh(np.sin(result) * 1.1)
+        return np.full(len(n), float(result.sum()))
+
+
 class Faulty(Model):
     """Raises when asked to, with a message that must never reach the client."""
 

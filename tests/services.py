@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from asyncserve import Service
-from tests.models import Adder, Sleeper, Spinner
+from tests.models import Adder, Busy, Sleeper, Spinner
 
-service = Service(Adder(), Sleeper(), Spinner(), name="e2e")
+service = Service(Adder(), Sleeper(), Spinner(), Busy(), name="e2e")

@@ -8,29 +8,10 @@ import time
 from typing import Any
 
 import httpx
-import numpy as np
-import numpy.typing as npt
 
-from asyncserve import Model, Service, Settings, Tensor
+from asyncserve import Service, Settings
 from tests.conftest import serving
-from tests.models import SlowLoader, Spinner
-
-
-class MatMul(Model):
-    """CPU-bound NumPy work (it releases the GIL, like most real model runtimes)."""
-
-    name = "matmul"
-    inputs = {"n": Tensor("INT64")}
-    outputs = {"checksum": Tensor("FP64")}
-
-    def load(self) -> None:
-        self.matrix = np.random.default_rng(0).standard_normal((300, 300))
-
-    def predict(self, n: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        result = self.matrix
-        for _ in range(int(n.max())):
-            result = np.tanh(result @ self.matrix)
-        return np.full(len(n), float(result.sum()))
+from tests.models import Busy, SlowLoader, Spinner
 
 
 async def test_live_at_once_ready_only_when_every_model_is_loaded() -> None:
@@ -80,27 +61,31 @@ async def test_failed_load_leaves_the_model_unavailable_with_the_reason() -> Non
         assert index == [{"name": "broken", "state": "UNAVAILABLE", "reason": "load failed: OSError"}]
 
 
-async def test_liveness_stays_fast_while_a_cpu_bound_model_is_saturated() -> None:
-    settings = Settings(executor_workers=2, loop_lag_interval_s=0.01)
-    async with serving(Service(MatMul()), settings) as running, running.client() as client:
-        load = [client.post("/v1/models/matmul/predict", json={"n": 20}) for _ in range(32)]
-        saturating = asyncio.gather(*load)
-        await asyncio.sleep(0.05)
-        latencies = await _probe(client, seconds=1.0)
-        assert all(r.status_code == 200 for r in await saturating)
+async def test_the_event_loop_lag_stays_low_while_a_cpu_bound_model_is_saturated() -> None:
+    # Measured inside the server (the client-side latency is tested with separate processes in
+    # test_server.py, where the test's own GIL cannot skew it).
+    settings = Settings(executor_workers=1, loop_lag_interval_s=0.01)
+    async with serving(Service(Busy()), settings) as running, running.client() as client:
+        done = asyncio.Event()
+        busy = [asyncio.create_task(_keep_busy(client, done)) for _ in range(8)]
+        await asyncio.sleep(1.0)
+        done.set()
+        served = sum(await asyncio.gather(*busy))
         lag = running.app.loop_lag.max_lag_s
-    latencies.sort()
-    p99 = latencies[int(len(latencies) * 0.99)]
-    assert p99 < 0.05, f"p99 {p99 * 1000:.1f} ms over {len(latencies)} probes"
+        busy_seconds = _metric(await client.get("/metrics"), "asyncserve_inference_duration_seconds_sum")
+    assert busy_seconds > 0.8, f"the model was busy only {busy_seconds:.2f}s of the 1 s"
+    assert served > 8
     assert lag < 0.05, f"max event-loop lag {lag * 1000:.1f} ms"
 
 
-async def _probe(client: httpx.AsyncClient, seconds: float) -> list[float]:
-    latencies: list[float] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        started = time.perf_counter()
-        assert (await client.get("/v2/health/live")).status_code == 200
-        latencies.append(time.perf_counter() - started)
-        await asyncio.sleep(0.005)
-    return latencies
+async def _keep_busy(client: httpx.AsyncClient, done: asyncio.Event) -> int:
+    served = 0
+    while not done.is_set():
+        response = await client.post("/v1/models/busy/predict", json={"n": 2})
+        assert response.status_code == 200
+        served += 1
+    return served
+
+
+def _metric(response: httpx.Response, prefix: str) -> float:
+    return sum(float(line.split()[-1]) for line in response.text.splitlines() if line.startswith(prefix))

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
+import orjson
 import pytest
 
 from asyncserve import Feature, Model, Service, Settings, Tensor
@@ -175,3 +176,33 @@ def test_features_must_be_declared_consistently() -> None:
 
     with pytest.raises(ConfigurationError, match="one keyword argument per input and feature field"):
         Service(Wrong(sleeping_source("users", 0)))
+
+
+async def test_predictions_are_logged_with_hashed_inputs_and_flushed_on_close(tmp_path: Any) -> None:
+    import sqlite3
+
+    database = tmp_path / "predictions.db"
+    settings = Settings(
+        executor_workers=1, prediction_log=f"sqlite:///{database}", prediction_log_inputs="hash",
+        prediction_log_spill=str(tmp_path / "spill.jsonl"),
+    )  # fmt: skip
+    async with serving(Service(ThreeSources(delay_s=0.0)), settings) as running, running.client() as client:
+        for user_id in range(20):
+            response = await client.post(
+                "/v1/models/three/predict", json={"user_id": user_id}, headers={"X-Request-ID": f"req-{user_id}"}
+            )
+            assert response.status_code == 200
+    # The server has stopped: every accepted record must be in the database now.
+
+    def read() -> list[Any]:
+        with sqlite3.connect(database) as connection:
+            return connection.execute("SELECT request_id, model, record FROM predictions ORDER BY id").fetchall()
+
+    rows = await asyncio.to_thread(read)
+    assert [row[0] for row in rows] == [f"req-{i}" for i in range(20)]
+    record = orjson.loads(rows[3][2])
+    assert record["model"] == "three"
+    assert set(record["inputs"]) == {"sha256"}
+    assert record["outputs"] == {"total": [9.0]}
+    assert record["features"]["a_value"] == [3.0]
+    assert set(record["latency_ms"]) == {"features", "model"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -168,3 +170,49 @@ async def test_demo_serves_real_models() -> None:
         assert churn.json()["risk"] in ("low", "medium", "high")
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 15) == 0
+
+
+async def test_sigterm_flushes_every_accepted_prediction_record(tmp_path: Path) -> None:
+    log = tmp_path / "predictions.jsonl"
+    env = {"ASYNCSERVE_PREDICTION_LOG": f"jsonl://{log}", "ASYNCSERVE_PREDICTION_LOG_SPILL": str(tmp_path / "spill")}
+    async with cli("serve", "tests.services:service", env=env) as (process, url):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            body = {"a": [1, 2, 3], "b": [1, 1, 1]}
+            calls = [
+                client.post("/v1/models/adder/predict", json=body, headers={"X-Request-ID": f"r{i}"})
+                for i in range(100)
+            ]
+            responses = await asyncio.gather(*calls)
+        assert all(response.status_code == 200 for response in responses)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 15) == 0
+    lines = (await asyncio.to_thread(log.read_text)).splitlines()
+    records = [json.loads(line) for line in lines]
+    assert sorted(record["request_id"] for record in records) == sorted(f"r{i}" for i in range(100))
+    assert records[0]["outputs"]["sum"] == [[2.0, 3.0, 4.0]]
+
+
+async def test_liveness_stays_fast_while_a_cpu_bound_model_is_saturated() -> None:
+    # One executor thread, leaving the other core to the event loop; load and probe in processes of their own.
+    async with cli("serve", "tests.services:service", "--executor-workers", "1") as (_process, url):
+        load = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.probe", "load", url, "2.0", "8", stdout=subprocess.PIPE
+        )
+        await asyncio.sleep(0.3)
+        probe = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.probe", "live", url, "1.5", stdout=subprocess.PIPE
+        )
+        latencies = json.loads((await probe.communicate())[0])
+        served = json.loads((await load.communicate())[0])
+        async with httpx.AsyncClient(base_url=url) as client:
+            metrics = (await client.get("/metrics")).text
+    busy_seconds = sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('asyncserve_inference_duration_seconds_sum{model="busy"}')
+    )
+    assert served > 8
+    assert busy_seconds > 1.5, f"the model was busy only {busy_seconds:.2f}s"
+    assert percentile(latencies, 99) < 0.05, (
+        f"p99 {percentile(latencies, 99) * 1000:.1f} ms over {len(latencies)} probes"
+    )
