@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
@@ -52,11 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         settings = settings_from(args)
+        if args.command == "demo" and not settings.prediction_log:
+            # The demo shows the embedded default: predictions logged to a JSON Lines file.
+            log = Path("var/demo/predictions.jsonl").resolve()
+            settings = dataclasses.replace(settings, prediction_log=str(log))
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         target = "asyncserve.demo:service" if args.command == "demo" else args.target
         sock = bind_socket(settings.host, settings.port)
         if args.command == "demo":
-            _print_demo_usage(sock)
+            _print_demo_usage(sock, settings.prediction_log)
         serve(target, settings, sock=sock)
     except ConfigurationError as exc:
         print(f"asyncserve: error: {exc.message}", file=sys.stderr)
@@ -64,10 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _print_demo_usage(sock: socket.socket) -> None:
+def _print_demo_usage(sock: socket.socket, prediction_log: str) -> None:
     from asyncserve import demo
 
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     print(f"asyncserve demo on {url}: API docs {url}/docs, metrics {url}/metrics, readiness {url}/v2/health/ready")
+    print(f"Every prediction is logged to {prediction_log}")
     print(demo.usage(url), flush=True)
