@@ -59,15 +59,15 @@ STRUCT_CODES = {
 }
 # The Python types struct converts exactly as the exact path does; it would also take booleans
 # for numbers (and anything for BOOL), so these sets are checked first.
-ACCEPTED_TYPES = {dt: frozenset({int, float}) for dt in (Datatype.FP16, Datatype.FP32, Datatype.FP64)}
-ACCEPTED_TYPES |= {dt: frozenset({int}) for dt in INTEGER_RANGES}
-ACCEPTED_TYPES |= {Datatype.BOOL: frozenset({bool})}
+_ACCEPTED = {dt: frozenset({int, float}) for dt in (Datatype.FP16, Datatype.FP32, Datatype.FP64)}
+_ACCEPTED |= {dt: frozenset({int}) for dt in INTEGER_RANGES}
+_ACCEPTED |= {Datatype.BOOL: frozenset({bool})}
 _INT = frozenset({int})
 _LIST = frozenset({list})
 _STR = frozenset({str})
 
 
-def pack_numbers(values: list[Any], shape: tuple[int, ...], dtype: np.dtype[Any], code: str) -> Array | None:
+def pack_numbers(values: list[Any], shape: Sequence[int], dtype: np.dtype[Any], code: str) -> Array | None:
     """``values`` (Python numbers of the accepted types) as a new array, or None if one is out of range.
 
     struct casts each value as NumPy does: a float in C (round to nearest, even on ties), an integer
@@ -76,7 +76,8 @@ def pack_numbers(values: list[Any], shape: tuple[int, ...], dtype: np.dtype[Any]
     """
     column = np.empty(shape, dtype)
     try:
-        struct.pack_into(f"={len(values)}{code}", column, 0, *values)
+        # ndarray exports the buffer protocol; numpy's stubs declare it only for Python 3.12+.
+        struct.pack_into(f"={len(values)}{code}", column, 0, *values)  # type: ignore[arg-type]
     except (struct.error, OverflowError):  # out of range (or an integer code given a float)
         return None
     return column
@@ -143,7 +144,7 @@ def _plan(spec: ModelSpec) -> _Plan:
             tensor.shape,
             tensor.dtype.numpy_dtype,
             STRUCT_CODES.get(tensor.dtype, ""),
-            ACCEPTED_TYPES.get(tensor.dtype, _STR),
+            _ACCEPTED.get(tensor.dtype, _STR),
             tensor.dtype is Datatype.FP32,
         )
         for name, tensor in spec.inputs.items()

@@ -10,6 +10,10 @@ Structural problems (a field missing or of the wrong JSON type, a value of the w
 :class:`SchemaViolation` with the field's path; problems with what the fields say (an unknown
 input, a wrong datatype or shape, sizes that do not add up) raise :class:`InvalidRequest`.
 
+A request is first read by a fast path, which checks what the model takes against a plan made
+once per model and builds no error path; whatever it does not find plain, it leaves to the exact
+path, which checks the request in order and reports its first problem.
+
 Example::
 
     request = decode_infer_request(body, spec, header_length=None)
@@ -31,6 +35,7 @@ import numpy.typing as npt
 import orjson
 
 from asyncserve.exceptions import InvalidRequest, SchemaViolation
+from asyncserve.jsonapi import STRUCT_CODES, pack_numbers, per_spec
 from asyncserve.model import ModelSpec
 from asyncserve.tensors import INTEGER_RANGES, Columns, Datatype, Tensor
 
@@ -40,6 +45,9 @@ _ACCEPTED |= {dt: (frozenset({int, float}), "numbers") for dt in (Datatype.FP16,
 _ACCEPTED |= {dt: (frozenset({int}), "integers") for dt in INTEGER_RANGES}
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}
 _JSON_TYPES |= {float: "a number", type(None): "null"}
+_INT = frozenset({int})
+_OPTIONAL_BOOL = frozenset({bool, type(None)})
+_NO_TAIL = memoryview(b"")
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,64 @@ class _Input:
     binary_size: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class _InputPlan:
+    """What one declared input takes, worked out once per model for the fast path."""
+
+    name: str
+    tensor: Tensor
+    datatype: Datatype
+    dims: list[int]  # the row shape, as a list to compare with a request's shape[1:]
+    fixed: bool  # no -1 in dims: comparing the lists decides
+    accepted: frozenset[type]
+    dtype: np.dtype[Any]
+    code: str  # struct's code; "" for BYTES
+
+    def takes(self, shape: Any) -> bool:
+        """Whether ``shape`` is a list of integers, rows >= 1 then the declared row shape."""
+        if type(shape) is not list or len(shape) != len(self.dims) + 1 or set(map(type, shape)) != _INT:
+            return False  # (a boolean is not an integer here, and 2.0 == 2 would pass the comparison)
+        if shape[0] < 1:
+            return False
+        if self.fixed:
+            return shape[1:] == self.dims
+        return min(shape) >= 0 and all(d in (-1, s) for d, s in zip(self.dims, shape[1:], strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class _OutputPlan:
+    datatype: Datatype
+    dtype: np.dtype[Any]
+    wire: np.dtype[Any]  # little-endian, as binary data is sent
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    inputs: dict[str, _InputPlan]
+    outputs: dict[str, _OutputPlan]
+    default_outputs: tuple[tuple[RequestedOutput, ...], tuple[RequestedOutput, ...]]  # text, binary
+
+
+@per_spec
+def _plan(spec: ModelSpec) -> _Plan:
+    inputs = {name: _input_plan(name, tensor) for name, tensor in spec.inputs.items()}
+    outputs = {
+        name: _OutputPlan(tensor.dtype, tensor.dtype.numpy_dtype, tensor.dtype.numpy_dtype.newbyteorder("<"))
+        for name, tensor in spec.outputs.items()
+    }
+    defaults = tuple(tuple(RequestedOutput(name, binary) for name in spec.outputs) for binary in (False, True))
+    return _Plan(inputs, outputs, (defaults[0], defaults[1]))
+
+
+def _input_plan(name: str, tensor: Tensor) -> _InputPlan:
+    datatype = tensor.dtype
+    dims = list(tensor.shape)
+    accepted = _ACCEPTED[datatype][0]
+    return _InputPlan(
+        name, tensor, datatype, dims, -1 not in dims, accepted, datatype.numpy_dtype, STRUCT_CODES.get(datatype, "")
+    )
+
+
 def decode_infer_request(body: bytes, spec: ModelSpec, header_length: int | None) -> InferRequest:
     """Decode a ``POST /v2/models/{model}/infer`` body into columns for ``spec``'s inputs.
 
@@ -87,6 +153,16 @@ def decode_infer_request(body: bytes, spec: ModelSpec, header_length: int | None
     """
     header, tail = _split_body(body, header_length)
     document = _parse_json(header, header_length)
+    try:
+        request = _fast_request(document, spec, tail, header_length)
+    except InvalidRequest:  # the exact path reports the first problem, in its order
+        request = None
+    return _exact_request(document, spec, tail, header_length) if request is None else request
+
+
+def _exact_request(
+    document: dict[str, Any], spec: ModelSpec, tail: memoryview, header_length: int | None
+) -> InferRequest:
     request_id: str | None = _get(document, "id", str, "", required=False)
     parameters: dict[str, Any] = _get(document, "parameters", dict, "", required=False) or {}
     items: list[Any] = _get(document, "inputs", list, "")
@@ -106,10 +182,11 @@ def encode_infer_response(spec: ModelSpec, request: InferRequest, outputs: Colum
     Binary outputs follow the JSON part in the order they are listed, and the
     ``inference-header-content-length`` header gives the JSON part's length.
     """
+    plans = _plan(spec).outputs
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for requested in request.outputs:
-        entry, blob = _encode_output(requested, spec.outputs[requested.name], outputs[requested.name])
+        entry, blob = _encode_output(requested, plans[requested.name], outputs[requested.name])
         entries.append(entry)
         if blob is not None:
             blobs.append(blob)
@@ -120,7 +197,7 @@ def encode_infer_response(spec: ModelSpec, request: InferRequest, outputs: Colum
         document["id"] = request.id
     document["outputs"] = entries
     header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not any(r.binary for r in request.outputs):
+    if not blobs:  # every binary output has a blob, if only b""
         return header, {"content-type": "application/json"}
     headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
     return b"".join([header, *blobs]), headers
@@ -144,10 +221,10 @@ def _tensor_metadata(name: str, tensor: Tensor) -> dict[str, Any]:
 # --- request structure ---------------------------------------------------------------------
 
 
-def _split_body(body: bytes, header_length: int | None) -> tuple[memoryview, memoryview]:
-    view = memoryview(body)
+def _split_body(body: bytes, header_length: int | None) -> tuple[bytes | memoryview, memoryview]:
     if header_length is None:
-        return view, view[len(body) :]
+        return body, _NO_TAIL
+    view = memoryview(body)
     if not 0 <= header_length <= len(body):
         raise InvalidRequest(
             f"Inference-Header-Content-Length is {header_length} but the body holds {len(body)} bytes; "
@@ -156,7 +233,7 @@ def _split_body(body: bytes, header_length: int | None) -> tuple[memoryview, mem
     return view[:header_length], view[header_length:]
 
 
-def _parse_json(header: memoryview, header_length: int | None) -> dict[str, Any]:
+def _parse_json(header: bytes | memoryview, header_length: int | None) -> dict[str, Any]:
     try:
         document = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
@@ -173,15 +250,18 @@ def _parse_json(header: memoryview, header_length: int | None) -> dict[str, Any]
 
 def _get(obj: dict[str, Any], key: str, kind: type, path: str, *, required: bool = True) -> Any:
     """``obj[key]`` checked to be of JSON type ``kind``; None when absent (or null) and not required."""
-    where = f"{path}.{key}" if path else key
     value = obj.get(key)
     if value is None:
         if required:
-            raise SchemaViolation(where, "is required")
+            raise SchemaViolation(_where(path, key), "is required")
         return None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SchemaViolation(where, f"must be {_JSON_TYPES[kind]}, got {_json_type(value)}")
+        raise SchemaViolation(_where(path, key), f"must be {_JSON_TYPES[kind]}, got {_json_type(value)}")
     return value
+
+
+def _where(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
 def _json_type(value: Any) -> str:
@@ -298,14 +378,120 @@ def _requested_output(item: Any, path: str, spec: ModelSpec, default: bool) -> R
     return RequestedOutput(name, default if binary is None else binary)
 
 
+# --- the fast path -------------------------------------------------------------------------
+
+
+def _fast_request(
+    document: dict[str, Any], spec: ModelSpec, tail: memoryview, header_length: int | None
+) -> InferRequest | None:
+    """The request, or None if it is anything but plain; it may also raise, for the exact path to report.
+
+    It accepts only what the exact path accepts, checks it without building any error message or
+    path, and decodes the data with the same functions, so it returns the same request.
+    """
+    items = document.get("inputs")
+    request_id = document.get("id")
+    parameters = document.get("parameters", {})
+    if type(items) is not list or type(parameters) is not dict or type(request_id) not in (str, type(None)):
+        return None
+    plan = _plan(spec)
+    found = _fast_columns(items, plan, tail, header_length)
+    if found is None:
+        return None
+    outputs = _fast_outputs(document, parameters, spec, plan)
+    return InferRequest(request_id, found[0], found[1], parameters, outputs)
+
+
+def _fast_columns(
+    items: list[Any], plan: _Plan, tail: memoryview, header_length: int | None
+) -> tuple[Columns, int] | None:
+    """One column per declared input (each given once) and the common row count, or None."""
+    if len(items) != len(plan.inputs):
+        return None
+    decoded: Columns = {}
+    rows = offset = 0
+    for item in items:
+        entry = _fast_entry(item, plan)
+        if entry is None or entry[0].name in decoded or rows not in (0, entry[1][0]):
+            return None
+        given, shape, data, size = entry
+        rows = shape[0]
+        if size is None:
+            column = _fast_json_column(given, shape, data)
+        elif header_length is None:
+            return None
+        else:
+            column = _fast_binary_column(given, shape, tail[offset : offset + size])
+            offset += size
+        if column is None:
+            return None
+        decoded[given.name] = column
+    # Binary sizes that overrun the tail give short blobs, refused above, or end up past it here.
+    return ({name: decoded[name] for name in plan.inputs}, rows) if offset == len(tail) else None
+
+
+def _fast_entry(item: Any, plan: _Plan) -> tuple[_InputPlan, list[int], Any, int | None] | None:
+    """A declared input with its valid shape, its data and its binary size, or None."""
+    if type(item) is not dict:
+        return None
+    name = item.get("name")
+    given = plan.inputs.get(name) if type(name) is str else None
+    shape: Any = item.get("shape")
+    if given is None or item.get("datatype") != given.datatype or not given.takes(shape):
+        return None
+    parameters = item.get("parameters")
+    if parameters is None:
+        return given, shape, item.get("data"), None
+    if type(parameters) is not dict or "shared_memory_region" in parameters:
+        return None
+    size = parameters.get("binary_data_size")
+    if size is None:
+        return given, shape, item.get("data"), None
+    if type(size) is not int or size < 0 or item.get("data") is not None:
+        return None
+    return given, shape, None, size
+
+
+def _fast_json_column(given: _InputPlan, shape: list[int], data: Any) -> npt.NDArray[Any] | None:
+    if type(data) is not list:
+        return None
+    leaves = _leaves(data)
+    if leaves is None:
+        return None
+    values, types = leaves
+    if not types <= given.accepted or len(values) != math.prod(shape):
+        return None
+    if given.datatype is Datatype.BYTES:
+        return _bytes_column(given.name, given.tensor.binary, values).reshape(shape)
+    return pack_numbers(values, shape, given.dtype, given.code)
+
+
+def _fast_binary_column(given: _InputPlan, shape: list[int], blob: memoryview) -> npt.NDArray[Any] | None:
+    if given.datatype is not Datatype.BYTES:
+        return _fixed_size_column(given.name, shape, given.datatype, blob)
+    values = _unpack_bytes(given.name, blob)
+    if len(values) != math.prod(shape):
+        return None
+    return _bytes_column(given.name, given.tensor.binary, values).reshape(shape)
+
+
+def _fast_outputs(
+    document: dict[str, Any], parameters: dict[str, Any], spec: ModelSpec, plan: _Plan
+) -> list[RequestedOutput]:
+    default = parameters.get("binary_data_output")
+    if document.get("outputs") is None and type(default) in _OPTIONAL_BOOL:
+        return list(plan.default_outputs[default is True])
+    return _requested_outputs(document, parameters, spec)
+
+
 # --- input data ----------------------------------------------------------------------------
 
 
 def _decode_input(entry: _Input, tensor: Tensor, blob: memoryview | None) -> npt.NDArray[Any]:
     if blob is not None and tensor.dtype is not Datatype.BYTES:
-        return _fixed_size_column(entry, tensor.dtype, blob)
+        return _fixed_size_column(entry.name, entry.shape, tensor.dtype, blob)
     if blob is not None:
-        values: list[Any] = _unpack_bytes(entry, blob)
+        values: list[Any] = _unpack_bytes(entry.name, blob)
     else:
         values, types = _flatten(entry)
         _check_types(entry, tensor.dtype, values, types)
@@ -316,17 +502,23 @@ def _decode_input(entry: _Input, tensor: Tensor, blob: memoryview | None) -> npt
             f"but its data holds {len(values)}"
         )
     if tensor.dtype is Datatype.BYTES:
-        return _bytes_column(entry, tensor.binary, values).reshape(entry.shape)
-    return _numeric_column(entry, tensor.dtype, values).reshape(entry.shape)
+        return _bytes_column(entry.name, tensor.binary, values).reshape(entry.shape)
+    return _numeric_column(entry, tensor.dtype, values)
 
 
 def _flatten(entry: _Input) -> tuple[list[Any], set[type]]:
-    """Flatten nested lists (row-major); also return the set of element types, found at C speed."""
-    data = entry.data
+    leaves = _leaves(entry.data)
+    if leaves is None:
+        raise SchemaViolation(f"{entry.path}.data", f"input {entry.name!r} mixes lists and values at one depth")
+    return leaves
+
+
+def _leaves(data: list[Any]) -> tuple[list[Any], set[type]] | None:
+    """Nested lists flattened (row-major) with the set of their types, found at C speed; None if mixed."""
     types = set(map(type, data))
     while list in types:
         if len(types) > 1:
-            raise SchemaViolation(f"{entry.path}.data", f"input {entry.name!r} mixes lists and values at one depth")
+            return None
         data = list(chain.from_iterable(data))
         types = set(map(type, data))
     return data, types
@@ -343,13 +535,12 @@ def _check_types(entry: _Input, datatype: Datatype, values: list[Any], types: se
 
 
 def _numeric_column(entry: _Input, datatype: Datatype, values: list[Any]) -> npt.NDArray[Any]:
-    try:
-        with np.errstate(over="raise"):
-            return np.array(values, dtype=datatype.numpy_dtype)
-    except (OverflowError, FloatingPointError):
+    column = pack_numbers(values, entry.shape, datatype.numpy_dtype, STRUCT_CODES[datatype])
+    if column is None:
         raise SchemaViolation(
             f"{entry.path}.data", f"input {entry.name!r} holds a value out of the {datatype} range {_range(datatype)}"
-        ) from None
+        )
+    return column
 
 
 def _range(datatype: Datatype) -> str:
@@ -359,25 +550,25 @@ def _range(datatype: Datatype) -> str:
     return f"[-{np.finfo(datatype.numpy_dtype).max}, {np.finfo(datatype.numpy_dtype).max}]"
 
 
-def _bytes_column(entry: _Input, binary: bool, values: list[Any]) -> npt.NDArray[Any]:
+def _bytes_column(name: str, binary: bool, values: list[Any]) -> npt.NDArray[Any]:
     """An object column of bytes (binary tensors) or str, whichever form the values came in."""
     if binary:
         values = [v.encode() if isinstance(v, str) else v for v in values]
     else:
-        values = [_utf8(entry, i, v) if isinstance(v, bytes) else v for i, v in enumerate(values)]
+        values = [_utf8(name, i, v) if isinstance(v, bytes) else v for i, v in enumerate(values)]
     column = np.empty(len(values), dtype=object)
     column[:] = values
     return column
 
 
-def _utf8(entry: _Input, index: int, value: bytes) -> str:
+def _utf8(name: str, index: int, value: bytes) -> str:
     try:
         return value.decode()
     except UnicodeDecodeError:
-        raise InvalidRequest(f"input {entry.name!r} takes text, but value {index} is not valid UTF-8") from None
+        raise InvalidRequest(f"input {name!r} takes text, but value {index} is not valid UTF-8") from None
 
 
-def _unpack_bytes(entry: _Input, blob: memoryview) -> list[bytes]:
+def _unpack_bytes(name: str, blob: memoryview) -> list[bytes]:
     """Split BYTES binary data: each element is a little-endian uint32 length, then that many bytes."""
     values: list[bytes] = []
     offset = 0
@@ -388,7 +579,7 @@ def _unpack_bytes(entry: _Input, blob: memoryview) -> list[bytes]:
             offset, end = end, end + length
         if end > len(blob):
             raise InvalidRequest(
-                f"input {entry.name!r}: its binary BYTES data ends inside value {len(values)}; "
+                f"input {name!r}: its binary BYTES data ends inside value {len(values)}; "
                 "each value is a 4-byte little-endian length followed by that many bytes"
             )
         values.append(bytes(blob[offset:end]))
@@ -396,48 +587,48 @@ def _unpack_bytes(entry: _Input, blob: memoryview) -> list[bytes]:
     return values
 
 
-def _fixed_size_column(entry: _Input, datatype: Datatype, blob: memoryview) -> npt.NDArray[Any]:
+def _fixed_size_column(name: str, shape: list[int], datatype: Datatype, blob: memoryview) -> npt.NDArray[Any]:
     dtype = datatype.numpy_dtype
-    expected = math.prod(entry.shape) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(blob) != expected:
         raise InvalidRequest(
-            f"input {entry.name!r} of shape {entry.shape} and datatype {datatype} takes {expected} bytes "
+            f"input {name!r} of shape {shape} and datatype {datatype} takes {expected} bytes "
             f"of binary data, got binary_data_size {len(blob)}"
         )
     if datatype is Datatype.BOOL:
         raw = np.frombuffer(blob, dtype=np.uint8)
         if raw.size and raw.max() > 1:
-            raise InvalidRequest(f"input {entry.name!r} is BOOL and its binary data must hold bytes 0 or 1")
-        return raw.astype(np.bool_).reshape(entry.shape)
+            raise InvalidRequest(f"input {name!r} is BOOL and its binary data must hold bytes 0 or 1")
+        return raw.astype(np.bool_).reshape(shape)
     # astype copies: the column is writable, native-endian and does not pin the request body.
-    return np.frombuffer(blob, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(entry.shape)
+    return np.frombuffer(blob, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
 
 
 # --- output data ---------------------------------------------------------------------------
 
 
-def _encode_output(requested: RequestedOutput, tensor: Tensor, value: Any) -> tuple[dict[str, Any], bytes | None]:
-    datatype = tensor.dtype
+def _encode_output(requested: RequestedOutput, output: _OutputPlan, value: Any) -> tuple[dict[str, Any], bytes | None]:
+    datatype = output.datatype
     if datatype is Datatype.BYTES:
         array = np.asarray(value, dtype=object)
     else:
-        array = np.ascontiguousarray(value, dtype=datatype.numpy_dtype)
-    entry: dict[str, Any] = {"name": requested.name, "datatype": str(datatype), "shape": list(array.shape)}
-    flat = array.reshape(-1)
+        array = np.ascontiguousarray(value, dtype=output.dtype)
+    entry: dict[str, Any] = {"name": requested.name, "datatype": datatype.value, "shape": list(array.shape)}
     if requested.binary:
+        # tobytes writes a C-contiguous array in row-major order, as the flattened array would.
         blob = (
-            _pack_bytes(flat)
+            _pack_bytes(array.reshape(-1))
             if datatype is Datatype.BYTES
-            else flat.astype(flat.dtype.newbyteorder("<"), copy=False).tobytes()
+            else array.astype(output.wire, copy=False).tobytes()
         )
         entry["parameters"] = {"binary_data_size": len(blob)}
         return entry, blob
     if datatype is Datatype.BYTES:
-        entry["data"], is_base64 = _json_strings(flat.tolist())
+        entry["data"], is_base64 = _json_strings(array.reshape(-1).tolist())
         if is_base64:
             entry["parameters"] = {"content_type": "base64"}
     else:
-        entry["data"] = flat
+        entry["data"] = array.reshape(-1)
     return entry, None
 
 

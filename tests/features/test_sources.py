@@ -86,8 +86,7 @@ async def test_postgres_concurrent_requests_share_round_trips(postgres_dsn: str,
     finally:
         await source.aclose()
     assert all(
-        (result[key] or {}).get("age") == user_row(key)["age"]
-        for key, result in zip(keys, results, strict=True)
+        (result[key] or {}).get("age") == user_row(key)["age"] for key, result in zip(keys, results, strict=True)
     )
     assert missing == {USERS + 5: None}
     assert source.round_trips <= len(keys) / 10, f"{source.round_trips} round trips for {len(keys)} requests"
