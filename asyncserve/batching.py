@@ -129,8 +129,8 @@ class Batcher:
         self._queue = _Queue()
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.max_concurrent_batches)
-        self._running: dict[asyncio.Task[None], tuple[float, int]] = {}
-        """Running batches: when each started and how many rows it holds."""
+        self._running: dict[asyncio.Task[None], float] = {}
+        """Running batches and when each is expected to end (time.monotonic())."""
         self._dispatcher: asyncio.Task[None] | None = None
         self._closing = False
         self._arrival_rate = _RateMeter()
@@ -196,7 +196,7 @@ class Batcher:
         if len(self._running) < self.settings.max_concurrent_batches:
             return 0.0
         now = time.monotonic()
-        return min(max(0.0, started + self.cost.seconds(rows) - now) for started, rows in self._running.values())
+        return max(0.0, min(self._running.values()) - now)
 
     def _drain_time_s(self, rows: int) -> float:
         return self._expected_latency_s(rows) or 1.0
@@ -218,7 +218,8 @@ class Batcher:
                 self._slots.release()
                 raise
             task = asyncio.get_running_loop().create_task(self._execute(batch, reason))
-            self._running[task] = (time.monotonic(), sum(item.rows for item in batch))
+            # When the batch is expected to end, from the cost model as it is now (read at admission).
+            self._running[task] = time.monotonic() + self.cost.seconds(sum(item.rows for item in batch))
             task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
