@@ -74,9 +74,11 @@ class AsyncServeApp:
         self.settings = settings or Settings()
         self.metrics = Metrics()
         self.executor = make_executor(self.settings)
-        self.registry = ModelRegistry(service.specs, self.executor, self.metrics)
-        self.pipeline = Pipeline(self.registry, self.metrics, make_prediction_logger(self.settings, self.metrics))
         self.loop_lag = LoopLagProbe(self.metrics.loop_lag, self.settings.loop_lag_interval_s)
+        self.registry = ModelRegistry(
+            service.specs, self.executor, self.metrics, loop_delay_s=lambda: self.loop_lag.recent_lag_s
+        )
+        self.pipeline = Pipeline(self.registry, self.metrics, make_prediction_logger(self.settings, self.metrics))
         self.shutting_down = False
         self._loading: asyncio.Task[None] | None = None
         self._openapi_json: bytes | None = None

@@ -120,8 +120,17 @@ class Batcher:
         await batcher.aclose()
     """
 
-    def __init__(self, label: str, runner: Runner, settings: BatchSettings, metrics: BatchMetrics) -> None:
+    def __init__(
+        self,
+        label: str,
+        runner: Runner,
+        settings: BatchSettings,
+        metrics: BatchMetrics,
+        *,
+        loop_delay_s: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self.label = label
+        self._loop_delay_s = loop_delay_s
         self.settings = settings
         self.cost = CostModel()
         self._runner = runner
@@ -173,6 +182,9 @@ class Batcher:
                 retry_after_s=self._drain_time_s(self._queue.rows),
             )
         expected = self._expected_latency_s(self._queue.rows_at_or_above(priority) + rows)
+        if expected is not None:
+            # An overloaded event loop delays every step of the request as well: count it in.
+            expected += self._loop_delay_s()
         if expected is not None and now + expected > deadline:
             self._shed("deadline_unreachable")
             raise Overloaded(

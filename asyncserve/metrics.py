@@ -199,6 +199,8 @@ class LoopLagProbe:
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
         self.max_lag_s = 0.0
+        self.recent_lag_s = 0.0
+        """Smoothed recent lag: roughly how long anything new waits for the loop right now."""
 
     def start(self) -> None:
         if self._task is not None:
@@ -211,6 +213,8 @@ class LoopLagProbe:
             await asyncio.sleep(self._interval_s)
             lag = max(0.0, time.perf_counter() - started - self._interval_s)
             self.max_lag_s = max(self.max_lag_s, lag)
+            # Rise at once, decay over a few wake-ups: admission should react to overload quickly.
+            self.recent_lag_s = max(lag, 0.7 * self.recent_lag_s + 0.3 * lag)
             self._histogram.observe(lag)
 
     async def aclose(self) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,15 @@ def _version_order(version: str | None) -> tuple[int, int, str]:
 class ModelRegistry:
     """Models by name and version, their readiness, and ``predict`` routed to the right place."""
 
-    def __init__(self, specs: Sequence[ModelSpec], executor: Executor, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        specs: Sequence[ModelSpec],
+        executor: Executor,
+        metrics: Metrics,
+        *,
+        loop_delay_s: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        self._loop_delay_s = loop_delay_s
         self._executor = executor
         self._metrics = metrics
         self._entries = {spec.key: ModelEntry(spec, self._batcher(spec)) for spec in specs}
@@ -75,7 +83,8 @@ class ModelRegistry:
             max_concurrent_batches=spec.max_concurrent_batches or default_concurrency,
             max_queue_size=spec.max_queue_size,
         )
-        return Batcher(spec.label, self._runner(spec), settings, self._metrics.for_batcher(spec.label))
+        metrics = self._metrics.for_batcher(spec.label)
+        return Batcher(spec.label, self._runner(spec), settings, metrics, loop_delay_s=self._loop_delay_s)
 
     def _runner(self, spec: ModelSpec) -> Runner:
         inference_duration = self._metrics.inference_duration.labels(spec.label)
