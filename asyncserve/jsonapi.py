@@ -22,6 +22,7 @@ from collections.abc import Callable, KeysView, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import numpy as np
@@ -57,30 +58,68 @@ STRUCT_CODES = {
     Datatype.FP32: "f",
     Datatype.FP64: "d",
 }
-# The Python types struct converts exactly as the exact path does; it would also take booleans
-# for numbers (and anything for BOOL), so these sets are checked first.
+# The element types the fast path takes per datatype (the exact path also takes integral floats
+# for integers): struct would also take booleans for numbers, and anything for BOOL.
 _ACCEPTED = {dt: frozenset({int, float}) for dt in (Datatype.FP16, Datatype.FP32, Datatype.FP64)}
 _ACCEPTED |= {dt: frozenset({int}) for dt in INTEGER_RANGES}
 _ACCEPTED |= {Datatype.BOOL: frozenset({bool})}
 _INT = frozenset({int})
 _LIST = frozenset({list})
 _STR = frozenset({str})
+# Below this length, a JSON body's values' types are found faster than "true" or "false" in its text.
+_SHORT_TEXT = 1024
+_PAIRS_LOOKED_AT = 16
 
 
-def pack_numbers(values: list[Any], shape: Sequence[int], dtype: np.dtype[Any], code: str) -> Array | None:
-    """``values`` (Python numbers of the accepted types) as a new array, or None if one is out of range.
+def decode_rows(body: bytes, spec: ModelSpec) -> tuple[Columns, bool]:
+    """Read a predict request body into input columns.
 
-    struct casts each value as NumPy does: a float in C (round to nearest, even on ties), an integer
-    through a double (exact below 2**53), so the columns are those ``np.array(values, dtype)``
-    makes, without NumPy's per-call set-up or an overflow check of its own.
+    Args:
+        body: one JSON object of inputs, or a non-empty JSON array of them.
+        spec: the model whose declared inputs the body must match.
+
+    Returns:
+        The columns (one array per input, first dimension = rows) and whether the body was a list
+        of rows, so the response can take the same shape.
+
+    Raises:
+        InvalidRequest: the body is not JSON (400).
+        SchemaViolation: the body does not match the declared inputs (422); the message starts
+            with the path of the first bad value, like ``[1].features[2]``.
     """
-    column = np.empty(shape, dtype)
-    try:
-        # ndarray exports the buffer protocol; numpy's stubs declare it only for Python 3.12+.
-        struct.pack_into(f"={len(values)}{code}", column, 0, *values)  # type: ignore[arg-type]
-    except (struct.error, OverflowError):  # out of range (or an integer code given a float)
-        return None
-    return column
+    document = _parse(body)
+    plan = _plan(spec)
+    rows, as_list = _rows_of(document, spec)
+    for index, row in enumerate(rows):
+        # dict keys compare as sets: one C-level comparison per row on the happy path.
+        if row.keys() != plan.keys:
+            raise _field_error(row, spec, f"[{index}]" if as_list else "")
+    booleans = may_hold_booleans(body)
+    columns: Columns = {}
+    for reader in plan.readers:
+        columns[reader.name] = _column(reader, list(map(reader.value_of, rows)), as_list, booleans)
+    return columns, as_list
+
+
+def encode_rows(spec: ModelSpec, outputs: Columns, as_list: bool) -> bytes:
+    """Write output columns as the response body: one JSON object, or a list of them if ``as_list``.
+
+    ``outputs`` holds the declared outputs, checked (``model.check_outputs``); without ``as_list``
+    it holds exactly one row. Floats keep their shortest form in their own precision (an FP32
+    0.1 is written ``0.1``), NaN and infinities become ``null`` (JSON has neither), and
+    ``binary=True`` values are written base64-encoded.
+    """
+    writers = _plan(spec).writers
+    if not as_list:
+        row = {w.name: _json_column(spec, w, outputs[w.name])[0] for w in writers}
+        return orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)
+    columns = {w.name: _json_column(spec, w, outputs[w.name]) for w in writers}
+    count = len(next(iter(columns.values())))
+    rows = [{name: column[i] for name, column in columns.items()} for i in range(count)]
+    return orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# -- the per-model plan --------------------------------------------------------------------------
 
 
 def per_spec(build: Callable[[ModelSpec], _T]) -> Callable[[ModelSpec], _T]:
@@ -113,19 +152,22 @@ class _Reader:
     """How one declared input is read on the fast path."""
 
     name: str
+    value_of: Callable[[dict[str, Any]], Any]  # a row's value of this input
     tensor: Tensor
     dims: tuple[int, ...]
     dtype: np.dtype[Any]
-    code: str  # struct's code; "" for BYTES
+    code: str  # struct's code ("?" for BOOL); "" for BYTES
     accepted: frozenset[type]
-    int_cast: bool  # see _read_numbers
+    fp32: bool  # see _read_numbers
+    packs_any: bool  # a number datatype: its struct code refuses what the datatype does, but booleans
 
 
 @dataclass(frozen=True, slots=True)
 class _Writer:
     name: str
     tensor: Tensor
-    datatype: Datatype
+    text: bool  # BYTES
+    fp16: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,63 +182,65 @@ def _plan(spec: ModelSpec) -> _Plan:
     readers = tuple(
         _Reader(
             name,
+            itemgetter(name),
             tensor,
             tensor.shape,
             tensor.dtype.numpy_dtype,
             STRUCT_CODES.get(tensor.dtype, ""),
             _ACCEPTED.get(tensor.dtype, _STR),
             tensor.dtype is Datatype.FP32,
+            tensor.dtype not in (Datatype.BYTES, Datatype.BOOL),  # "?" takes any value
         )
         for name, tensor in spec.inputs.items()
     )
-    writers = tuple(_Writer(name, tensor, tensor.dtype) for name, tensor in spec.outputs.items())
+    writers = tuple(
+        _Writer(name, tensor, tensor.dtype is Datatype.BYTES, tensor.dtype is Datatype.FP16)
+        for name, tensor in spec.outputs.items()
+    )
     return _Plan(spec.inputs.keys(), readers, writers)
 
 
-def decode_rows(body: bytes, spec: ModelSpec) -> tuple[Columns, bool]:
-    """Read a predict request body into input columns.
+# -- conversions, shared with the V2 codec -------------------------------------------------------
 
-    Args:
-        body: one JSON object of inputs, or a non-empty JSON array of them.
-        spec: the model whose declared inputs the body must match.
 
-    Returns:
-        The columns (one array per input, first dimension = rows) and whether the body was a list
-        of rows, so the response can take the same shape.
+def pack_numbers(values: list[Any], shape: Sequence[int], dtype: np.dtype[Any], code: str) -> Array | None:
+    """``values`` as a new array of ``shape``, or None if one is no number for ``code`` or is out of range.
 
-    Raises:
-        InvalidRequest: the body is not JSON (400).
-        SchemaViolation: the body does not match the declared inputs (422); the message starts
-            with the path of the first bad value, like ``[1].features[2]``.
+    struct converts as ``np.array(values, dtype)`` does (the tests compare them): a float by C's
+    cast (round to nearest, ties to even), an int exactly or, for a float code, through a double.
+    With "=" (native order, standard sizes) it refuses what NumPy would wrap or make infinite,
+    without NumPy's per-call set-up. It takes booleans as 1 and 0: callers rule them out first.
     """
-    document = _parse(body)
-    plan = _plan(spec)
-    rows, as_list = _rows_of(document, spec)
-    for index, row in enumerate(rows):
-        # dict keys compare as sets: one C-level comparison per row on the happy path.
-        if row.keys() != plan.keys:
-            raise _field_error(row, spec, f"[{index}]" if as_list else "")
-    return {
-        reader.name: _column(reader, [row[reader.name] for row in rows], as_list) for reader in plan.readers
-    }, as_list
+    column = np.empty(shape, dtype)
+    try:
+        # ndarray exports the buffer protocol; numpy's stubs declare it only for Python 3.12+.
+        struct.pack_into(f"={len(values)}{code}", column, 0, *values)  # type: ignore[arg-type]
+    except (struct.error, OverflowError):  # out of range (or an integer code given a float)
+        return None
+    return column
 
 
-def encode_rows(spec: ModelSpec, outputs: Columns, as_list: bool) -> bytes:
-    """Write output columns as the response body: one JSON object, or a list of them if ``as_list``.
+def may_hold_booleans(text: bytes | memoryview) -> bool:
+    """False only if a JSON text holds no true or false: it has no "ue" and no "ls" in it.
 
-    ``outputs`` holds the declared outputs, checked (``model.check_outputs``); without ``as_list``
-    it holds exactly one row. Floats keep their shortest form in their own precision (an FP32
-    0.1 is written ``0.1``), NaN and infinities become ``null`` (JSON has neither), and
-    ``binary=True`` values are written base64-encoded.
+    A short text says True: looking at the values' types then costs less than this. The bytes are
+    found one at a time, with memchr (searching for the words is ten times slower on digits), and
+    a body of numbers has few u or l (one in "inputs"), so few are looked at.
     """
-    writers = _plan(spec).writers
-    if not as_list:
-        row = {w.name: _json_column(spec, w, outputs[w.name])[0] for w in writers}
-        return orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)
-    columns = {w.name: _json_column(spec, w, outputs[w.name]) for w in writers}
-    count = len(next(iter(columns.values())))
-    rows = [{name: column[i] for name, column in columns.items()} for i in range(count)]
-    return orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not isinstance(text, bytes) or len(text) < _SHORT_TEXT:
+        return True  # (a binary V2 request has its data in binary, rarely in JSON)
+    return _pair_in(text, b"u", b"e") or _pair_in(text, b"l", b"s")
+
+
+def _pair_in(text: bytes, first: bytes, second: bytes) -> bool:
+    at = text.find(first)
+    for _ in range(_PAIRS_LOOKED_AT):
+        if at == -1:
+            return False
+        if text[at + 1 : at + 2] == second:
+            return True
+        at = text.find(first, at + 1)
+    return True  # too many to look at: assume there is one
 
 
 # -- decoding: the document ----------------------------------------------------------------------
@@ -242,8 +286,8 @@ def _join(prefix: str, name: str) -> str:
 # -- decoding: one input column ------------------------------------------------------------------
 
 
-def _column(reader: _Reader, values: list[Any], as_list: bool) -> Array:
-    column = _read_numbers(reader, values) if reader.code else _read_text(reader, values)
+def _column(reader: _Reader, values: list[Any], as_list: bool, booleans: bool) -> Array:
+    column = _read_numbers(reader, values, booleans) if reader.code else _read_text(reader, values)
     if column is not None:
         return column
     # Only a bad (or unusual but valid) body gets here: walking it costs far more than the fast path.
@@ -256,31 +300,46 @@ def _batch(values: list[Any], dims: tuple[int, ...]) -> tuple[list[Any], tuple[i
     lists nested as ``dims`` declares, all of one length per level (rows must share one shape)."""
     flat, shape = values, [len(values)]
     for dim in dims:
-        # Every item one level down must be a list (an empty level has no item to measure: the
-        # exact path works its shape out), all of one length.
-        if set(map(type, flat)) != _LIST:
+        level = _level(flat)
+        if level is None or (dim != level[1] and dim != -1):
             return None
-        lengths = set(map(len, flat))
-        length = lengths.pop()
-        if lengths or dim not in (-1, length):
-            return None
-        shape.append(length)
-        flat = flat[0] if len(flat) == 1 else list(chain.from_iterable(flat))
+        flat = level[0]
+        shape.append(level[1])
     return flat, tuple(shape)
 
 
-def _read_numbers(reader: _Reader, values: list[Any]) -> Array | None:
+def _level(items: list[Any]) -> tuple[list[Any], int] | None:
+    """The items of ``items``, all lists of one length, and that length; None if they are not."""
+    if len(items) == 1:  # one row, or one list inside: checked without building sets
+        item = items[0]
+        return (item, len(item)) if type(item) is list else None
+    # (An empty level has no list to measure: the exact path works its shape out.)
+    if set(map(type, items)) != _LIST:
+        return None
+    lengths = set(map(len, items))
+    length = lengths.pop()
+    return None if lengths else (list(chain.from_iterable(items)), length)
+
+
+def _read_numbers(reader: _Reader, values: list[Any], booleans: bool) -> Array | None:
     """The column of a numeric or BOOL input, or None if it is not exactly right."""
     batch = _batch(values, reader.dims)
     if batch is None:
         return None
     flat, shape = batch
+    # Without a boolean in the body the types need no look: struct refuses any value but a number
+    # (and a float for an integer code). Not for BOOL, nor for FP32 values that may all be integers
+    # (the first one is): those are converted below.
+    if not booleans and reader.packs_any and not (reader.fp32 and flat and type(flat[0]) is int):
+        column = pack_numbers(flat, shape, reader.dtype, reader.code)
+        if column is not None:
+            return column
     types = set(map(type, flat))
     # Booleans among numbers (struct reads them as 1 and 0), numbers for BOOL, floats for an
     # integer (even 1.0), null, strings and lists nested too deep: all left to the exact path.
     if not types <= reader.accepted:
         return None
-    if reader.int_cast and types == _INT:
+    if reader.fp32 and types == _INT:
         # NumPy casts integers to FP32 in one rounding, struct through a double: a few integers
         # beyond 2**53 would differ, so NumPy keeps doing this (no integer overflows FP32).
         converted: Array = np.asarray(flat).astype(reader.dtype).reshape(shape)
@@ -434,10 +493,9 @@ def _show(value: Any) -> str:
 
 def _json_column(spec: ModelSpec, writer: _Writer, column: Array) -> Array | list[Any]:
     """A column orjson writes as it should: contiguous numbers, or a nested list of strings."""
-    dtype = writer.datatype
-    if dtype is Datatype.BYTES:
+    if writer.text:
         return _text_column(spec, writer.name, writer.tensor, column)
-    if dtype is Datatype.FP16:
+    if writer.fp16:
         # orjson writes float16 via float32 (0.1 -> 0.099975586); NumPy's str is the shortest
         # form that reads back to the same float16, and float64 keeps it short in orjson.
         return column.astype(str).astype(np.float64)

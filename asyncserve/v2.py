@@ -35,7 +35,7 @@ import numpy.typing as npt
 import orjson
 
 from asyncserve.exceptions import InvalidRequest, SchemaViolation
-from asyncserve.jsonapi import STRUCT_CODES, pack_numbers, per_spec
+from asyncserve.jsonapi import STRUCT_CODES, may_hold_booleans, pack_numbers, per_spec
 from asyncserve.model import ModelSpec
 from asyncserve.tensors import INTEGER_RANGES, Columns, Datatype, Tensor
 
@@ -48,6 +48,8 @@ _JSON_TYPES |= {float: "a number", type(None): "null"}
 _INT = frozenset({int})
 _OPTIONAL_BOOL = frozenset({bool, type(None)})
 _NO_TAIL = memoryview(b"")
+# Binary data is little-endian.
+_WIRE = {datatype: datatype.numpy_dtype.newbyteorder("<") for datatype in Datatype}
 
 
 @dataclass(frozen=True)
@@ -81,64 +83,6 @@ class _Input:
     binary_size: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class _InputPlan:
-    """What one declared input takes, worked out once per model for the fast path."""
-
-    name: str
-    tensor: Tensor
-    datatype: Datatype
-    dims: list[int]  # the row shape, as a list to compare with a request's shape[1:]
-    fixed: bool  # no -1 in dims: comparing the lists decides
-    accepted: frozenset[type]
-    dtype: np.dtype[Any]
-    code: str  # struct's code; "" for BYTES
-
-    def takes(self, shape: Any) -> bool:
-        """Whether ``shape`` is a list of integers, rows >= 1 then the declared row shape."""
-        if type(shape) is not list or len(shape) != len(self.dims) + 1 or set(map(type, shape)) != _INT:
-            return False  # (a boolean is not an integer here, and 2.0 == 2 would pass the comparison)
-        if shape[0] < 1:
-            return False
-        if self.fixed:
-            return shape[1:] == self.dims
-        return min(shape) >= 0 and all(d in (-1, s) for d, s in zip(self.dims, shape[1:], strict=True))
-
-
-@dataclass(frozen=True, slots=True)
-class _OutputPlan:
-    datatype: Datatype
-    dtype: np.dtype[Any]
-    wire: np.dtype[Any]  # little-endian, as binary data is sent
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    inputs: dict[str, _InputPlan]
-    outputs: dict[str, _OutputPlan]
-    default_outputs: tuple[tuple[RequestedOutput, ...], tuple[RequestedOutput, ...]]  # text, binary
-
-
-@per_spec
-def _plan(spec: ModelSpec) -> _Plan:
-    inputs = {name: _input_plan(name, tensor) for name, tensor in spec.inputs.items()}
-    outputs = {
-        name: _OutputPlan(tensor.dtype, tensor.dtype.numpy_dtype, tensor.dtype.numpy_dtype.newbyteorder("<"))
-        for name, tensor in spec.outputs.items()
-    }
-    defaults = tuple(tuple(RequestedOutput(name, binary) for name in spec.outputs) for binary in (False, True))
-    return _Plan(inputs, outputs, (defaults[0], defaults[1]))
-
-
-def _input_plan(name: str, tensor: Tensor) -> _InputPlan:
-    datatype = tensor.dtype
-    dims = list(tensor.shape)
-    accepted = _ACCEPTED[datatype][0]
-    return _InputPlan(
-        name, tensor, datatype, dims, -1 not in dims, accepted, datatype.numpy_dtype, STRUCT_CODES.get(datatype, "")
-    )
-
-
 def decode_infer_request(body: bytes, spec: ModelSpec, header_length: int | None) -> InferRequest:
     """Decode a ``POST /v2/models/{model}/infer`` body into columns for ``spec``'s inputs.
 
@@ -154,7 +98,7 @@ def decode_infer_request(body: bytes, spec: ModelSpec, header_length: int | None
     header, tail = _split_body(body, header_length)
     document = _parse_json(header, header_length)
     try:
-        request = _fast_request(document, spec, tail, header_length)
+        request = _fast_request(document, spec, tail, may_hold_booleans(header))
     except InvalidRequest:  # the exact path reports the first problem, in its order
         request = None
     return _exact_request(document, spec, tail, header_length) if request is None else request
@@ -163,6 +107,7 @@ def decode_infer_request(body: bytes, spec: ModelSpec, header_length: int | None
 def _exact_request(
     document: dict[str, Any], spec: ModelSpec, tail: memoryview, header_length: int | None
 ) -> InferRequest:
+    """The request checked step by step in the documented order: the first problem found is raised."""
     request_id: str | None = _get(document, "id", str, "", required=False)
     parameters: dict[str, Any] = _get(document, "parameters", dict, "", required=False) or {}
     items: list[Any] = _get(document, "inputs", list, "")
@@ -170,7 +115,8 @@ def _exact_request(
     blobs = _slice_blobs(entries, tail, header_length)
     _check_names(entries, spec)
     rows = _check_shapes(entries, spec)
-    decoded = {e.name: _decode_input(e, spec.inputs[e.name], blob) for e, blob in zip(entries, blobs, strict=True)}
+    plans = _plan(spec).inputs
+    decoded = {e.name: _decode_input(e, plans[e.name], blob) for e, blob in zip(entries, blobs, strict=True)}
     columns = {name: decoded[name] for name in spec.inputs}
     outputs = _requested_outputs(document, parameters, spec)
     return InferRequest(id=request_id, columns=columns, rows=rows, parameters=parameters, outputs=outputs)
@@ -216,6 +162,75 @@ def model_metadata(spec: ModelSpec) -> dict[str, Any]:
 
 def _tensor_metadata(name: str, tensor: Tensor) -> dict[str, Any]:
     return {"name": name, "datatype": str(tensor.dtype), "shape": tensor.batch_shape()}
+
+
+# --- the per-model plan --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _InputPlan:
+    """What one declared input takes, worked out once per model for the fast path."""
+
+    name: str
+    tensor: Tensor
+    datatype: Datatype
+    dims: list[int]  # the row shape, as a list to compare with a request's shape[1:]
+    fixed: bool  # no -1 in dims: comparing the lists decides
+    accepted: frozenset[type]
+    dtype: np.dtype[Any]
+    wire: np.dtype[Any]  # little-endian, as binary data is sent
+    code: str  # struct's code, "?" for BOOL; "" for BYTES
+    packs_any: bool  # a number datatype: its struct code refuses what the datatype does, but booleans
+
+    def takes(self, shape: Any) -> bool:
+        """Whether ``shape`` is a list of integers, rows >= 1 then the declared row shape."""
+        if type(shape) is not list or len(shape) != len(self.dims) + 1 or set(map(type, shape)) != _INT:
+            return False  # (a boolean is not an integer here, and 2.0 == 2 would pass the comparison)
+        if shape[0] < 1:
+            return False
+        if self.fixed:
+            return shape[1:] == self.dims
+        return min(shape) >= 0 and all(d in (-1, s) for d, s in zip(self.dims, shape[1:], strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class _OutputPlan:
+    datatype: str
+    text: bool  # BYTES
+    dtype: np.dtype[Any]
+    wire: np.dtype[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    inputs: dict[str, _InputPlan]
+    names: list[str]  # the inputs' names, in the order the columns are given to the model
+    outputs: dict[str, _OutputPlan]
+    default_outputs: tuple[tuple[RequestedOutput, ...], tuple[RequestedOutput, ...]]  # text, binary
+
+
+@per_spec
+def _plan(spec: ModelSpec) -> _Plan:
+    inputs = {name: _input_plan(name, tensor) for name, tensor in spec.inputs.items()}
+    outputs = {
+        name: _OutputPlan(
+            tensor.dtype.value, tensor.dtype is Datatype.BYTES, tensor.dtype.numpy_dtype, _WIRE[tensor.dtype]
+        )
+        for name, tensor in spec.outputs.items()
+    }
+    defaults = tuple(tuple(RequestedOutput(name, binary) for name in spec.outputs) for binary in (False, True))
+    return _Plan(inputs, list(inputs), outputs, (defaults[0], defaults[1]))
+
+
+def _input_plan(name: str, tensor: Tensor) -> _InputPlan:
+    datatype = tensor.dtype
+    dims = list(tensor.shape)
+    accepted = _ACCEPTED[datatype][0]
+    code = STRUCT_CODES.get(datatype, "")
+    packs_any = code not in ("", "?")  # "?" takes any value
+    return _InputPlan(
+        name, tensor, datatype, dims, -1 not in dims, accepted, datatype.numpy_dtype, _WIRE[datatype], code, packs_any
+    )
 
 
 # --- request structure ---------------------------------------------------------------------
@@ -381,13 +396,12 @@ def _requested_output(item: Any, path: str, spec: ModelSpec, default: bool) -> R
 # --- the fast path -------------------------------------------------------------------------
 
 
-def _fast_request(
-    document: dict[str, Any], spec: ModelSpec, tail: memoryview, header_length: int | None
-) -> InferRequest | None:
+def _fast_request(document: dict[str, Any], spec: ModelSpec, tail: memoryview, booleans: bool) -> InferRequest | None:
     """The request, or None if it is anything but plain; it may also raise, for the exact path to report.
 
     It accepts only what the exact path accepts, checks it without building any error message or
     path, and decodes the data with the same functions, so it returns the same request.
+    ``booleans`` is False if the JSON text holds no true or false (see ``may_hold_booleans``).
     """
     items = document.get("inputs")
     request_id = document.get("id")
@@ -395,16 +409,14 @@ def _fast_request(
     if type(items) is not list or type(parameters) is not dict or type(request_id) not in (str, type(None)):
         return None
     plan = _plan(spec)
-    found = _fast_columns(items, plan, tail, header_length)
+    found = _fast_columns(items, plan, tail, booleans)
     if found is None:
         return None
     outputs = _fast_outputs(document, parameters, spec, plan)
     return InferRequest(request_id, found[0], found[1], parameters, outputs)
 
 
-def _fast_columns(
-    items: list[Any], plan: _Plan, tail: memoryview, header_length: int | None
-) -> tuple[Columns, int] | None:
+def _fast_columns(items: list[Any], plan: _Plan, tail: memoryview, booleans: bool) -> tuple[Columns, int] | None:
     """One column per declared input (each given once) and the common row count, or None."""
     if len(items) != len(plan.inputs):
         return None
@@ -417,17 +429,18 @@ def _fast_columns(
         given, shape, data, size = entry
         rows = shape[0]
         if size is None:
-            column = _fast_json_column(given, shape, data)
-        elif header_length is None:
-            return None
+            column = _fast_json_column(given, shape, data, booleans)
         else:
             column = _fast_binary_column(given, shape, tail[offset : offset + size])
             offset += size
         if column is None:
             return None
         decoded[given.name] = column
-    # Binary sizes that overrun the tail give short blobs, refused above, or end up past it here.
-    return ({name: decoded[name] for name in plan.inputs}, rows) if offset == len(tail) else None
+    # Binary sizes that overrun the tail (empty without a header length) give short blobs, refused
+    # above, or end up past it here.
+    if offset != len(tail):
+        return None
+    return (decoded if list(decoded) == plan.names else {name: decoded[name] for name in plan.names}), rows
 
 
 def _fast_entry(item: Any, plan: _Plan) -> tuple[_InputPlan, list[int], Any, int | None] | None:
@@ -452,23 +465,29 @@ def _fast_entry(item: Any, plan: _Plan) -> tuple[_InputPlan, list[int], Any, int
     return given, shape, None, size
 
 
-def _fast_json_column(given: _InputPlan, shape: list[int], data: Any) -> npt.NDArray[Any] | None:
+def _fast_json_column(given: _InputPlan, shape: list[int], data: Any, booleans: bool) -> npt.NDArray[Any] | None:
     if type(data) is not list:
         return None
+    if not booleans and given.packs_any:
+        # struct refuses every value but a number (and floats for an integer code), and there is no
+        # boolean in the body: flat data of the right length is packed without looking at its types.
+        column = pack_numbers(data, shape, given.dtype, given.code) if len(data) == math.prod(shape) else None
+        if column is not None:
+            return column
     leaves = _leaves(data)
     if leaves is None:
         return None
     values, types = leaves
     if not types <= given.accepted or len(values) != math.prod(shape):
         return None
-    if given.datatype is Datatype.BYTES:
+    if not given.code:
         return _bytes_column(given.name, given.tensor.binary, values).reshape(shape)
     return pack_numbers(values, shape, given.dtype, given.code)
 
 
 def _fast_binary_column(given: _InputPlan, shape: list[int], blob: memoryview) -> npt.NDArray[Any] | None:
-    if given.datatype is not Datatype.BYTES:
-        return _fixed_size_column(given.name, shape, given.datatype, blob)
+    if given.code:
+        return _fixed_size_column(given, shape, blob)
     values = _unpack_bytes(given.name, blob)
     if len(values) != math.prod(shape):
         return None
@@ -478,6 +497,7 @@ def _fast_binary_column(given: _InputPlan, shape: list[int], blob: memoryview) -
 def _fast_outputs(
     document: dict[str, Any], parameters: dict[str, Any], spec: ModelSpec, plan: _Plan
 ) -> list[RequestedOutput]:
+    """The outputs by default, made once per model, or else read by the exact path (which may raise)."""
     default = parameters.get("binary_data_output")
     if document.get("outputs") is None and type(default) in _OPTIONAL_BOOL:
         return list(plan.default_outputs[default is True])
@@ -487,23 +507,23 @@ def _fast_outputs(
 # --- input data ----------------------------------------------------------------------------
 
 
-def _decode_input(entry: _Input, tensor: Tensor, blob: memoryview | None) -> npt.NDArray[Any]:
-    if blob is not None and tensor.dtype is not Datatype.BYTES:
-        return _fixed_size_column(entry.name, entry.shape, tensor.dtype, blob)
+def _decode_input(entry: _Input, given: _InputPlan, blob: memoryview | None) -> npt.NDArray[Any]:
+    if blob is not None and given.code:
+        return _fixed_size_column(given, entry.shape, blob)
     if blob is not None:
         values: list[Any] = _unpack_bytes(entry.name, blob)
     else:
         values, types = _flatten(entry)
-        _check_types(entry, tensor.dtype, values, types)
+        _check_types(entry, given.datatype, values, types)
     count = math.prod(entry.shape)
     if len(values) != count:
         raise InvalidRequest(
             f"input {entry.name!r} has shape {entry.shape}, which holds {count} values, "
             f"but its data holds {len(values)}"
         )
-    if tensor.dtype is Datatype.BYTES:
-        return _bytes_column(entry.name, tensor.binary, values).reshape(entry.shape)
-    return _numeric_column(entry, tensor.dtype, values)
+    if not given.code:
+        return _bytes_column(entry.name, given.tensor.binary, values).reshape(entry.shape)
+    return _numeric_column(entry, given, values)
 
 
 def _flatten(entry: _Input) -> tuple[list[Any], set[type]]:
@@ -534,9 +554,10 @@ def _check_types(entry: _Input, datatype: Datatype, values: list[Any], types: se
         )
 
 
-def _numeric_column(entry: _Input, datatype: Datatype, values: list[Any]) -> npt.NDArray[Any]:
-    column = pack_numbers(values, entry.shape, datatype.numpy_dtype, STRUCT_CODES[datatype])
+def _numeric_column(entry: _Input, given: _InputPlan, values: list[Any]) -> npt.NDArray[Any]:
+    column = pack_numbers(values, entry.shape, given.dtype, given.code)
     if column is None:
+        datatype = given.datatype
         raise SchemaViolation(
             f"{entry.path}.data", f"input {entry.name!r} holds a value out of the {datatype} range {_range(datatype)}"
         )
@@ -587,43 +608,34 @@ def _unpack_bytes(name: str, blob: memoryview) -> list[bytes]:
     return values
 
 
-def _fixed_size_column(name: str, shape: list[int], datatype: Datatype, blob: memoryview) -> npt.NDArray[Any]:
-    dtype = datatype.numpy_dtype
-    expected = math.prod(shape) * dtype.itemsize
+def _fixed_size_column(given: _InputPlan, shape: list[int], blob: memoryview) -> npt.NDArray[Any]:
+    expected = math.prod(shape) * given.dtype.itemsize
     if len(blob) != expected:
         raise InvalidRequest(
-            f"input {name!r} of shape {shape} and datatype {datatype} takes {expected} bytes "
+            f"input {given.name!r} of shape {shape} and datatype {given.datatype} takes {expected} bytes "
             f"of binary data, got binary_data_size {len(blob)}"
         )
-    if datatype is Datatype.BOOL:
+    if given.code == "?":
         raw = np.frombuffer(blob, dtype=np.uint8)
         if raw.size and raw.max() > 1:
-            raise InvalidRequest(f"input {name!r} is BOOL and its binary data must hold bytes 0 or 1")
+            raise InvalidRequest(f"input {given.name!r} is BOOL and its binary data must hold bytes 0 or 1")
         return raw.astype(np.bool_).reshape(shape)
     # astype copies: the column is writable, native-endian and does not pin the request body.
-    return np.frombuffer(blob, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+    return np.frombuffer(blob, dtype=given.wire).astype(given.dtype).reshape(shape)
 
 
 # --- output data ---------------------------------------------------------------------------
 
 
 def _encode_output(requested: RequestedOutput, output: _OutputPlan, value: Any) -> tuple[dict[str, Any], bytes | None]:
-    datatype = output.datatype
-    if datatype is Datatype.BYTES:
-        array = np.asarray(value, dtype=object)
-    else:
-        array = np.ascontiguousarray(value, dtype=output.dtype)
-    entry: dict[str, Any] = {"name": requested.name, "datatype": datatype.value, "shape": list(array.shape)}
+    array = np.asarray(value, dtype=object) if output.text else np.ascontiguousarray(value, dtype=output.dtype)
+    entry: dict[str, Any] = {"name": requested.name, "datatype": output.datatype, "shape": list(array.shape)}
     if requested.binary:
         # tobytes writes a C-contiguous array in row-major order, as the flattened array would.
-        blob = (
-            _pack_bytes(array.reshape(-1))
-            if datatype is Datatype.BYTES
-            else array.astype(output.wire, copy=False).tobytes()
-        )
+        blob = _pack_bytes(array.reshape(-1)) if output.text else array.astype(output.wire, copy=False).tobytes()
         entry["parameters"] = {"binary_data_size": len(blob)}
         return entry, blob
-    if datatype is Datatype.BYTES:
+    if output.text:
         entry["data"], is_base64 = _json_strings(array.reshape(-1).tolist())
         if is_base64:
             entry["parameters"] = {"content_type": "base64"}

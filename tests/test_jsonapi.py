@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import gc
+import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -11,10 +13,11 @@ import numpy.typing as npt
 import orjson
 import pytest
 
+from asyncserve import jsonapi
 from asyncserve.exceptions import InvalidRequest, ModelError, SchemaViolation
-from asyncserve.jsonapi import decode_rows, encode_rows
+from asyncserve.jsonapi import STRUCT_CODES, decode_rows, encode_rows, may_hold_booleans, pack_numbers, per_spec
 from asyncserve.model import Model, ModelSpec, describe
-from asyncserve.tensors import Tensor
+from asyncserve.tensors import INTEGER_RANGES, Datatype, Tensor
 
 
 class Iris(Model):
@@ -443,3 +446,298 @@ def test_a_decoded_body_encodes_back_to_itself() -> None:
     body = b'[{"x":[0.1,0.2,0.3]},{"x":[1.5,-2.0,3.0]}]'
     columns, as_list = decode_rows(body, spec)
     assert encode_rows(spec, columns, as_list) == body
+
+
+# -- the fast path takes exactly what the exact path takes ---------------------------------------
+
+# Enough values to make a body longer than the threshold of may_hold_booleans: the fast path then
+# packs the values without looking at their types, if the text holds no true or false.
+PADDING = [0.25] * 300
+
+
+def test_a_long_text_is_searched_for_booleans() -> None:
+    assert may_hold_booleans(orjson.dumps({"x": PADDING})) is False
+    assert may_hold_booleans(orjson.dumps({"x": [*PADDING, True]})) is True
+    assert may_hold_booleans(orjson.dumps({"x": [*PADDING, False]})) is True
+    assert may_hold_booleans(orjson.dumps({"x": PADDING, "y": "a true story"})) is True
+    assert may_hold_booleans(b'{"x": [1.0]}') is True  # short: its types are looked at instead
+    assert may_hold_booleans(memoryview(orjson.dumps({"x": PADDING}))) is True
+    assert may_hold_booleans(orjson.dumps({"u" * 20: PADDING})) is True  # too many u to look at them all
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (True, "expected a number, got true"),
+        (False, "expected a number, got false"),
+        (None, "expected a number, got null"),
+        ("1", 'expected a number, got "1"'),
+        ([1.0], "expected a number, got [1.0]"),
+        ({"a": 1}, 'expected a number, got {"a":1}'),
+        (1e39, "1e+39 is out of range for FP32 (at most 3.40282e+38 in magnitude)"),
+    ],
+)
+@pytest.mark.parametrize("padding", [[], PADDING], ids=["short", "long"])
+def test_a_bad_number_is_found_in_short_and_long_bodies(value: Any, problem: str, padding: list[float]) -> None:
+    spec = spec_of({"x": Tensor("FP32", shape=(-1,))})
+    exc = violation({"x": [*padding, value, 0.5]}, spec)
+    assert str(exc) == f"x[{len(padding)}]: {problem}"
+    exc = violation([{"x": [*padding, 0.5]}, {"x": [*padding, value]}], spec)
+    assert str(exc) == f"[1].x[{len(padding)}]: {problem}"
+
+
+@pytest.mark.parametrize("padding", [[], PADDING], ids=["short", "long"])
+def test_a_boolean_is_refused_when_other_text_says_true(padding: list[float]) -> None:
+    spec = spec_of({"x": Tensor("FP32", shape=(-1,)), "note": Tensor("BYTES")})
+    exc = violation({"x": [*padding, True], "note": "true"}, spec)
+    assert str(exc) == f"x[{len(padding)}]: expected a number, got true"
+    columns, _ = decode({"x": [*padding, 1.0], "note": "true"}, spec)
+    assert columns["x"].tolist() == [[*padding, 1.0]]
+
+
+@pytest.mark.parametrize(
+    ("datatype", "values", "problem"),
+    [
+        ("INT8", [0, 128], "128 is out of range for INT8 (-128 to 127)"),
+        ("UINT64", [0, -1], "-1 is out of range for UINT64 (0 to 18446744073709551615)"),
+        ("INT32", [0, 1.5], "expected an integer, got 1.5"),
+        ("FP16", [0.5, 65520.0], "65520.0 is out of range for FP16 (at most 65504 in magnitude)"),
+        ("BOOL", [True, 1], "expected true or false, got 1"),
+    ],
+)
+def test_long_bodies_of_every_kind_are_checked(datatype: str, values: list[Any], problem: str) -> None:
+    padding = [values[0]] * 600
+    exc = violation({"x": [*padding, *values]}, spec_of({"x": Tensor(datatype, shape=(-1,))}))
+    assert str(exc) == f"x[601]: {problem}"
+
+
+def test_numbers_are_not_booleans_in_long_bodies() -> None:
+    exc = violation({"x": [1] * 600}, spec_of({"x": Tensor("BOOL", shape=(-1,))}))
+    assert str(exc) == "x[0]: expected true or false, got 1"
+
+
+@pytest.mark.parametrize(
+    ("datatype", "value"),
+    [("INT16", -5), ("INT32", 1.0), ("UINT64", 2**64 - 1), ("FP16", 65519), ("FP64", 2**63 + 1), ("BOOL", False)],
+)
+def test_long_bodies_decode_as_short_ones(datatype: str, value: Any) -> None:
+    spec = spec_of({"x": Tensor(datatype, shape=(-1,))})
+    long, _ = decode({"x": [value] * 300}, spec)
+    short, _ = decode({"x": [value]}, spec)
+    assert long["x"].dtype == short["x"].dtype == spec.inputs["x"].dtype.numpy_dtype
+    assert long["x"].tolist() == [short["x"].tolist()[0] * 300]
+
+
+@pytest.mark.parametrize("padding", [[], [0] * 600], ids=["short", "long"])
+def test_fp32_integers_are_rounded_once_as_numpy_casts_them(padding: list[int]) -> None:
+    # Rounded through a double first (as struct and mixed lists do), these two would come out differently.
+    big = [2**53 + 2**29 + 1, 2**54 + 2**30 + 2]
+    once = np.asarray(big).astype(np.float32)
+    assert (once != np.asarray(big, dtype=np.float64).astype(np.float32)).all()
+    spec = spec_of({"x": Tensor("FP32", shape=(-1,))})
+    columns, _ = decode({"x": [*padding, *big]}, spec)
+    np.testing.assert_array_equal(columns["x"][0, len(padding) :], once)
+    mixed = [0.5, *padding, *big]  # a list with a float is read as float64 first, then as FP32
+    columns, _ = decode({"x": mixed}, spec)
+    np.testing.assert_array_equal(columns["x"][0], np.asarray(mixed).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("tensor", "body", "message"),
+    [
+        (
+            Tensor("FP32", shape=(4,)),
+            [{"x": "abcd"}, {"x": [1, 2, 3, 4]}],
+            '[0].x: expected a list of 4 values, got "abcd"',
+        ),
+        (Tensor("FP32", shape=(0,)), {"x": ""}, 'x: expected a list of 0 values, got ""'),
+        (Tensor("FP32", shape=(0,)), [{"x": {}}, {"x": {}}], "[0].x: expected a list of 0 values, got {}"),
+        (Tensor("BYTES", shape=(2,)), {"x": "ab"}, 'x: expected a list of 2 values, got "ab"'),
+        (
+            Tensor("FP32", shape=(2, 2)),
+            [{"x": [[1, 2], [3, 4]]}, {"x": [[1, 2], "ab"]}],
+            '[1].x[1]: expected a list of 2 values, got "ab"',
+        ),
+        (Tensor("INT8", shape=(-1, 2)), {"x": [[1, 2], [3]]}, "x[1]: expected 2 values, got 1"),
+    ],
+)
+def test_only_lists_are_measured(tensor: Tensor, body: Any, message: str) -> None:
+    assert str(violation(body, spec_of({"x": tensor}))) == message
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64", "INT64", "BYTES"])
+@pytest.mark.parametrize("pairs", [2, 300])
+def test_batches_of_nested_rows_decode_in_row_major_order(datatype: str, pairs: int) -> None:
+    def row(i: int) -> list[list[Any]]:
+        values = [[i * 1000 + 2 * j, -(i * 1000 + 2 * j + 1)] for j in range(pairs)]
+        return [[str(v) for v in pair] for pair in values] if datatype == "BYTES" else values
+
+    tensor = Tensor(datatype, shape=(-1, 2))
+    columns, _ = decode([{"x": row(i)} for i in range(3)], spec_of({"x": tensor}))
+    assert columns["x"].dtype == tensor.dtype.numpy_dtype
+    assert columns["x"].shape == (3, pairs, 2)
+    assert columns["x"].tolist() == [row(i) for i in range(3)]
+    assert columns["x"].flags.writeable
+    assert columns["x"].flags.c_contiguous
+
+
+def test_binary_text_in_batches_and_dimensions() -> None:
+    spec = spec_of({"x": Tensor("BYTES", shape=(2,), binary=True)})
+    encoded_rows = [{"x": [base64.b64encode(bytes([i, j])).decode() for j in range(2)]} for i in range(2)]
+    columns, _ = decode(encoded_rows, spec)
+    assert columns["x"].tolist() == [[b"\x00\x00", b"\x00\x01"], [b"\x01\x00", b"\x01\x01"]]
+
+
+# -- struct's conversions are NumPy's -------------------------------------------------------------
+
+
+def numpy_cast(values: list[Any], datatype: Datatype) -> npt.NDArray[Any] | None:
+    """What np.array made of ``values`` before the fast path: None where it overflowed."""
+    try:
+        with np.errstate(over="raise"):
+            return np.array(values, dtype=datatype.numpy_dtype)
+    except (OverflowError, FloatingPointError):
+        return None
+
+
+def pack(values: list[Any], datatype: Datatype) -> npt.NDArray[Any] | None:
+    return pack_numbers(values, (len(values),), datatype.numpy_dtype, STRUCT_CODES[datatype])
+
+
+def assert_same_bits(got: npt.NDArray[Any] | None, expected: npt.NDArray[Any]) -> None:
+    assert got is not None
+    assert got.dtype == expected.dtype
+    assert got.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("datatype", [Datatype.FP16, Datatype.FP32, Datatype.FP64])
+def test_floats_convert_and_overflow_as_in_numpy(datatype: Datatype) -> None:
+    rng = np.random.default_rng(7)
+    info = np.finfo(datatype.numpy_dtype)
+    largest = float(info.max)
+    beyond = min(1.1 * largest, float(np.finfo(np.float64).max))
+    samples = [
+        rng.uniform(-1, 1, 20_000) * beyond,
+        rng.uniform(-1, 1, 20_000) * float(info.tiny),  # around the subnormals
+        rng.standard_normal(20_000),
+        np.nextafter(largest, [beyond, -beyond]),  # just past the largest: rounded down, or over
+    ]
+    edges = [0.0, -0.0, largest, -largest, 65519.99, 65520.0, 3.4028235677973366e38]
+    values = [*np.concatenate(samples).tolist(), *edges]
+    with np.errstate(over="ignore"):
+        inf = np.isinf(np.array(values).astype(datatype.numpy_dtype))
+    fitting = [v for v, out in zip(values, inf, strict=True) if not out]
+    expected = numpy_cast(fitting, datatype)
+    assert expected is not None
+    assert_same_bits(pack(fitting, datatype), expected)
+    overflowing = [v for v, out in zip(values, inf, strict=True) if out]
+    assert (datatype is Datatype.FP64) == (not overflowing)
+    assert all(pack([v], datatype) is None and numpy_cast([v], datatype) is None for v in overflowing)
+
+
+def test_integers_convert_to_floats_as_in_numpy() -> None:
+    rng = np.random.default_rng(8)
+    ints = [int(v) for v in rng.integers(-(2**63), 2**63, 20_000)]
+    ints += [int(v) for v in rng.integers(0, 2**64, 20_000, dtype=np.uint64)]
+    ints += [2**53 + 2**29 + 1, 2**64 - 1, -(2**63)]
+    for datatype in (Datatype.FP32, Datatype.FP64):
+        for chunk in (ints[:20_000], ints[20_000:40_000], ints):
+            expected = numpy_cast(chunk, datatype)
+            assert expected is not None
+            assert_same_bits(pack(chunk, datatype), expected)
+    small = list(range(-70_000, 70_001))  # every integer FP16 can hold, and the first that overflow
+    fitting = [v for v in small if abs(v) < 65520]
+    expected = numpy_cast(fitting, Datatype.FP16)
+    assert expected is not None
+    assert_same_bits(pack(fitting, Datatype.FP16), expected)
+    assert all(pack([v], Datatype.FP16) is None for v in (65520, -65520, 70_000))
+
+
+@pytest.mark.parametrize("datatype", list(INTEGER_RANGES))
+def test_integers_are_packed_within_their_range_only(datatype: Datatype) -> None:
+    low, high = INTEGER_RANGES[datatype]
+    expected = numpy_cast([low, high, 0, 1], datatype)
+    assert expected is not None
+    assert_same_bits(pack([low, high, 0, 1], datatype), expected)
+    assert pack([0, low - 1], datatype) is None
+    assert pack([high + 1, 0], datatype) is None
+    assert pack([1.0], datatype) is None  # an integral float is left to the exact path
+
+
+def test_pack_refuses_what_is_no_number() -> None:
+    for value in (None, "1", [1.0], {"a": 1}):
+        assert pack([1.0, value], Datatype.FP32) is None
+        assert pack([1, value], Datatype.INT64) is None
+    # Booleans are read as numbers: the callers rule them out first.
+    assert pack([True], Datatype.FP32) is not None
+
+
+# -- the plan kept per model ----------------------------------------------------------------------
+
+
+def test_each_spec_has_its_own_plan() -> None:
+    body = {"x": [1, 2]}
+    assert decode(body, spec_of({"x": Tensor("INT8", shape=(2,))}))[0]["x"].dtype == np.int8
+    assert decode(body, spec_of({"x": Tensor("FP64", shape=(2,))}))[0]["x"].dtype == np.float64
+
+
+def test_a_plan_does_not_keep_its_model_alive() -> None:
+    spec = spec_of({"x": Tensor("FP32")}, {"y": Tensor("FP32")})
+    decode({"x": 1.0}, spec)
+    encode_rows(spec, {"y": np.array([1.0], dtype=np.float32)}, as_list=False)
+    dead = weakref.ref(spec)
+    del spec
+    gc.collect()
+    assert dead() is None
+
+
+def test_per_spec_builds_once_per_living_spec() -> None:
+    built: list[str] = []
+
+    @per_spec
+    def label(spec: ModelSpec) -> str:
+        built.append(spec.label)
+        return spec.label
+
+    assert label(IRIS) == label(IRIS) == "iris"
+    assert built == ["iris"]
+    for _ in range(3):  # new specs (some at the address of a dead one) are built for each
+        assert label(spec_of({"x": Tensor("FP32")})) == "probe"
+    assert built == ["iris", "probe", "probe", "probe"]
+
+
+FAST_BODIES = [
+    ({"x": Tensor("FP32", shape=(4,))}, {"x": [1.0, 2.0, 3.0, 4.0]}),
+    ({"x": Tensor("FP32", shape=(-1,))}, {"x": PADDING}),
+    ({"x": Tensor("FP32", shape=(-1,))}, {"x": [1, 2, 3]}),
+    ({"x": Tensor("FP32", shape=(-1,))}, {"x": [1] * 300}),
+    ({"x": Tensor("FP16", shape=(2,))}, [{"x": [1, 0.5]}, {"x": [-2, 65504]}]),
+    ({"x": Tensor("INT64", shape=(-1,))}, {"x": list(range(400))}),
+    ({"x": Tensor("UINT8", shape=(2, 2))}, [{"x": [[1, 2], [3, 4]]}] * 3),
+    ({"x": Tensor("BOOL", shape=(2,))}, {"x": [True, False]}),
+    ({"x": Tensor("INT32")}, [{"x": 1}, {"x": 2}]),
+    ({"x": Tensor("BYTES", shape=(-1,))}, {"x": ["a", "b\x00"]}),
+    ({"x": Tensor("BYTES", binary=True)}, {"x": "AP8="}),
+    ({"x": Tensor("FP32", shape=(-1,)), "note": Tensor("BYTES")}, {"x": PADDING, "note": "true"}),
+]
+
+
+@pytest.mark.parametrize(("inputs", "body"), FAST_BODIES)
+def test_valid_bodies_take_the_fast_path(monkeypatch: pytest.MonkeyPatch, inputs: dict[str, Tensor], body: Any) -> None:
+    spec = spec_of(inputs)
+    rows = body if isinstance(body, list) else [body]
+    exact = {}
+    for name, tensor in inputs.items():
+        values = [row[name] for row in rows]
+        row_shape = jsonapi._explain(name, tensor, values, isinstance(body, list))
+        exact[name] = jsonapi._exact_column(tensor, values, row_shape)
+
+    def walk(*args: Any) -> None:
+        raise AssertionError("the exact path walked a valid body")
+
+    monkeypatch.setattr(jsonapi, "_explain", walk)
+    columns, _ = decode(body, spec)
+    for name, column in columns.items():
+        assert column.dtype == exact[name].dtype
+        assert column.shape == exact[name].shape
+        assert column.tolist() == exact[name].tolist()

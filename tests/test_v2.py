@@ -13,7 +13,9 @@ import pytest
 from tritonclient.http import InferInput, InferRequestedOutput, InferResult
 from tritonclient.http._utils import _get_inference_request
 
+from asyncserve import v2
 from asyncserve.exceptions import InvalidRequest, SchemaViolation
+from asyncserve.jsonapi import may_hold_booleans
 from asyncserve.model import Model, ModelSpec, describe
 from asyncserve.tensors import Columns, Datatype, Tensor
 from asyncserve.v2 import (
@@ -465,34 +467,35 @@ def test_binary_data_without_the_header_length() -> None:
         decode_infer_request(body, SINGLE, None)
 
 
-@pytest.mark.parametrize(
-    ("document", "path"),
-    [
-        ([], ""),
-        ({}, "inputs"),
-        ({"inputs": {}}, "inputs"),
-        ({"inputs": [x_input(), 3]}, "inputs[1]"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "data": []}]}, "inputs[0].shape"),
-        ({"inputs": [{"shape": [1, 2], "datatype": "FP32", "data": []}]}, "inputs[0].name"),
-        ({"inputs": [{"name": "x", "shape": [1, 2], "data": []}]}, "inputs[0].datatype"),
-        ({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32"}]}, "inputs[0].data"),
-        ({"inputs": [x_input(name=7)]}, "inputs[0].name"),
-        ({"inputs": [x_input(shape=[1, 2.0])]}, "inputs[0].shape"),
-        ({"inputs": [x_input(shape="1,2")]}, "inputs[0].shape"),
-        ({"inputs": [x_input(data="1 2")]}, "inputs[0].data"),
-        ({"inputs": [x_input(parameters=[])]}, "inputs[0].parameters"),
-        ({"inputs": [x_input(parameters={"binary_data_size": "8"})]}, "inputs[0].parameters.binary_data_size"),
-        ({"inputs": [x_input(parameters={"binary_data_size": -8})]}, "inputs[0].parameters.binary_data_size"),
-        ({"inputs": [x_input(parameters={"binary_data_size": 0})]}, "inputs[0].data"),
-        ({"inputs": [x_input()], "id": 5}, "id"),
-        ({"inputs": [x_input()], "parameters": []}, "parameters"),
-        ({"inputs": [x_input()], "parameters": {"binary_data_output": 1}}, "parameters.binary_data_output"),
-        ({"inputs": [x_input()], "outputs": {"name": "y"}}, "outputs"),
-        ({"inputs": [x_input()], "outputs": ["y"]}, "outputs[0]"),
-        ({"inputs": [x_input()], "outputs": [{"name": "y"}, {}]}, "outputs[1].name"),
-        ({"inputs": [x_input()], "outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]}, "outputs[0]"),
-    ],
-)
+SCHEMA_VIOLATIONS_AND_PATHS: list[tuple[Any, str]] = [
+    ([], ""),
+    ({}, "inputs"),
+    ({"inputs": {}}, "inputs"),
+    ({"inputs": [x_input(), 3]}, "inputs[1]"),
+    ({"inputs": [{"name": "x", "datatype": "FP32", "data": []}]}, "inputs[0].shape"),
+    ({"inputs": [{"shape": [1, 2], "datatype": "FP32", "data": []}]}, "inputs[0].name"),
+    ({"inputs": [{"name": "x", "shape": [1, 2], "data": []}]}, "inputs[0].datatype"),
+    ({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32"}]}, "inputs[0].data"),
+    ({"inputs": [x_input(name=7)]}, "inputs[0].name"),
+    ({"inputs": [x_input(shape=[1, 2.0])]}, "inputs[0].shape"),
+    ({"inputs": [x_input(shape="1,2")]}, "inputs[0].shape"),
+    ({"inputs": [x_input(data="1 2")]}, "inputs[0].data"),
+    ({"inputs": [x_input(parameters=[])]}, "inputs[0].parameters"),
+    ({"inputs": [x_input(parameters={"binary_data_size": "8"})]}, "inputs[0].parameters.binary_data_size"),
+    ({"inputs": [x_input(parameters={"binary_data_size": -8})]}, "inputs[0].parameters.binary_data_size"),
+    ({"inputs": [x_input(parameters={"binary_data_size": 0})]}, "inputs[0].data"),
+    ({"inputs": [x_input()], "id": 5}, "id"),
+    ({"inputs": [x_input()], "parameters": []}, "parameters"),
+    ({"inputs": [x_input()], "parameters": {"binary_data_output": 1}}, "parameters.binary_data_output"),
+    ({"inputs": [x_input()], "outputs": {"name": "y"}}, "outputs"),
+    ({"inputs": [x_input()], "outputs": ["y"]}, "outputs[0]"),
+    ({"inputs": [x_input()], "outputs": [{"name": "y"}, {}]}, "outputs[1].name"),
+    ({"inputs": [x_input()], "outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]}, "outputs[0]"),
+]
+SCHEMA_VIOLATIONS = [document for document, _ in SCHEMA_VIOLATIONS_AND_PATHS]
+
+
+@pytest.mark.parametrize(("document", "path"), SCHEMA_VIOLATIONS_AND_PATHS)
 def test_schema_violations_name_the_field(document: Any, path: str) -> None:
     with pytest.raises(SchemaViolation) as caught:
         decode_infer_request(orjson.dumps(document), SINGLE, None)
@@ -647,3 +650,186 @@ def test_binary_text_must_be_utf8() -> None:
     body, length = binary_request([(entry, struct.pack("<I", 1) + b"\xff")])
     with pytest.raises(InvalidRequest, match="'in_bytes' takes text, but value 0 is not valid UTF-8"):
         decode_infer_request(body, spec, length)
+
+
+# --- the fast path takes exactly what the exact path takes --------------------------------------
+
+# 600 values: a body longer than may_hold_booleans' threshold, whose values are packed without a
+# look at their types when the text holds no true or false.
+PADDING = [0.25] * 600
+
+
+def exact_request(body: bytes, spec: ModelSpec, header_length: int | None) -> InferRequest:
+    header, tail = v2._split_body(body, header_length)
+    return v2._exact_request(v2._parse_json(header, header_length), spec, tail, header_length)
+
+
+def fast_request(body: bytes, spec: ModelSpec, header_length: int | None) -> InferRequest | None:
+    """What the fast path makes of ``body``: None if it leaves it to the exact path (or raises first)."""
+    try:
+        header, tail = v2._split_body(body, header_length)
+        document = v2._parse_json(header, header_length)
+        return v2._fast_request(document, spec, tail, may_hold_booleans(header))
+    except InvalidRequest:
+        return None
+
+
+def triton_body(spec: ModelSpec, columns: dict[str, npt.NDArray[Any]], binary: bool) -> tuple[bytes, int | None]:
+    inputs = [
+        InferInput(name, list(array.shape), str(spec.inputs[name].dtype)).set_data_from_numpy(array, binary)
+        for name, array in columns.items()
+    ]
+    body, json_size = _get_inference_request(inputs, "", None, 0, False, False, 0, None, None)
+    return body, json_size
+
+
+def valid_requests() -> list[tuple[ModelSpec, bytes, int | None]]:
+    every = [{"name": f"in_{d.lower()}", "datatype": str(d), "shape": [1, 2], "data": SAMPLES[d]} for d in Datatype]
+    nested = [{**entry, "data": [entry["data"]]} for entry in every]
+    with_bytes = {**echo_columns(rows=2), "in_bytes": np.array([["héllo".encode(), b""]] * 2, dtype=object)}
+    scorer_binary = binary_request(
+        [
+            ({"name": "blob", "datatype": "BYTES", "shape": [1]}, struct.pack("<I", 2) + b"\xff\x01"),
+            ({"name": "x", "datatype": "FP32", "shape": [1, 3]}, np.arange(3, dtype="<f4").tobytes()),
+            ({"name": "tokens", "datatype": "INT64", "shape": [1, 0]}, b""),
+        ]
+    )
+    return [
+        (SINGLE, json_body([x_input()]), None),
+        (SINGLE, json_body([x_input(PADDING, shape=[300, 2])]), None),
+        (
+            SINGLE,
+            json_body([x_input([1] * 600, shape=[300, 2])], id="a", parameters={"binary_data_output": True}),
+            None,
+        ),
+        (SINGLE, json_body([x_input(PADDING, shape=[300, 2])], outputs=[{"name": "z"}, {"name": "y"}]), None),
+        (SINGLE, json_body([x_input([[1.0, 2], [3, 4.5]], shape=[2, 2])], outputs=[]), None),
+        (ECHO, json_body(every), None),
+        (ECHO, json_body(nested, parameters={"binary_data_output": False}), None),
+        (ECHO, *triton_body(ECHO, with_bytes, binary=True)),
+        (ECHO, *triton_body(ECHO, echo_columns(rows=3), binary=False)),
+        (SCORER, _scorer_body(), None),
+        (SCORER, *scorer_binary),
+    ]
+
+
+@pytest.mark.parametrize(("spec", "body", "header_length"), valid_requests())
+def test_valid_requests_take_the_fast_path(
+    monkeypatch: pytest.MonkeyPatch, spec: ModelSpec, body: bytes, header_length: int | None
+) -> None:
+    expected = exact_request(body, spec, header_length)
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("the exact path read a valid request")
+
+    monkeypatch.setattr(v2, "_exact_request", refuse)
+    request = decode_infer_request(body, spec, header_length)
+    assert (request.id, request.rows, request.parameters) == (expected.id, expected.rows, expected.parameters)
+    assert request.outputs == expected.outputs
+    assert list(request.columns) == list(expected.columns)
+    for name, column in request.columns.items():
+        assert column.dtype == expected.columns[name].dtype
+        assert column.shape == expected.columns[name].shape
+        assert column.flags.writeable
+        if column.dtype == object:
+            assert column.tolist() == expected.columns[name].tolist()
+        else:
+            assert column.tobytes() == expected.columns[name].tobytes()
+
+
+def bad_requests() -> list[tuple[ModelSpec, bytes, int | None]]:
+    """Requests refused (see the tests above), or with a bad value at the end of a long body."""
+    bad_values: list[Any] = [True, False, None, "1", [1.0], {"a": 1}, 1e39]
+    long_values = [json_body([x_input([*PADDING, 0.5, value], shape=[301, 2])]) for value in bad_values]
+    long_values.append(json_body([x_input([*PADDING, 0.5, False], shape=[301, 2])], parameters={"a": "true"}))
+    long_values.append(json_body([x_input([[*PADDING[:-1], 1.0], [2.0, [3.0]]], shape=[301, 2])]))
+    shapes = [x_input(shape=shape) for shape in ([True, 2], [1, 2.0], [1, -2], [0, 2], [1], [1, 2, 1])]
+    scorer = [
+        {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]},
+        {"name": "tokens", "datatype": "INT64", "shape": [1, -1], "data": []},
+        {"name": "blob", "datatype": "BYTES", "shape": [1], "data": ["a"]},
+    ]
+    requests: list[tuple[ModelSpec, bytes, int | None]] = [
+        *((SINGLE, orjson.dumps(document), None) for document in SCHEMA_VIOLATIONS),
+        *((SINGLE, body, None) for body in long_values),
+        *((SINGLE, json_body([entry]), None) for entry in shapes),
+        (SINGLE, json_body([x_input(name="w")]), None),
+        (SINGLE, json_body([x_input(datatype="FP64")]), None),
+        (SINGLE, json_body([x_input([1.0, 2.0, 3.0])]), None),
+        (SINGLE, json_body([x_input()], outputs=[{"name": "w"}]), None),
+        (SINGLE, json_body([x_input()], outputs=[{"name": "y"}, {"name": "y"}]), None),
+        (SCORER, json_body(scorer), None),
+        (SCORER, json_body([scorer[0], scorer[0], scorer[2]]), None),
+        (SCORER, json_body([scorer[0], {**scorer[1], "shape": [2, 0]}, scorer[2]]), None),
+        (SCORER, json_body([scorer[0], {**scorer[1], "shape": [1, 0]}, {**scorer[2], "data": [1]}]), None),
+    ]
+    any_shape = one_input_spec("v", Tensor("INT64", shape=(-1, -1)))
+    entry = {"name": "v", "datatype": "INT64", "shape": [1, -1, -1], "data": [5]}  # holds "1" value
+    requests.append((any_shape, json_body([entry]), None))
+    body, length = binary_request([({**x_input(), "data": [1.0, 2.0]}, b"\x00" * 8)])
+    requests.append((SINGLE, body, length))  # data both in JSON and binary
+    for size in (7, 9):  # binary data too short, too long
+        body, length = binary_request([({"name": "x", "datatype": "FP32", "shape": [1, 2]}, b"\x00" * size)])
+        requests.append((SINGLE, body, length))
+    body, length = binary_request([({"name": "x", "datatype": "FP32", "shape": [1, 2]}, b"\x00" * 8)])
+    requests += [(SINGLE, body + b"\x00", length), (SINGLE, body[:length], None)]
+    return requests
+
+
+@pytest.mark.parametrize(("spec", "body", "header_length"), bad_requests())
+def test_the_fast_path_leaves_every_bad_request_to_the_exact_path(
+    spec: ModelSpec, body: bytes, header_length: int | None
+) -> None:
+    assert fast_request(body, spec, header_length) is None
+    with pytest.raises(InvalidRequest) as caught:
+        exact_request(body, spec, header_length)
+    with pytest.raises(InvalidRequest) as again:
+        decode_infer_request(body, spec, header_length)
+    assert type(again.value) is type(caught.value)
+    assert again.value.message == caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (True, "takes numbers; value 601 is true"),
+        (None, "takes numbers; value 601 is null"),
+        ("1", 'takes numbers; value 601 is "1"'),
+        (1e39, "holds a value out of the FP32 range"),
+        ([1.0], "mixes lists and values"),
+    ],
+)
+def test_a_bad_value_at_the_end_of_a_long_body_is_named(value: Any, fragment: str) -> None:
+    with pytest.raises(SchemaViolation) as caught:
+        decode_single([x_input([*PADDING, 0.5, value], shape=[301, 2])])
+    assert caught.value.path == "inputs[0].data"
+    assert fragment in caught.value.message
+
+
+def test_a_hidden_boolean_is_found_when_the_text_says_true_elsewhere() -> None:
+    with pytest.raises(SchemaViolation, match="value 601 is false"):
+        decode_single([x_input([*PADDING, 0.5, False], shape=[301, 2])], parameters={"binary_data_output": True})
+
+
+def test_bad_inputs_are_reported_before_bad_outputs() -> None:
+    with pytest.raises(SchemaViolation, match="value 1 is null"):
+        decode_single([x_input([1.0, None])], outputs=[{"name": "w"}])
+
+
+def test_each_request_gets_its_own_outputs_and_headers() -> None:
+    first = decode_single()
+    first.outputs.append(RequestedOutput("z", True))
+    assert decode_single().outputs == [RequestedOutput("y", False), RequestedOutput("z", False)]
+    outputs: Columns = {"y": np.zeros((1, 2), dtype=np.float32), "z": np.zeros(1, dtype=np.int32)}
+    _, headers = encode_infer_response(SINGLE, decode_single(), outputs)
+    headers.pop("content-type")
+    _, headers = encode_infer_response(SINGLE, decode_single(), outputs)
+    assert headers == {"content-type": "application/json"}
+
+
+def test_binary_outputs_are_little_endian_row_major() -> None:
+    request = decode_single(parameters={"binary_data_output": True})
+    y = np.arange(4, dtype=">f4").reshape(2, 2).T[:1]  # big-endian and not contiguous
+    body, headers = encode_infer_response(SINGLE, request, {"y": y, "z": np.array([3], dtype=np.int32)})
+    tail = body[int(headers["inference-header-content-length"]) :]
+    assert tail == struct.pack("<2f", 0.0, 2.0) + struct.pack("<i", 3)
