@@ -18,21 +18,25 @@ from asyncserve.batching import PRIORITY_LEVELS
 from asyncserve.config import Settings
 from asyncserve.exceptions import (
     AsyncServeError,
+    ConfigurationError,
     InvalidRequest,
     ModelError,
     ModelNotReady,
+    NotFound,
     SchemaViolation,
     ShuttingDown,
     Unavailable,
     UnsupportedMediaType,
 )
 from asyncserve.executor import Executor, ProcessExecutor, ThreadExecutor
+from asyncserve.lazy import DeferredPredictions, MemoryPredictionCache, PredictionCache, RedisPredictionCache
 from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
 from asyncserve.pipeline import Pipeline, Prediction
 from asyncserve.predlog import InputPolicy, PredictionLogger, open_sink
 from asyncserve.registry import ModelEntry, ModelRegistry
 from asyncserve.routing import JSON_TYPE, Receive, Request, Response, Router, Scope, Send, header_dict
 from asyncserve.service import Service
+from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,16 @@ def make_prediction_logger(settings: Settings, metrics: Metrics) -> PredictionLo
     )
 
 
+def make_prediction_cache(settings: Settings) -> PredictionCache | None:
+    if not settings.prediction_cache:
+        return None
+    if settings.prediction_cache == "memory":
+        return MemoryPredictionCache(settings.prediction_cache_ttl_s, settings.prediction_cache_size)
+    if settings.prediction_cache.startswith(("redis://", "rediss://", "unix://")):
+        return RedisPredictionCache(settings.prediction_cache, ttl_s=settings.prediction_cache_ttl_s)
+    raise ConfigurationError(f"prediction_cache must be 'memory' or a redis:// URL, got {settings.prediction_cache!r}")
+
+
 class AsyncServeApp:
     """Serves a :class:`Service` over HTTP; an ASGI app to run under uvicorn (see ``asyncserve.server``).
 
@@ -78,12 +92,31 @@ class AsyncServeApp:
         self.registry = ModelRegistry(
             service.specs, self.executor, self.metrics, loop_delay_s=lambda: self.loop_lag.recent_lag_s
         )
-        self.pipeline = Pipeline(self.registry, self.metrics, make_prediction_logger(self.settings, self.metrics))
+        self.pipeline = Pipeline(
+            self.registry,
+            self.metrics,
+            make_prediction_logger(self.settings, self.metrics),
+            make_prediction_cache(self.settings),
+        )
+        self.deferred = DeferredPredictions(max_handles=self.settings.max_deferred)
+        self._deferred_as_list: dict[str, bool] = {}
+        self._count_elsewhere()
         self.shutting_down = False
         self._loading: asyncio.Task[None] | None = None
         self._openapi_json: bytes | None = None
         self.router = self._build_router()
         self._model_names = {spec.name for spec in service.specs}
+
+    def _count_elsewhere(self) -> None:
+        counted, pipeline, deferred = self.metrics.counted, self.pipeline, self.deferred
+        counted.read_from("asyncserve_coalesced_requests", lambda: pipeline.coalescer.coalesced)
+        if pipeline.cache is not None:
+            cache = pipeline.cache
+            counted.read_from("asyncserve_prediction_cache_hits", lambda: cache.hits)
+            counted.read_from("asyncserve_prediction_cache_misses", lambda: cache.misses)
+        counted.read_from("asyncserve_deferred_created", lambda: deferred.created)
+        counted.read_from("asyncserve_deferred_resolved", lambda: deferred.resolved)
+        counted.read_from("asyncserve_deferred_expired", lambda: deferred.expired)
 
     def _build_router(self) -> Router:
         r = Router()
@@ -101,6 +134,7 @@ class AsyncServeApp:
         r.add("POST", "/v2/repository/index", self.repository_index, "repository_index")
         r.add("POST", "/v2/repository/models/{model}/load", self.repository_load, "repository_load")
         r.add("POST", "/v2/repository/models/{model}/unload", self.repository_unload, "repository_unload")
+        r.add("GET", "/v1/predictions/{handle}", self.deferred_result, "v1_deferred", cancel_on_disconnect=True)
         r.add("GET", "/metrics", self.prometheus, "metrics")
         r.add("GET", "/openapi.json", self.openapi_json, "openapi")
         r.add("GET", "/docs", self.docs, "docs")
@@ -280,11 +314,50 @@ class AsyncServeApp:
         columns, as_list = jsonapi.decode_rows(body, entry.spec)
         rows = len(next(iter(columns.values())))
         priority = _parse_priority(request.headers.get("x-priority", "0"), "X-Priority")
+        if _prefers_lazy(request):
+            return self._defer(request, entry, columns, rows, as_list, priority)
         prediction = await self.pipeline.run(
             entry, columns, rows, deadline, priority=priority, request_id=request.request_id
         )
         body = jsonapi.encode_rows(entry.spec, prediction.outputs, as_list)
         return Response(200, body, _degraded_header(prediction))
+
+    # Deferred (lazy) predictions
+
+    def _defer(
+        self, request: Request, entry: ModelEntry, columns: Columns, rows: int, as_list: bool, priority: int
+    ) -> Response:
+        """Answer 202 at once with a handle; the prediction is computed when the handle is first read."""
+        timeout_s = entry.spec.timeout_s
+
+        async def compute() -> Columns:
+            # The deadline starts when the handle is read, not when it was handed out.
+            deadline = time.monotonic() + timeout_s
+            prediction = await self.pipeline.run(
+                entry, columns, rows, deadline, priority=priority, request_id=request.request_id
+            )
+            return prediction.outputs
+
+        self._forget_expired_handles()
+        handle = self.deferred.create(entry.spec.label, columns, compute, self.settings.deferred_ttl_s)
+        self._deferred_as_list[handle.id] = as_list
+        location = f"/v1/predictions/{handle.id}"
+        body = {"id": handle.id, "model": entry.spec.label, "url": location, "expires_in_s": handle.remaining_s()}
+        return Response.json(body, 202, {"location": location, "preference-applied": "lazy"})
+
+    def _forget_expired_handles(self) -> None:
+        # Each handle's answer shape is kept beside it; drop those of handles that expired.
+        if len(self._deferred_as_list) > len(self.deferred):
+            self.deferred.sweep()
+            self._deferred_as_list = {h: v for h, v in self._deferred_as_list.items() if _alive(self.deferred, h)}
+
+    async def deferred_result(self, request: Request) -> Response:
+        handle = self.deferred.get(request.params["handle"])
+        name, _, version = handle.model_label.partition(":")
+        entry = self.registry.find(name, version or None)
+        outputs = await self.deferred.resolve(handle.id)
+        as_list = self._deferred_as_list.get(handle.id, False)
+        return Response(200, jsonapi.encode_rows(entry.spec, outputs, as_list))
 
     def _admit(self, request: Request) -> tuple[ModelEntry, float]:
         """Find the model and fix the request's deadline, once, at the edge."""
@@ -354,6 +427,20 @@ def _parse_timeout(value: str) -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise InvalidRequest(f"X-Request-Timeout must be a number of seconds > 0, got {value!r}")
     return seconds
+
+
+def _alive(deferred: DeferredPredictions, handle_id: str) -> bool:
+    try:
+        deferred.get(handle_id)
+    except NotFound:
+        return False
+    return True
+
+
+def _prefers_lazy(request: Request) -> bool:
+    """RFC 7240 ``Prefer: lazy`` (among other preferences, in any case)."""
+    prefer = request.headers.get("prefer", "")
+    return any(part.strip().lower() == "lazy" for part in prefer.replace(";", ",").split(","))
 
 
 def _degraded_header(prediction: Prediction) -> dict[str, str]:

@@ -52,6 +52,14 @@ class Settings:
     """When the log's buffer is full: ``drop`` new records (counted) or ``refuse`` new predictions (503)."""
     prediction_log_buffer: int = 10_000
     prediction_log_spill: str = "var/predlog-spill.jsonl"
+    prediction_cache: str = ""
+    """Cache answers of deterministic models: ``memory`` (this process) or ``redis://...`` (shared by
+    every server); empty turns caching off (identical requests in flight are still coalesced)."""
+    prediction_cache_ttl_s: float = 60.0
+    prediction_cache_size: int = 10_000
+    deferred_ttl_s: float = 300.0
+    """How long a deferred prediction (``Prefer: lazy``) stays readable."""
+    max_deferred: int = 10_000
     """Records a sink could not take after its retries go here, so none is lost."""
 
     def __post_init__(self) -> None:

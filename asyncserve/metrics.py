@@ -9,9 +9,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +119,15 @@ class Metrics:
             ["model", "source"], registry=r,
         )  # fmt: skip
 
+        self.counted = CountedElsewhere()
+        r.register(self.counted)
+        self.counted.add("asyncserve_coalesced_requests", "Requests that shared an identical request's computation.")
+        self.counted.add("asyncserve_prediction_cache_hits", "Answers served from the prediction cache.")
+        self.counted.add("asyncserve_prediction_cache_misses", "Prediction cache lookups that found nothing.")
+        self.counted.add("asyncserve_deferred_created", "Deferred predictions (Prefer: lazy) handed out.")
+        self.counted.add("asyncserve_deferred_resolved", "Deferred predictions computed when first read.")
+        self.counted.add("asyncserve_deferred_expired", "Deferred predictions that expired before or after being read.")
+
         # Labelled children looked up once: labels() costs microseconds, paid on every request.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._in_flight_counts: dict[str, int] = {}
@@ -147,6 +159,27 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CountedElsewhere(Collector):
+    """Counters that components keep as plain integers (cheaper than a metric per request), read when scraped."""
+
+    def __init__(self) -> None:
+        self._help: dict[str, str] = {}
+        self._readers: dict[str, Callable[[], float]] = {}
+
+    def add(self, name: str, documentation: str) -> None:
+        self._help[name] = documentation
+
+    def read_from(self, name: str, reader: Callable[[], float]) -> None:
+        if name not in self._help:
+            raise KeyError(f"no counter {name!r} is defined in asyncserve/metrics.py")
+        self._readers[name] = reader
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, documentation in self._help.items():
+            reader = self._readers.get(name)
+            yield CounterMetricFamily(name, documentation, value=reader() if reader is not None else 0.0)
 
 
 class BatchMetrics:

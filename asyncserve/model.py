@@ -58,6 +58,9 @@ class Model:
     example: ClassVar[Mapping[str, Any] | None] = None
     """One row of inputs as JSON values; used to warm the model up and in the API docs."""
     features: ClassVar[Sequence[Feature]] = ()
+    deterministic: ClassVar[bool] = False
+    """The same inputs always give the same outputs: identical requests in flight then share one
+    computation, and answers may be cached (``ASYNCSERVE_PREDICTION_CACHE``)."""
     """Columns looked up per request in feature sources and passed to ``predict`` besides the inputs."""
 
     def load(self) -> None:
@@ -83,6 +86,7 @@ class ModelSpec:
     max_queue_size: int
     example: Mapping[str, Any] | None
     features: tuple[Feature, ...]
+    deterministic: bool
     is_async: bool
     model: Model = field(repr=False, compare=False)
 
@@ -142,6 +146,7 @@ def describe(model: Model) -> ModelSpec:
         max_queue_size=max_queue_size,
         example=model.example,
         features=features,
+        deterministic=bool(model.deterministic),
         is_async=inspect.iscoroutinefunction(predict),
         model=model,
     )

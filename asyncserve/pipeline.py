@@ -1,4 +1,8 @@
-"""Pipeline: one request's way through features, the model's batcher, and the prediction log."""
+"""Pipeline: one request's way through features, the model's batcher, and the prediction log.
+
+For a model that declares itself deterministic, identical requests (same model, version and
+inputs) in flight share one computation, and answers may come from the prediction cache.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from asyncserve.ensemble import deadline_scope
 from asyncserve.features import FeatureSource, fetch_features
+from asyncserve.lazy import Coalescer, PredictionCache, request_key
 from asyncserve.metrics import Metrics
 from asyncserve.predlog import PredictionLogger, prediction_record
 from asyncserve.registry import ModelEntry, ModelRegistry
@@ -22,14 +28,25 @@ class Prediction:
     degraded: list[str] = field(default_factory=list)
     """Feature sources whose declared defaults stood in for them."""
     stages_ms: dict[str, float] = field(default_factory=dict)
+    features: Columns = field(default_factory=dict)
+    source: str = "model"
+    """Where the answer came from: ``model``, ``coalesced`` (another request's computation) or ``cache``."""
 
 
 class Pipeline:
     """Runs requests: features from every source at once, then the model (batched), then the log."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics, predlog: PredictionLogger | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        predlog: PredictionLogger | None = None,
+        cache: PredictionCache | None = None,
+    ) -> None:
         self.registry = registry
         self.predlog = predlog
+        self.cache = cache
+        self.coalescer: Coalescer[Prediction] = Coalescer()
         self._metrics = metrics
         self.sources = _unique_sources(registry)
 
@@ -39,6 +56,8 @@ class Pipeline:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(source.aclose() for source in self.sources))
+        if self.cache is not None:
+            await self.cache.aclose()
 
     def unhealthy_sources(self) -> list[str]:
         """Sources whose failures fail requests (no defaults) and whose circuit breaker is open."""
@@ -55,10 +74,43 @@ class Pipeline:
         priority: int = 0,
         request_id: str = "",
     ) -> Prediction:
-        spec = entry.spec
         if self.predlog is not None:
             # With overflow="refuse", a full log turns the prediction away before any work (503).
             self.predlog.check_room()
+        with deadline_scope(deadline):
+            if entry.spec.deterministic:
+                prediction = await self._shared(entry, columns, rows, deadline, priority)
+            else:
+                prediction = await self._compute(entry, columns, rows, deadline, priority)
+        self._log(entry, columns, prediction, request_id)
+        return prediction
+
+    async def _shared(
+        self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int
+    ) -> Prediction:
+        key = request_key(entry.spec.label, columns)
+        if self.cache is not None:
+            cached = await self.cache.get(key)
+            if cached is not None:
+                return Prediction(cached, source="cache")
+        led = False
+
+        async def compute() -> Prediction:
+            nonlocal led
+            led = True  # only the first of identical requests in flight runs this
+            return await self._compute(entry, columns, rows, deadline, priority)
+
+        prediction = await self.coalescer.run(key, compute)
+        if not led:
+            return Prediction(prediction.outputs, prediction.degraded, source="coalesced")
+        if self.cache is not None and not prediction.degraded:
+            await self.cache.put(key, prediction.outputs)
+        return prediction
+
+    async def _compute(
+        self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int
+    ) -> Prediction:
+        spec = entry.spec
         started = time.perf_counter()
         fetched = await fetch_features(spec.features, columns, deadline)
         fetched_at = time.perf_counter()
@@ -67,13 +119,18 @@ class Pipeline:
         for source in fetched.degraded:
             self._metrics.degraded.labels(spec.label, source).inc()
         stages = {"features": (fetched_at - started) * 1000, "model": (done_at - fetched_at) * 1000}
-        if self.predlog is not None:
-            record = prediction_record(
-                request_id=request_id, model=spec.name, version=spec.version or "", inputs=columns,
-                outputs=outputs, features=fetched.columns, latency_ms=stages, degraded=bool(fetched.degraded),
-            )  # fmt: skip
-            self.predlog.record(record)
-        return Prediction(outputs, fetched.degraded, stages)
+        return Prediction(outputs, fetched.degraded, stages, fetched.columns)
+
+    def _log(self, entry: ModelEntry, columns: Columns, prediction: Prediction, request_id: str) -> None:
+        if self.predlog is None:
+            return
+        spec = entry.spec
+        record = prediction_record(
+            request_id=request_id, model=spec.name, version=spec.version or "", inputs=columns,
+            outputs=prediction.outputs, features=prediction.features, latency_ms=prediction.stages_ms,
+            degraded=bool(prediction.degraded),
+        )  # fmt: skip
+        self.predlog.record(record)
 
 
 def _unique_sources(registry: ModelRegistry) -> list[FeatureSource]:

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from asyncserve.batching import Batcher, BatchSettings, Runner
-from asyncserve.exceptions import AsyncServeError, DeadlineExceeded, ModelError, ModelNotFound, ModelNotReady
+from asyncserve.ensemble import Ensemble, deadline_scope, request_deadline
+from asyncserve.exceptions import (
+    AsyncServeError,
+    ConfigurationError,
+    DeadlineExceeded,
+    ModelError,
+    ModelNotFound,
+    ModelNotReady,
+)
 from asyncserve.executor import Executor, Prediction, load_and_warm
 from asyncserve.metrics import Metrics
 from asyncserve.model import ModelSpec, call_predict, check_outputs
@@ -73,6 +81,28 @@ class ModelRegistry:
             versions.sort(key=lambda e: _version_order(e.spec.version), reverse=True)
         for entry in self._entries.values():
             self._publish(entry)
+        self._bind_ensembles()
+
+    def _bind_ensembles(self) -> None:
+        """Check each ensemble's members against their declarations and let it call them."""
+        caller = RegistryCaller(self)
+        for entry in self._entries.values():
+            ensemble = entry.spec.model
+            if not isinstance(ensemble, Ensemble):
+                continue
+            specs = {}
+            for label, (name, version) in ensemble.dependencies().items():
+                try:
+                    specs[label] = self.find(name, version).spec
+                except ModelNotFound as exc:
+                    raise ConfigurationError(f"ensemble {entry.spec.label!r}: {exc.message}") from None
+                if specs[label].features:
+                    raise ConfigurationError(
+                        f"ensemble {entry.spec.label!r}: member {label!r} declares features; "
+                        "declare them on the ensemble instead"
+                    )
+            ensemble.check_members(specs)
+            ensemble.bind(caller)
 
     def _batcher(self, spec: ModelSpec) -> Batcher:
         # By default a model may keep every executor worker busy: one batch per worker.
@@ -216,8 +246,24 @@ class ModelRegistry:
     async def _predict_async(self, spec: ModelSpec, columns: Columns, rows: int, deadline: float) -> Prediction:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(deadline - time.monotonic()):
-                result = await call_predict(spec, columns)
+            # The deadline travels to models this one calls (an ensemble's members) in a context variable.
+            with deadline_scope(deadline):
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    result = await call_predict(spec, columns)
         except TimeoutError:
             raise DeadlineExceeded(f"model {spec.label!r} did not answer before the request's deadline") from None
         return check_outputs(spec, result, rows), time.perf_counter() - started
+
+
+class RegistryCaller:
+    """Lets a model call other models of the service (an ensemble its members): each call goes
+    through the callee's own batcher, under the calling request's deadline."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    async def predict(self, name: str, columns: Columns, *, version: str | None = None) -> Columns:
+        entry = self._registry.get_ready(name, version)
+        deadline = request_deadline.get(time.monotonic() + entry.spec.timeout_s)
+        rows = len(next(iter(columns.values())))
+        return await self._registry.predict(entry, columns, rows, deadline)

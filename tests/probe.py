@@ -19,7 +19,7 @@ def _connection(url: str) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=10)
 
 
-def load(url: str, seconds: float, connections: int) -> int:
+def load(url: str, seconds: float, connections: int, model: str = "busy", body: bytes = b'{"n": 2}') -> int:
     served = [0] * connections
 
     def worker(index: int) -> None:
@@ -56,5 +56,9 @@ def live(url: str, seconds: float) -> list[float]:
 
 if __name__ == "__main__":
     command, url, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    result = load(url, seconds, int(sys.argv[4])) if command == "load" else live(url, seconds)
+    if command == "load":
+        model, body = (sys.argv[5], sys.argv[6].encode()) if len(sys.argv) > 6 else ("busy", b'{"n": 2}')
+        result: object = load(url, seconds, int(sys.argv[4]), model, body)
+    else:
+        result = live(url, seconds)
     print(json.dumps(result))

@@ -107,24 +107,26 @@ async def test_process_executor_loads_models_in_workers_and_keeps_the_loop_free(
     async with cli("serve", "tests.services:service", env=env) as (process, url):
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             response = await client.post("/v1/models/sleeper/predict", json={"seconds": 0})
-            assert response.status_code == 200
-            assert response.json()["pid"] != process.pid
-            busy = [client.post("/v1/models/spinner/predict", json={"seconds": 0.3}) for _ in range(8)]
-            spinning = asyncio.gather(*busy)
-            latencies = await probe_liveness(client, seconds=0.8)
-            assert all(r.status_code == 200 for r in await spinning)
-        assert percentile(latencies, 99) < 0.05, latencies
+        assert response.status_code == 200
+        assert response.json()["pid"] != process.pid
+        # Spinner holds the GIL in pure Python: only worker processes keep it off the event loop.
+        latencies, served = await probe_while_loaded(url, "spinner", b'{"seconds": 0.3}')
+    assert served >= 4
+    assert percentile(latencies, 99) < 0.05, latencies
 
 
-async def probe_liveness(client: httpx.AsyncClient, seconds: float) -> list[float]:
-    latencies: list[float] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        started = time.perf_counter()
-        assert (await client.get("/v2/health/live")).status_code == 200
-        latencies.append(time.perf_counter() - started)
-        await asyncio.sleep(0.005)
-    return latencies
+async def probe_while_loaded(url: str, model: str, body: bytes) -> tuple[list[float], int]:
+    """Liveness latencies measured by one process while another keeps ``model`` busy."""
+    load = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.probe", "load", url, "2.0", "8", model, body.decode(), stdout=subprocess.PIPE
+    )
+    await asyncio.sleep(0.3)
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.probe", "live", url, "1.5", stdout=subprocess.PIPE
+    )
+    latencies: list[float] = json.loads((await probe.communicate())[0])
+    served: int = json.loads((await load.communicate())[0])
+    return latencies, served
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -195,15 +197,7 @@ async def test_sigterm_flushes_every_accepted_prediction_record(tmp_path: Path) 
 async def test_liveness_stays_fast_while_a_cpu_bound_model_is_saturated() -> None:
     # One executor thread, leaving the other core to the event loop; load and probe in processes of their own.
     async with cli("serve", "tests.services:service", "--executor-workers", "1") as (_process, url):
-        load = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.probe", "load", url, "2.0", "8", stdout=subprocess.PIPE
-        )
-        await asyncio.sleep(0.3)
-        probe = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.probe", "live", url, "1.5", stdout=subprocess.PIPE
-        )
-        latencies = json.loads((await probe.communicate())[0])
-        served = json.loads((await load.communicate())[0])
+        latencies, served = await probe_while_loaded(url, "busy", b'{"n": 2}')
         async with httpx.AsyncClient(base_url=url) as client:
             metrics = (await client.get("/metrics")).text
     busy_seconds = sum(
