@@ -180,3 +180,15 @@ class AllTypes(Model):
 
     def predict(self, **columns: Array) -> dict[str, Array]:
         return {name.replace("in_", "out_", 1): column for name, column in columns.items()}
+
+
+class Cached(Model):
+    """Deterministic; answers with the id of the process that computed it, to see who did the work."""
+
+    name = "cached"
+    inputs = {"x": Tensor("INT64")}
+    outputs = {"pid": Tensor("INT64")}
+    deterministic = True
+
+    def predict(self, x: Array) -> Array:
+        return np.full(len(x), os.getpid(), dtype=np.int64)

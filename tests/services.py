@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from asyncserve import Service
-from tests.models import Adder, Busy, Sleeper, Spinner
+from tests.models import Adder, Busy, Cached, Sleeper, Spinner
 
 service = Service(Adder(), Sleeper(), Spinner(), Busy(), name="e2e")
+
+cached = Service(Cached(), name="cached")
