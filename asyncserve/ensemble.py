@@ -20,19 +20,18 @@ Stacking (``aggregate="<model name>"``) calls that model with every member's out
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from asyncserve.calls import ModelCaller, deadline_scope, remaining_s
 from asyncserve.exceptions import AsyncServeError, ConfigurationError, DeadlineExceeded, ModelError
 from asyncserve.model import Model, ModelSpec
 from asyncserve.tensors import Columns, Datatype, Tensor
@@ -48,37 +47,6 @@ EXTRA_OUTPUTS: Mapping[str, Tensor] = {
     "members_used": Tensor("BYTES", description="comma-separated labels of the members that answered"),
     "degraded": Tensor("BOOL", description="true when not every member answered"),
 }
-
-request_deadline: ContextVar[float] = ContextVar("request_deadline")
-"""The current request's absolute deadline on ``time.monotonic()``; unset means no deadline."""
-
-
-def remaining_s() -> float:
-    """Seconds left before the current request's deadline (``inf`` when none is set)."""
-    deadline = request_deadline.get(None)
-    return math.inf if deadline is None else deadline - time.monotonic()
-
-
-@contextlib.contextmanager
-def deadline_scope(deadline: float) -> Iterator[None]:
-    """Run a block under ``deadline`` (monotonic seconds); it can only tighten the one in force.
-
-    Example::
-
-        with deadline_scope(time.monotonic() + 0.5):
-            await caller.predict("scorer", columns)  # the registry reads request_deadline
-    """
-    token = request_deadline.set(min(deadline, request_deadline.get(math.inf)))
-    try:
-        yield
-    finally:
-        request_deadline.reset(token)
-
-
-class ModelCaller(Protocol):
-    """Runs a model of the service by name, under the current :data:`request_deadline`."""
-
-    async def predict(self, name: str, columns: Columns, *, version: str | None = None) -> Columns: ...
 
 
 @dataclass(frozen=True)
@@ -253,6 +221,7 @@ class Ensemble(Model):
 
     def bind(self, caller: ModelCaller) -> None:
         """Give the ensemble the way to run its members (the registry calls this at start)."""
+        super().bind(caller)
         self._caller = caller
 
     def dependencies(self) -> dict[str, tuple[str, str | None]]:

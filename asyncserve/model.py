@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from asyncserve.calls import ModelCaller
 from asyncserve.exceptions import ConfigurationError, ModelError
 from asyncserve.features import Feature
 from asyncserve.tensors import Columns, Datatype, Tensor, declared_tensors
@@ -62,6 +63,14 @@ class Model:
     """The same inputs always give the same outputs: identical requests in flight then share one
     computation, and answers may be cached (``ASYNCSERVE_PREDICTION_CACHE``)."""
     """Columns looked up per request in feature sources and passed to ``predict`` besides the inputs."""
+
+    models: ModelCaller | None = None
+    """The service's other models, for a model that calls them (``await self.models.predict("b", columns)``);
+    each call runs through that model's batcher under the calling request's deadline. Set at start."""
+
+    def bind(self, caller: ModelCaller) -> None:
+        """Receive the way to call the service's other models (the registry calls this at start)."""
+        self.models = caller
 
     def load(self) -> None:
         """Load weights. Runs once, off the event loop (in each worker process with processes)."""

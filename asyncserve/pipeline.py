@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from asyncserve.ensemble import deadline_scope
+from asyncserve.calls import deadline_scope
 from asyncserve.features import FeatureSource, fetch_features
 from asyncserve.lazy import Coalescer, PredictionCache, request_key
 from asyncserve.metrics import Metrics

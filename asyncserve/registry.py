@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from asyncserve.batching import Batcher, BatchSettings, Runner
-from asyncserve.ensemble import Ensemble, deadline_scope, request_deadline
+from asyncserve.calls import deadline_scope, request_deadline
+from asyncserve.ensemble import Ensemble
 from asyncserve.exceptions import (
     AsyncServeError,
     ConfigurationError,
@@ -89,6 +90,7 @@ class ModelRegistry:
         for entry in self._entries.values():
             ensemble = entry.spec.model
             if not isinstance(ensemble, Ensemble):
+                ensemble.bind(caller)
                 continue
             specs = {}
             for label, (name, version) in ensemble.dependencies().items():

@@ -159,3 +159,32 @@ def test_stacking_inputs_are_named_after_members() -> None:
 
     outputs = {Member("a"): {"score": np.array([1.0])}}
     assert set(stacking_inputs(outputs)) == {"a_score"}
+
+
+class Pipeline2(Model):
+    """A model whose code calls two others of the service, concurrently (a small DAG)."""
+
+    name = "dag"
+    inputs = {"x": Tensor("FP32")}
+    outputs = {"total": Tensor("FP32")}
+
+    async def predict(self, x: Array) -> Array:
+        assert self.models is not None
+        a, b = await asyncio.gather(
+            self.models.predict("a", {"x": x}),
+            self.models.predict("b", {"x": x}),
+        )
+        result: Array = a["score"] + b["score"]
+        return result
+
+
+async def test_a_models_code_calls_other_models_under_the_request_deadline() -> None:
+    service = Service(Scorer("a", 1.0), Scorer("b", 3.0, delay_s=1.0), Pipeline2())
+    async with serving(service, SETTINGS) as running, running.client() as client:
+        ok = await client.post("/v1/models/dag/predict", json={"x": 2.0}, headers={"X-Request-Timeout": "2"})
+        started = time.perf_counter()
+        late = await client.post("/v1/models/dag/predict", json={"x": 2.0}, headers={"X-Request-Timeout": "0.2"})
+        elapsed = time.perf_counter() - started
+    assert ok.json() == {"total": 8.0}
+    assert late.status_code == 504
+    assert elapsed < 0.6  # the callee's wait ended with the caller's deadline

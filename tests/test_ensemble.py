@@ -15,14 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from asyncserve.calls import deadline_scope, remaining_s, request_deadline
 from asyncserve.ensemble import (
     Ensemble,
     Member,
-    deadline_scope,
     majority,
     mean,
-    remaining_s,
-    request_deadline,
     soft_vote,
     stacking_inputs,
     weighted_mean,

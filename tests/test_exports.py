@@ -12,8 +12,9 @@ import asyncserve
 PACKAGE = Path(asyncserve.__file__).parent
 
 LAYERS = {
-    "exceptions": 0, "tensors": 0, "config": 0, "metrics": 0, "_utils": 0, "cache": 0,
-    "features": 1, "predlog": 1, "jobs": 1, "ensemble": 1, "lazy": 1, "model": 1, "executor": 1, "batching": 1, "cost": 1,
+    "exceptions": 0, "tensors": 0, "config": 0, "metrics": 0, "_utils": 0, "cache": 0, "calls": 0,
+    "features": 1, "predlog": 1, "jobs": 1, "ensemble": 1, "lazy": 1,
+    "model": 1, "executor": 1, "batching": 1, "cost": 1,
     "registry": 2,
     "service": 3, "pipeline": 3,
     "v2": 4, "jsonapi": 4, "openapi": 4, "routing": 4, "app": 4, "server": 4, "cli": 4, "demo": 4, "minilm": 4,
