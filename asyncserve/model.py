@@ -72,6 +72,12 @@ class Model:
         """Receive the way to call the service's other models (the registry calls this at start)."""
         self.models = caller
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy sent to a worker process leaves the caller behind: it holds this server's registry.
+        state = self.__dict__.copy()
+        state.pop("models", None)
+        return state
+
     def load(self) -> None:
         """Load weights. Runs once, off the event loop (in each worker process with processes)."""
 
