@@ -29,6 +29,10 @@ from asyncserve.exceptions import (
     UnsupportedMediaType,
 )
 from asyncserve.executor import Executor, ProcessExecutor, ThreadExecutor
+from asyncserve.jobs import open_broker
+from asyncserve.jobs.webhooks import WebhookDelivery, WebhookSettings
+from asyncserve.jobs.worker import Worker
+from asyncserve.jobs_api import JobsAPI
 from asyncserve.lazy import DeferredPredictions, MemoryPredictionCache, PredictionCache, RedisPredictionCache
 from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
 from asyncserve.pipeline import Pipeline, Prediction
@@ -99,6 +103,16 @@ class AsyncServeApp:
             make_prediction_cache(self.settings),
         )
         self.deferred = DeferredPredictions(max_handles=self.settings.max_deferred)
+        self.broker = open_broker(self.settings.jobs) if self.settings.jobs else None
+        self.webhook_settings = WebhookSettings.from_env()
+        self.jobs_api = (
+            JobsAPI(self.broker, self.registry, self.pipeline, self.webhook_settings, self.settings.max_batch_jobs)
+            if self.broker is not None
+            else None
+        )
+        self.job_workers: list[Worker] = []
+        self._worker_tasks: set[asyncio.Task[None]] = set()
+        self.webhooks = WebhookDelivery(self.webhook_settings)
         self._deferred_as_list: dict[str, bool] = {}
         self._count_elsewhere()
         self.shutting_down = False
@@ -135,6 +149,14 @@ class AsyncServeApp:
         r.add("POST", "/v2/repository/models/{model}/load", self.repository_load, "repository_load")
         r.add("POST", "/v2/repository/models/{model}/unload", self.repository_unload, "repository_unload")
         r.add("GET", "/v1/predictions/{handle}", self.deferred_result, "v1_deferred", cancel_on_disconnect=True)
+        if self.jobs_api is not None:
+            jobs = self.jobs_api
+            r.add("POST", "/v1/jobs", jobs.submit, "jobs_submit")
+            r.add("POST", "/v1/jobs/batch", jobs.submit_batch, "jobs_batch")
+            r.add("GET", "/v1/jobs", jobs.list, "jobs_list")
+            r.add("GET", "/v1/jobs/{job}", jobs.get, "jobs_get")
+            r.add("GET", "/v1/jobs/{job}/events", jobs.events, "jobs_events")
+            r.add("DELETE", "/v1/jobs/{job}", jobs.cancel, "jobs_cancel")
         r.add("GET", "/metrics", self.prometheus, "metrics")
         r.add("GET", "/openapi.json", self.openapi_json, "openapi")
         r.add("GET", "/docs", self.docs, "docs")
@@ -225,16 +247,34 @@ class AsyncServeApp:
         await receive()  # lifespan.startup
         self.loop_lag.start()
         self.registry.start()
+        await self.webhooks.__aenter__()
+        if self.broker is not None:
+            await self.broker.open()
         if self.pipeline.predlog is not None:
             await self.pipeline.predlog.start()
         await self.pipeline.open()
         # Models load in the background so that liveness answers while they do.
-        self._loading = asyncio.get_running_loop().create_task(self.registry.load_all(), name="asyncserve-load")
+        self._loading = asyncio.get_running_loop().create_task(self._load_then_work(), name="asyncserve-load")
         self._loading.add_done_callback(_log_failure)
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
         await self.aclose()
         await send({"type": "lifespan.shutdown.complete"})
+
+    async def _load_then_work(self) -> None:
+        await self.registry.load_all()
+        # Job workers start once the models can run their jobs.
+        if self.broker is not None and self.jobs_api is not None:
+            for _ in range(self.settings.job_workers):
+                worker = Worker(
+                    self.broker, self.jobs_api.run, concurrency=self.settings.job_concurrency,
+                    lease_s=self.settings.job_lease_s, webhooks=self.webhooks,
+                )  # fmt: skip
+                await worker.__aenter__()
+                self.job_workers.append(worker)
+                task = asyncio.get_running_loop().create_task(worker.run(), name=f"asyncserve-{worker.worker_id}")
+                task.add_done_callback(_log_failure)
+                self._worker_tasks.add(task)
 
     def begin_shutdown(self) -> None:
         """Turn readiness off and refuse new predictions; in-flight ones go on (the server drains them)."""
@@ -247,13 +287,21 @@ class AsyncServeApp:
             self._loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loading
-        # In-flight requests are done (the server drained them): stop the batchers, flush the
-        # prediction log (every accepted record written or spilled), close the sources, the executor.
+        # In-flight requests are done (the server drained them). Job workers stop claiming and hand
+        # back what they could not finish; then stop the batchers, flush the prediction log (every
+        # accepted record written or spilled), close the sources, the executor, webhooks, the broker.
+        for worker in self.job_workers:
+            await worker.aclose(timeout_s=self.settings.grace_period_s)
+        if self._worker_tasks:
+            await asyncio.wait(self._worker_tasks)
         await self.registry.aclose()
         if self.pipeline.predlog is not None:
             await self.pipeline.predlog.aclose(timeout_s=self.settings.grace_period_s)
         await self.pipeline.aclose()
         await self.executor.aclose()
+        await self.webhooks.aclose(timeout_s=self.settings.grace_period_s)
+        if self.broker is not None:
+            await self.broker.aclose()
         await self.loop_lag.aclose()
 
     async def wait_ready(self) -> None:
@@ -295,6 +343,8 @@ class AsyncServeApp:
     async def infer(self, request: Request) -> Response:
         entry, deadline = self._admit(request)
         body = await request.body()
+        if self.jobs_api is not None and _prefers(request, "respond-async"):
+            return await self.jobs_api.submit_v2(request, entry, body)
         header_length = _binary_header_length(request)
         # Any V2 body may say application/octet-stream: tritonclient's aio client always does.
         _require_json(request, also="application/octet-stream")
@@ -314,7 +364,7 @@ class AsyncServeApp:
         columns, as_list = jsonapi.decode_rows(body, entry.spec)
         rows = len(next(iter(columns.values())))
         priority = _parse_priority(request.headers.get("x-priority", "0"), "X-Priority")
-        if _prefers_lazy(request):
+        if _prefers(request, "lazy"):
             return self._defer(request, entry, columns, rows, as_list, priority)
         prediction = await self.pipeline.run(
             entry, columns, rows, deadline, priority=priority, request_id=request.request_id
@@ -437,10 +487,10 @@ def _alive(deferred: DeferredPredictions, handle_id: str) -> bool:
     return True
 
 
-def _prefers_lazy(request: Request) -> bool:
-    """RFC 7240 ``Prefer: lazy`` (among other preferences, in any case)."""
+def _prefers(request: Request, preference: str) -> bool:
+    """An RFC 7240 ``Prefer`` preference (``lazy``, ``respond-async``), among others, in any case."""
     prefer = request.headers.get("prefer", "")
-    return any(part.strip().lower() == "lazy" for part in prefer.replace(";", ",").split(","))
+    return any(part.strip().lower() == preference for part in prefer.replace(";", ",").split(","))
 
 
 def _degraded_header(prediction: Prediction) -> dict[str, str]:

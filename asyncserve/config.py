@@ -57,6 +57,16 @@ class Settings:
     every server); empty turns caching off (identical requests in flight are still coalesced)."""
     prediction_cache_ttl_s: float = 60.0
     prediction_cache_size: int = 10_000
+    jobs: str = "sqlite://var/jobs.db"
+    """Where asynchronous jobs are kept: ``sqlite://relative.db`` or ``sqlite:///absolute.db`` (the durable
+    embedded default), ``redis://host:6379/0`` (many servers and workers), ``memory://`` (tests); empty
+    turns the jobs API off."""
+    job_workers: int = 1
+    """In-process job workers of this server (0: only standalone ``asyncserve worker`` processes run jobs)."""
+    job_concurrency: int = 64
+    """Jobs one worker runs at once (their rows join the models' batches)."""
+    job_lease_s: float = 30.0
+    max_batch_jobs: int = 10_000
     deferred_ttl_s: float = 300.0
     """How long a deferred prediction (``Prefer: lazy``) stays readable."""
     max_deferred: int = 10_000

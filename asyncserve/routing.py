@@ -7,7 +7,7 @@ core as the models, and benchmarks/results/frameworks.md shows what Starlette an
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,32 @@ class Response:
         headers.extend((name.encode(), value.encode()) for name, value in self.headers.items())
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
+
+
+class StreamingResponse(Response):
+    """A response whose body is sent as the chunks come (Server-Sent Events, say)."""
+
+    def __init__(
+        self,
+        status: int,
+        chunks: AsyncIterator[bytes],
+        headers: dict[str, str] | None = None,
+        content_type: str = JSON_TYPE,
+    ) -> None:
+        super().__init__(status, b"", headers or {}, content_type)
+        self.chunks = chunks
+
+    async def send(self, send: Send, request_id: str) -> None:
+        headers = [
+            (b"content-type", self.content_type.encode()),
+            (b"cache-control", b"no-cache"),
+            (b"x-request-id", request_id.encode()),
+        ]
+        headers.extend((name.encode(), value.encode()) for name, value in self.headers.items())
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        async for chunk in self.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -37,7 +37,7 @@ def serve_in_thread(
     service: Service, settings: Settings | None = None, *, wait_ready: bool = True
 ) -> Iterator[RunningServer]:
     """Run the real server (uvicorn, uvloop, httptools) on 127.0.0.1:0 until the block ends."""
-    settings = settings or Settings(executor_workers=2, loop_lag_interval_s=0.01)
+    settings = settings or Settings(executor_workers=2, loop_lag_interval_s=0.01, jobs="memory://")
     sock = bind_socket("127.0.0.1", 0)
     app = AsyncServeApp(service, settings)
     server = make_server(app)

@@ -201,11 +201,13 @@ async def validate_webhook_url(url: str, settings: WebhookSettings) -> None:
 
     Raises:
         InvalidRequest: the URL is malformed or refused; the message says why and what to do.
-        ConfigurationError: the server has no webhook secret, so it sends no webhooks.
+        InvalidRequest: also when the server has no webhook secret, so it sends no webhooks.
     """
     if not settings.enabled:
-        raise ConfigurationError(
-            "this server does not send webhooks: set ASYNCSERVE_WEBHOOK_SECRET to a random string to enable them"
+        # The client asked for what this server cannot do; it can submit again without a webhook.
+        raise InvalidRequest(
+            "this server does not send webhooks (its operator has not set ASYNCSERVE_WEBHOOK_SECRET); "
+            "submit the job without a webhook and poll it or stream its events"
         )
     host, port = split_webhook_url(url)
     try:

@@ -334,7 +334,7 @@ async def test_public_addresses_pass() -> None:
 
 
 async def test_submitting_a_webhook_without_a_secret_is_a_configuration_error() -> None:
-    with pytest.raises(ConfigurationError, match="set ASYNCSERVE_WEBHOOK_SECRET"):
+    with pytest.raises(InvalidRequest, match="ASYNCSERVE_WEBHOOK_SECRET"):
         await validate_webhook_url("https://93.184.216.34/hook", WebhookSettings())
 
 

@@ -1,0 +1,210 @@
+"""The HTTP face of asynchronous jobs: submit, poll, list, stream, cancel; and running a job's prediction.
+
+A job's inputs are stored as submitted, in one of two formats the handler knows how to run:
+``{"format": "json", "inputs": <a row or a list of rows>}`` (the JSON API's body) or
+``{"format": "v2", "request": <an Open Inference Protocol JSON request>}`` (``Prefer: respond-async``).
+The job is durable in the broker before the 202 goes out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+
+from asyncserve import jsonapi, v2
+from asyncserve.exceptions import InvalidRequest, NotFound, SchemaViolation
+from asyncserve.jobs import Broker, Job, JobRequest
+from asyncserve.jobs.webhooks import WebhookSettings, validate_webhook_url
+from asyncserve.pipeline import Pipeline
+from asyncserve.registry import ModelEntry, ModelRegistry
+from asyncserve.routing import Request, Response, StreamingResponse
+
+_SUBMIT_FIELDS = {"model", "version", "inputs", "webhook", "priority", "ttl_s", "max_attempts", "queue_timeout_s"}
+_JSON_LINES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
+
+
+class JobsAPI:
+    """Route handlers for ``/v1/jobs``, and ``run(job)``, the worker's handler."""
+
+    def __init__(
+        self, broker: Broker, registry: ModelRegistry, pipeline: Pipeline, webhooks: WebhookSettings, max_batch: int
+    ) -> None:
+        self.broker = broker
+        self.registry = registry
+        self.pipeline = pipeline
+        self.webhooks = webhooks
+        self.max_batch = max_batch
+
+    # Submitting
+
+    async def submit(self, request: Request) -> Response:
+        document = _parse(await request.body())
+        job_request = await self._job_request(document, "", request.headers.get("idempotency-key"))
+        job, created = await self.broker.enqueue(job_request)
+        return _accepted(job, 202 if created else 200)
+
+    async def submit_batch(self, request: Request) -> Response:
+        """Many jobs at once: a JSON array of job objects, or JSON Lines (one job object per line)."""
+        items = _parse_batch(await request.body(), request.headers.get("content-type", ""))
+        if len(items) > self.max_batch:
+            raise InvalidRequest(f"a batch holds at most {self.max_batch} jobs, got {len(items)}; split it")
+        requests = [await self._job_request(item, f"[{index}]", None) for index, item in enumerate(items)]
+        jobs = await self.broker.enqueue_many(requests)
+        body = {"jobs": [{"id": job.id, "status": job.status.value, "url": _url(job)} for job in jobs]}
+        return Response.json(body, 202)
+
+    async def submit_v2(self, request: Request, entry: ModelEntry, body: bytes) -> Response:
+        """``POST /v2/models/{m}/infer`` with ``Prefer: respond-async``: the V2 request becomes a job."""
+        if request.headers.get("inference-header-content-length") is not None:
+            raise InvalidRequest("asynchronous inference takes JSON tensors; send the request without binary data")
+        v2.decode_infer_request(body, entry.spec, None)  # a bad request is refused now, not in the job
+        inputs = {"format": "v2", "request": orjson.loads(body)}
+        priority = orjson.loads(body).get("parameters", {}).get("priority", 0)
+        job_request = JobRequest(
+            model=entry.spec.name, version=entry.spec.version, inputs=inputs, priority=priority,
+            idempotency_key=request.headers.get("idempotency-key"),
+        )  # fmt: skip
+        job, created = await self.broker.enqueue(job_request)
+        return _accepted(job, 202 if created else 200)
+
+    async def _job_request(self, document: Any, path: str, idempotency_key: str | None) -> JobRequest:
+        if not isinstance(document, dict):
+            raise SchemaViolation(path, "a job is a JSON object with model and inputs")
+        unknown = set(document) - _SUBMIT_FIELDS
+        if unknown:
+            raise SchemaViolation(
+                f"{path}.{sorted(unknown)[0]}".lstrip("."), f"unknown field; use {sorted(_SUBMIT_FIELDS)}"
+            )
+        for field in ("model", "inputs"):
+            if field not in document:
+                raise SchemaViolation(f"{path}.{field}".lstrip("."), "field required")
+        entry = self.registry.find(str(document["model"]), document.get("version"))
+        # The inputs are checked now, so a job never fails later for a malformed body.
+        jsonapi.decode_rows(orjson.dumps(document["inputs"]), entry.spec)
+        webhook = document.get("webhook")
+        if webhook is not None:
+            await validate_webhook_url(str(webhook), self.webhooks)
+        options = {
+            name: document[name]
+            for name in ("priority", "ttl_s", "max_attempts", "queue_timeout_s")
+            if name in document
+        }
+        return JobRequest(
+            model=entry.spec.name, version=entry.spec.version, inputs={"format": "json", "inputs": document["inputs"]},
+            webhook=webhook, idempotency_key=idempotency_key, **options,
+        )  # fmt: skip
+
+    # Reading
+
+    async def get(self, request: Request) -> Response:
+        return Response.json(_public(await self._job(request.params["job"])))
+
+    async def list(self, request: Request) -> Response:
+        query = _query(request)
+        limit = _limit(query.get("limit", "100"))
+        jobs, cursor = await self.broker.list(
+            status=query.get("status"), model=query.get("model"), cursor=query.get("cursor"), limit=limit
+        )
+        return Response.json({"jobs": [_public(job) for job in jobs], "next_cursor": cursor})
+
+    async def cancel(self, request: Request) -> Response:
+        job = await self.broker.cancel(request.params["job"])
+        if job is None:
+            raise NotFound(f"no job {request.params['job']!r}; it never existed or expired")
+        return Response.json(_public(job))
+
+    async def events(self, request: Request) -> Response:
+        """Server-Sent Events: the job now, then at every change of status, until it is final."""
+        job = await self._job(request.params["job"])
+        return StreamingResponse(200, _sse(self.broker, job.id), content_type="text/event-stream")
+
+    async def _job(self, job_id: str) -> Job:
+        job = await self.broker.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}; it never existed or expired")
+        return job
+
+    # Running (the worker's handler)
+
+    async def run(self, job: Job) -> Any:
+        """Run a job's prediction through the same pipeline (and batcher) as a request; return its JSON result."""
+        entry = self.registry.get_ready(job.model, job.version)
+        inputs = job.inputs if isinstance(job.inputs, Mapping) else {}
+        deadline = time.monotonic() + entry.spec.timeout_s
+        if inputs.get("format") == "v2":
+            body = orjson.dumps(inputs["request"])
+            decoded = v2.decode_infer_request(body, entry.spec, None)
+            prediction = await self.pipeline.run(
+                entry, decoded.columns, decoded.rows, deadline, priority=job.priority, request_id=job.id
+            )
+            payload, _ = v2.encode_infer_response(entry.spec, decoded, prediction.outputs)
+            return orjson.loads(payload)
+        columns, as_list = jsonapi.decode_rows(orjson.dumps(inputs.get("inputs")), entry.spec)
+        rows = len(next(iter(columns.values())))
+        prediction = await self.pipeline.run(entry, columns, rows, deadline, priority=job.priority, request_id=job.id)
+        return orjson.loads(jsonapi.encode_rows(entry.spec, prediction.outputs, as_list))
+
+
+def _public(job: Job) -> dict[str, Any]:
+    """A job as clients see it: no lease internals."""
+    fields = job.to_dict()
+    for internal in ("lease_owner", "fencing_token", "lease_expires_at", "not_before"):
+        fields.pop(internal, None)
+    fields["links"] = {"self": _url(job), "events": f"{_url(job)}/events"}
+    return fields
+
+
+def _url(job: Job) -> str:
+    return f"/v1/jobs/{job.id}"
+
+
+def _accepted(job: Job, status: int) -> Response:
+    return Response.json(_public(job), status, {"location": _url(job)})
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def _parse_batch(body: bytes, content_type: str) -> list[Any]:
+    if content_type.split(";", 1)[0].strip().lower() in _JSON_LINES:
+        return [_parse(line) for line in body.splitlines() if line.strip()]
+    items = _parse(body)
+    if not isinstance(items, list) or not items:
+        raise SchemaViolation("", "a batch is a non-empty JSON array of jobs (or JSON Lines)")
+    return items
+
+
+def _query(request: Request) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    raw: bytes = request.scope.get("query_string", b"")
+    return dict(parse_qsl(raw.decode("latin-1")))
+
+
+def _limit(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise InvalidRequest(f"limit must be an integer from 1 to 1000, got {value!r}")
+    return int(value)
+
+
+async def _sse(broker: Broker, job_id: str) -> AsyncIterator[bytes]:
+    async with contextlib.aclosing(broker.events(job_id)) as events:
+        async for job in events:
+            data = orjson.dumps(_public(job))
+            yield (
+                b"event: "
+                + job.status.value.encode()
+                + b"\nid: "
+                + str(job.updated_at).encode()
+                + b"\ndata: "
+                + data
+                + b"\n\n"
+            )
