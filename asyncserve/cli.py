@@ -24,6 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(serve)
     demo = commands.add_parser("demo", help="serve the demo models (a text embedder, FAQ search, iris classifier)")
     _add_server_options(demo)
+    worker = commands.add_parser("worker", help="run job workers for a Service (no HTTP server)")
+    worker.add_argument("target", metavar="MODULE:ATTR", help="the service whose models run the jobs")
+    worker.add_argument("--broker", help="where the jobs are: sqlite://var/jobs.db (default), redis://host:6379/0")
+    worker.add_argument("--concurrency", type=int, help="jobs run at once by each worker (default 64)")
+    worker.add_argument("--workers", type=int, dest="job_workers", help="worker loops in this process (default 1)")
+    worker.add_argument("--executor", choices=["thread", "process"], help="where CPU-bound predict runs")
+    worker.add_argument("--executor-workers", type=int, help="threads or processes in the executor pool")
+    worker.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 
@@ -38,6 +46,15 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    if args.command == "worker":
+        return Settings.from_env(
+            jobs=args.broker,
+            job_concurrency=args.concurrency,
+            job_workers=args.job_workers,
+            executor=args.executor,
+            executor_workers=args.executor_workers,
+            log_level=args.log_level,
+        )
     return Settings.from_env(
         host=args.host,
         port=args.port,
@@ -50,7 +67,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from asyncserve.server import bind_socket, serve
+    from asyncserve.server import bind_socket, run_worker, serve
 
     try:
         settings = settings_from(args)
@@ -59,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log = Path("var/demo/predictions.jsonl").resolve()
             settings = dataclasses.replace(settings, prediction_log=str(log))
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.command == "worker":
+            run_worker(args.target, settings)
+            return 0
         target = "asyncserve.demo:service" if args.command == "demo" else args.target
         sock = bind_socket(settings.host, settings.port)
         if args.command == "demo":

@@ -11,6 +11,7 @@ Shutdown on SIGTERM or SIGINT, in order:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -22,6 +23,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 import uvicorn
+import uvloop
 
 from asyncserve._utils import import_string
 from asyncserve.app import AsyncServeApp
@@ -159,3 +161,40 @@ class Supervisor:
             if not child.is_alive() and not self._stop.is_set():
                 logger.error("worker %s exited with %s; starting another", child.pid, child.exitcode)
                 self._children[index] = self._spawn()
+
+
+def run_worker(target: Service | str, settings: Settings) -> None:
+    """Run job workers without an HTTP server (``asyncserve worker``) until SIGTERM or SIGINT.
+
+    The models load as in a server; the workers claim jobs from ``settings.jobs`` and run them
+    through the same pipeline and batchers. On a signal they stop claiming, finish or hand back
+    what they hold, and the process exits 0.
+    """
+    service = load_service(target) if isinstance(target, str) else target
+    if not settings.jobs or settings.job_workers < 1:
+        raise ConfigurationError("a worker needs a broker (--broker URL) and at least one job worker")
+    app = AsyncServeApp(service, settings)
+    uvloop.run(_lifespan_until_signal(app))
+
+
+async def _lifespan_until_signal(app: AsyncServeApp) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    started = asyncio.Event()
+
+    async def receive() -> dict[str, str]:
+        message = next(messages)
+        if message["type"] == "lifespan.shutdown":
+            await stop.wait()
+            app.begin_shutdown()
+        return message
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+            logger.info("worker ready: %s, broker %s", app.service, app.settings.jobs)
+
+    await app({"type": "lifespan"}, receive, send)
