@@ -1,4 +1,8 @@
-"""HttpSource: feature rows from an HTTP service, over one pooled async client per source (httpx)."""
+"""HttpSource: feature rows from an HTTP service, over one pooled aiohttp client session per source.
+
+aiohttp, not httpx: at 256 concurrent requests httpx cost about 29 times the CPU per request
+(benchmarks/results/io.md), and the client's CPU per fetch is what bounds a server on one core.
+"""
 
 from __future__ import annotations
 
@@ -44,11 +48,12 @@ class HttpSource(FeatureSource):
 
     async def _open(self) -> None:
         try:
-            import httpx
+            import aiohttp
         except ImportError:
-            raise ConfigurationError("HttpSource needs httpx: pip install 'asyncserve[client]'") from None
-        limits = httpx.Limits(max_connections=self.pool_size, max_keepalive_connections=self.pool_size)
-        self._client = httpx.AsyncClient(limits=limits, headers=self.headers, timeout=self.policy.timeout_s)
+            raise ConfigurationError("HttpSource needs aiohttp: pip install 'asyncserve[http]'") from None
+        connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=self.pool_size)
+        timeout = aiohttp.ClientTimeout(total=self.policy.timeout_s)
+        self._client = aiohttp.ClientSession(connector=connector, headers=self.headers, timeout=timeout)
 
     async def _fetch(self, keys: list[Key]) -> Mapping[Key, Row]:
         if self.batch_url is not None:
@@ -57,20 +62,24 @@ class HttpSource(FeatureSource):
         return {key: row for key, row in zip(keys, rows, strict=True) if row is not None}
 
     async def _fetch_one(self, key: Key) -> Row | None:
-        response = await self._client.get(self.url.format(key=key))
-        if response.status_code == 404:
-            return None
-        response.raise_for_status()
-        row: Row = orjson.loads(response.content)
-        return row
+        async with self._client.get(self.url.format(key=key)) as response:
+            if response.status == 404:
+                return None
+            response.raise_for_status()
+            row: Row = orjson.loads(await response.read())
+            return row
 
     async def _fetch_batch(self, keys: list[Key]) -> Mapping[Key, Row]:
-        response = await self._client.post(self.batch_url, content=orjson.dumps({"keys": keys}))
-        response.raise_for_status()
-        found = orjson.loads(response.content)
+        body = orjson.dumps({"keys": keys})
+        async with self._client.post(self.batch_url, data=body, headers=_JSON) as response:
+            response.raise_for_status()
+            found = orjson.loads(await response.read())
         return {key: found[str(key)] for key in keys if found.get(str(key)) is not None}
 
     async def _close(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
+
+
+_JSON = {"Content-Type": "application/json"}
