@@ -290,8 +290,7 @@ class AsyncServeApp:
         # In-flight requests are done (the server drained them). Job workers stop claiming and hand
         # back what they could not finish; then stop the batchers, flush the prediction log (every
         # accepted record written or spilled), close the sources, the executor, webhooks, the broker.
-        for worker in self.job_workers:
-            await worker.aclose(timeout_s=self.settings.grace_period_s)
+        await asyncio.gather(*(w.aclose(timeout_s=self.settings.grace_period_s) for w in self.job_workers))
         if self._worker_tasks:
             await asyncio.wait(self._worker_tasks)
         await self.registry.aclose()

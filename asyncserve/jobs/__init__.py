@@ -22,6 +22,7 @@ from asyncserve.jobs.broker import Broker, Job, JobRequest, JobStatus, Lease, op
 from asyncserve.jobs.memory import MemoryBroker
 from asyncserve.jobs.redis import RedisBroker
 from asyncserve.jobs.sqlite import SQLiteBroker
+from asyncserve.jobs.worker import Worker
 
 __all__ = [
     "Broker",
@@ -32,5 +33,6 @@ __all__ = [
     "MemoryBroker",
     "RedisBroker",
     "SQLiteBroker",
+    "Worker",
     "open_broker",
 ]

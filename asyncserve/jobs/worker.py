@@ -200,7 +200,7 @@ class Worker:
             self._loop_idle.set()
 
     def stop(self) -> None:
-        """Stop claiming: ``run()`` returns soon after. Safe to call from a signal handler, and twice."""
+        """Stop claiming: ``run()`` returns soon after. Safe from a loop.add_signal_handler callback, and twice."""
         if self._state in (WorkerState.OPEN, WorkerState.RUNNING):
             self._state = WorkerState.STOPPING
             self._wake.set()
