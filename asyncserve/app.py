@@ -23,6 +23,7 @@ from asyncserve.exceptions import (
     ModelError,
     ModelNotReady,
     NotFound,
+    Overloaded,
     SchemaViolation,
     ShuttingDown,
     Unavailable,
@@ -184,6 +185,7 @@ class AsyncServeApp:
             self.metrics.request_started(route_name)
             try:
                 if route.cancel_on_disconnect:
+                    self._shed_if_swamped(request)
                     # Read the body first: afterwards the only message left to receive is the disconnect.
                     await request.body()
                     response = await self._until_disconnect(route.handler(request), receive, route_name, model)
@@ -201,6 +203,24 @@ class AsyncServeApp:
             response = self._error_response(internal, request_id, route_name, model)
         await response.send(send, request_id)
         self.metrics.observe_request(route_name, model, response.status, time.perf_counter() - started)
+
+    def _shed_if_swamped(self, request: Request) -> None:
+        """Refuse before reading the body when the event loop alone is already slower than the request's budget.
+
+        Under overload refusing must cost less than serving: this check runs before the body is
+        read or decoded, from what the loop-lag probe measured a moment ago.
+        """
+        lag = self.loop_lag.recent_lag_s
+        if lag < 0.01:
+            return
+        asked = request.headers.get("x-request-timeout")
+        budget = _parse_timeout(asked) if asked is not None else self.settings.grace_period_s
+        if lag >= budget:
+            raise Overloaded(
+                f"the server is overloaded (its event loop runs {lag * 1000:.0f} ms late, over this request's "
+                f"{budget * 1000:.0f} ms); retry later",
+                retry_after_s=max(1.0, lag),
+            )
 
     def _model_label(self, name: str) -> str:
         # Only names of served models become label values: a client must not be able to grow
