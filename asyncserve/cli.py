@@ -1,4 +1,5 @@
-"""The command line: ``asyncserve serve MODULE:ATTR``, ``asyncserve demo``; also ``python -m asyncserve``."""
+"""The command line: ``asyncserve serve MODULE:ATTR``, ``asyncserve demo``, ``asyncserve worker MODULE:ATTR``,
+``asyncserve jobs submit FILE``; also ``python -m asyncserve``."""
 
 from __future__ import annotations
 
@@ -32,7 +33,33 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--executor", choices=["thread", "process"], help="where CPU-bound predict runs")
     worker.add_argument("--executor-workers", type=int, help="threads or processes in the executor pool")
     worker.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    _add_jobs_commands(commands.add_parser("jobs", help="use the jobs API of a running server"))
     return parser
+
+
+def _add_jobs_commands(jobs: argparse.ArgumentParser) -> None:
+    commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    submit = commands.add_parser(
+        "submit", help="submit a file of inputs as jobs and write each result as it finishes",
+        description="Submit every row of FILE (JSON Lines, or CSV with a header row) as a job for --model, "
+        "show progress on stderr, and write one JSON line per job to --out as it finishes. Exit status: 0 if "
+        "every job succeeded, 1 if some did not, 2 if the run could not finish (see --resume).",
+    )  # fmt: skip
+    submit.add_argument("file", type=Path, metavar="FILE", help="the inputs: JSON Lines, or a .csv file")
+    submit.add_argument("--model", required=True, help="the model that runs every job")
+    submit.add_argument("--out", required=True, type=Path, metavar="FILE", help="where the results go (JSON Lines)")
+    submit.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    submit.add_argument("--version", help="the model's version (default: the server's choice)")
+    submit.add_argument("--batch-size", type=_positive, default=500, help="jobs per POST /v1/jobs/batch (default 500)")
+    submit.add_argument("--concurrency", type=_positive, default=4, help="requests in flight at once (default 4)")
+    submit.add_argument("--max-attempts", type=_positive, help="attempts per job (default: the server's, 3)")
+    submit.add_argument("--resume", action="store_true", help="finish an interrupted run with the same --out")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +94,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "jobs":
+        return _jobs(args)
     from asyncserve.server import bind_socket, run_worker, serve
 
     try:
@@ -88,6 +117,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"asyncserve: error: {exc.message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from asyncserve import submit
+
+    options = submit.SubmitOptions(
+        file=args.file, model=args.model, out=args.out, url=args.url, version=args.version,
+        batch_size=args.batch_size, concurrency=args.concurrency, max_attempts=args.max_attempts, resume=args.resume,
+    )  # fmt: skip
+    try:
+        return submit.main(options)
+    except ConfigurationError as exc:
+        print(f"asyncserve: error: {exc.message}", file=sys.stderr)
+        return 2
 
 
 def _print_demo_usage(sock: socket.socket, prediction_log: str) -> None:

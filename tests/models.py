@@ -192,3 +192,40 @@ class Cached(Model):
 
     def predict(self, x: Array) -> Array:
         return np.full(len(x), os.getpid(), dtype=np.int64)
+
+
+class Pid(Model):
+    """Sleeps ``seconds``, then answers its ``n`` and the id of the process that ran it: who did which job."""
+
+    name = "pid"
+    inputs = {"n": Tensor("INT64"), "seconds": Tensor("FP64")}
+    outputs = {"n": Tensor("INT64"), "pid": Tensor("INT64")}
+    timeout_s = 10.0
+
+    def predict(self, n: Array, seconds: Array) -> dict[str, Array]:
+        time.sleep(float(seconds.max()))
+        return {"n": n, "pid": np.full(len(n), os.getpid(), dtype=np.int64)}
+
+
+class FailsFirst(Model):
+    """Fails the first call for each ``marker`` path and succeeds from the second on, answering the call's number.
+
+    Each call appends a line to the marker file (another process, or a later run, sees it too). One row
+    per call, so a failed batch is never bisected, which would call the model again for the same row.
+    """
+
+    name = "fails_first"
+    inputs = {"marker": Tensor("BYTES")}
+    outputs = {"calls": Tensor("INT64")}
+    max_batch_size = 1
+
+    def predict(self, marker: Array) -> Array:
+        raw = marker[0]
+        path = raw.decode() if isinstance(raw, bytes) else str(raw)
+        with open(path, "a+") as file:
+            file.write("call\n")
+            file.seek(0)
+            calls = len(file.read().splitlines())
+        if calls == 1:
+            raise RuntimeError(f"the first call for {path} fails")
+        return np.array([calls], dtype=np.int64)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from asyncserve import Service
-from tests.models import Adder, Busy, Cached, Sleeper, Spinner
+from tests.models import Adder, Busy, Cached, FailsFirst, Faulty, Pid, Sleeper, Spinner
 
 service = Service(Adder(), Sleeper(), Spinner(), Busy(), name="e2e")
 
 cached = Service(Cached(), name="cached")
+
+jobs = Service(Pid(), FailsFirst(), Adder(), Faulty(), name="jobs")
+"""For the jobs tests: who ran each job (pid), retries (fails_first), rows that fail (faulty)."""

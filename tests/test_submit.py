@@ -1,0 +1,145 @@
+"""``asyncserve jobs submit``: the real command against a real server, both in processes of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from asyncserve.inputfiles import parse_cell
+from tests.processes import REPO, SERVICE, Running, eventually, launch
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
+    """One server for the module, its jobs in a SQLite file of its own."""
+    where = tmp_path_factory.mktemp("submit-server")
+    env = {"ASYNCSERVE_JOBS": f"sqlite://{where / 'jobs.db'}", "ASYNCSERVE_JOB_CONCURRENCY": "8"}
+    async with launch("serve", SERVICE, env=env, log_dir=where) as running:
+        yield running
+
+
+async def start_submit(server: Running, *args: str | Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncserve", "jobs", "submit", *map(str, args), "--url", server.url or "",
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def submit(server: Running, *args: str | Path) -> tuple[int, str]:
+    """Run ``asyncserve jobs submit ARGS --url SERVER``; its exit status and stderr."""
+    process = await start_submit(server, *args)
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+async def write(path: Path, text: str) -> Path:
+    await asyncio.to_thread(path.write_text, text)
+    return path
+
+
+async def results(path: Path) -> dict[int, dict[str, Any]]:
+    """The --out file by input line; each line appears once."""
+    records = [orjson.loads(line) for line in (await asyncio.to_thread(path.read_text)).splitlines()]
+    by_line = {record["line"]: record for record in records}
+    assert len(by_line) == len(records), "a line was written twice"
+    return by_line
+
+
+async def test_json_lines_every_result_written_with_its_line_and_failures_reported(
+    server: Running, tmp_path: Path
+) -> None:
+    rows = [{"fail": n in (4, 11)} for n in range(20)]
+    lines = [orjson.dumps(row).decode() for row in rows]
+    lines[7] = '{"nope": 1}'  # refused at submission: its whole chunk is retried row by row
+    lines.insert(10, "")  # a blank line is skipped, and the line numbers still match the file
+    source = await write(tmp_path / "inputs.jsonl", "\n".join(lines) + "\n")
+    out = tmp_path / "results.jsonl"
+    status, stderr = await submit(server, source, "--model", "faulty", "--out", out, "--batch-size", "6",
+                                  "--max-attempts", "1")  # fmt: skip
+    written = await results(out)
+    assert status == 1, stderr
+    assert "20 jobs" in stderr
+    assert "2 failed, 1 rejected, 17 succeeded" in stderr
+    assert "\r" in stderr, "a progress line"
+    expected = {number: orjson.loads(line) for number, line in enumerate(lines, 1) if line}
+    assert sorted(written) == sorted(expected)
+    for number, row in expected.items():
+        record = written[number]
+        if "nope" in row:
+            assert (record["status"], record["id"]) == ("rejected", None)
+            assert "nope" in record["error"] or "fail" in record["error"]
+        elif row["fail"]:
+            assert record["status"] == "failed"
+            assert "failed while predicting" in record["error"]
+        else:
+            assert record["status"] == "succeeded"
+            assert record["result"] == {"ok": True}
+    assert not await asyncio.to_thread((tmp_path / "results.jsonl.jobs").exists), "a finished run leaves no journal"
+
+
+async def test_csv_header_names_the_inputs_and_json_list_cells_are_parsed(server: Running, tmp_path: Path) -> None:
+    rows = [f'"[{n}, 0, 0]","[1, 1, {n}]"' for n in range(30)]
+    source = await write(tmp_path / "inputs.csv", "a,b\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "results.jsonl"
+    status, stderr = await submit(server, source, "--model", "adder", "--out", out, "--batch-size", "7")
+    written = await results(out)
+    assert status == 0, stderr
+    assert "30 jobs" in stderr
+    assert "30 succeeded" in stderr
+    assert sorted(written) == list(range(2, 32)), "the header is line 1"
+    assert all(written[n + 2]["result"]["total"] == 2.0 * n + 2 for n in range(30))
+    assert len({record["id"] for record in written.values()}) == 30
+
+
+async def test_an_interrupted_run_resumes_without_submitting_twice(server: Running, tmp_path: Path) -> None:
+    rows = "".join(orjson.dumps({"n": n, "seconds": 0.1}).decode() + "\n" for n in range(40))
+    source = await write(tmp_path / "inputs.jsonl", rows)
+    out = tmp_path / "results.jsonl"
+    interrupted = await start_submit(server, source, "--model", "pid", "--out", out, "--batch-size", "10")
+    await eventually(lambda: _has_lines(out, 5), "the first results", timeout_s=20)
+    interrupted.kill()
+    await interrupted.wait()
+    assert 5 <= len(await results(out)) < 40, "killed mid-run"
+    refused, stderr = await submit(server, source, "--model", "pid", "--out", out)
+    assert refused == 2
+    assert "--resume" in stderr
+    status, stderr = await submit(server, source, "--model", "pid", "--out", out, "--resume")
+    written = await results(out)
+    assert status == 0, stderr
+    assert "40 succeeded" in stderr
+    assert sorted(written) == list(range(1, 41))
+    assert [written[n]["result"]["n"] for n in range(1, 41)] == list(range(40))
+    async with httpx.AsyncClient(base_url=server.url or "") as client:
+        jobs = (await client.get("/v1/jobs", params={"model": "pid", "limit": 1000})).json()["jobs"]
+    assert sorted(job["id"] for job in jobs) == sorted(record["id"] for record in written.values())
+
+
+async def _has_lines(path: Path, count: int) -> bool:
+    if not await asyncio.to_thread(path.exists):
+        return False
+    return len((await asyncio.to_thread(path.read_bytes)).splitlines()) >= count
+
+
+async def test_an_unknown_model_or_unreadable_file_is_a_clear_error(server: Running, tmp_path: Path) -> None:
+    source = await write(tmp_path / "inputs.jsonl", '{"x": 1}\n')
+    unknown, unknown_err = await submit(server, source, "--model", "nope", "--out", tmp_path / "out.jsonl")
+    missing, missing_err = await submit(server, tmp_path / "nothing.csv", "--model", "adder", "--out", tmp_path / "o")
+    assert (unknown, missing) == (2, 2)
+    assert "unknown model 'nope'" in unknown_err
+    assert "cannot read" in missing_err
+
+
+def test_csv_cells_become_json_values() -> None:
+    assert [parse_cell(c) for c in ("3", "-2.5", "1e3", "true", "[1, 2]", '{"a": 1}', "x y", "[oops")] == [
+        3, -2.5, 1000.0, True, [1, 2], {"a": 1}, "x y", "[oops",
+    ]  # fmt: skip
