@@ -10,10 +10,11 @@ requests per second; on one core the CPU each fetch costs sets the real limit. I
 2. the servers, all pinned to the server core, one process each, ``OMP_NUM_THREADS=1``, are loaded
    in interleaved rounds (order rotating): the bare-ASGI ceiling with httpx and with aiohttp, the
    synchronous FastAPI service, and asyncserve's ``benchmarks.io_models`` services (per-key GETs,
-   the batch endpoint, Postgres, and the same HTTP sources over aiohttp);
+   the batch endpoint, Postgres);
 3. around every run: the server's and the feature service's CPU time, the feature service's call
-   counts, wrk's own count of non-200 answers, and asyncserve's ``/metrics`` (round trips, keys per
-   round trip, requests by status, prediction-log records);
+   counts, wrk's own count of non-200 answers, asyncserve's ``/metrics`` (round trips, keys per
+   round trip, requests by status, prediction-log records), and how much of each core other
+   processes took (a disturbed run is run again);
 4. with ``--profile LABEL``, one extra loaded run of that server under py-spy, summarized.
 
 Results go to ``benchmarks/results/io.{json,md}``; ``benchmarks/IO.md`` explains them.
@@ -21,7 +22,7 @@ Results go to ``benchmarks/results/io.{json,md}``; ``benchmarks/IO.md`` explains
 Usage::
 
     .venv/bin/pip install -r benchmarks/requirements-io.txt
-    .venv/bin/python -m benchmarks.io                 # ~12 min: 10 s runs, 3 rounds, c = 256
+    .venv/bin/python -m benchmarks.io                 # ~10 min: 10 s runs, 3 rounds, c = 256
     .venv/bin/python -m benchmarks.io --quick         # ~3 min: 2 s runs, 1 round
     .venv/bin/python -m benchmarks.io --servers bare-aiohttp as-per-key --profile as-per-key
 """
@@ -83,23 +84,15 @@ VARIANTS = (
     Variant("bare-httpx", "bare", "benchmarks.io_apps:bare_httpx", "bare ASGI + pooled httpx.AsyncClient"),
     Variant("bare-aiohttp", "bare", "benchmarks.io_apps:bare_aiohttp", "bare ASGI + pooled aiohttp.ClientSession"),
     Variant("fastapi-sync", "fastapi", "benchmarks.io_apps:fastapi_app", "FastAPI `def`, blocking requests"),
-    Variant("as-per-key", "asyncserve", "benchmarks.io_models:per_key", "asyncserve HttpSource (httpx), GET per key"),
-    Variant("as-batched", "asyncserve", "benchmarks.io_models:batched", "asyncserve HttpSource (httpx) + batch_url"),
-    Variant(
-        "as-per-key-aiohttp", "asyncserve", "benchmarks.io_models:per_key_aiohttp",
-        "asyncserve, HttpSource over aiohttp (benchmark-local), GET per key",
-    ),
-    Variant(
-        "as-batched-aiohttp", "asyncserve", "benchmarks.io_models:batched_aiohttp",
-        "asyncserve, HttpSource over aiohttp (benchmark-local) + batch_url",
-    ),
+    Variant("as-per-key", "asyncserve", "benchmarks.io_models:per_key", "asyncserve HttpSource, GET per key"),
+    Variant("as-batched", "asyncserve", "benchmarks.io_models:batched", "asyncserve HttpSource + batch_url"),
     Variant("as-postgres", "asyncserve", "benchmarks.io_models:postgres", "asyncserve PostgresSource", postgres=True),
 )  # fmt: skip
 BY_LABEL = {variant.label: variant for variant in VARIANTS}
 CEILING_CANDIDATES = ("bare-httpx", "bare-aiohttp")
 FASTAPI = "fastapi-sync"
 PER_KEY = "as-per-key"
-BATCHED = ("as-batched", "as-batched-aiohttp")
+BATCHED = ("as-batched",)
 POSTGRES = "as-postgres"
 
 
@@ -289,6 +282,16 @@ def _asyncserve(target: str) -> tuple[str, ...]:
         *launcher, "serve", target, "--executor-workers", "1", "--host", HOST, "--port", "{port}", "--workers", "1",
         "--log-level", "warning",
     )  # fmt: skip
+
+
+def http_source_client() -> str:
+    """The HTTP client asyncserve's HttpSource is built on (it moved from httpx to aiohttp), read from its source."""
+    import inspect
+
+    from asyncserve.features import http
+
+    text = inspect.getsource(http)
+    return "aiohttp" if "import aiohttp" in text else "httpx" if "import httpx" in text else "?"
 
 
 def prediction_log_supported() -> bool:
@@ -810,7 +813,7 @@ def comparisons(measured: Measured, rows: dict[str, dict[str, Any]]) -> dict[str
         "ideal_rps": round(measured_concurrency(rows) / DELAY_S),
     }
     targets = []
-    for label in (PER_KEY, "as-per-key-aiohttp"):
+    for label in (PER_KEY,):
         if label in rows:
             targets.append(_target(measured, rows, label, ceiling, 0.8, f"{label} >= 0.8 x the bare-ASGI ceiling"))
             if FASTAPI in rows:
@@ -880,6 +883,7 @@ def results(
             **measure.settings_dict(settings.base),
             "concurrency": settings.base.concurrencies[0],
             "feature_delay_s": DELAY_S,
+            "http_source_client": http_source_client(),
             "feature_workers": settings.feature_workers,
             "disturbed_share": settings.disturbed_share,
             "retries": settings.retries,
@@ -929,6 +933,7 @@ def markdown(data: dict[str, Any]) -> str:
         + f' Each request is `POST /v1/models/score/predict {{"user_id": N}}`, N uniform in '
         f"0..{settings['users'] - 1}; "
         f"the ideal is {c} / {settings['feature_delay_s']} s = {c / settings['feature_delay_s']:,.0f} req/s. "
+        f"asyncserve's HttpSource uses {settings['http_source_client']}. "
         f"Prediction log: {settings['prediction_log']}; the baselines write the same JSON lines. "
         "Rounds (server order): " + "; ".join(" ".join(r) for r in settings["rounds"]) + ".",
         "## Results\n\n" + _results_table(data["rows"]),
