@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable
 
 import orjson
 
@@ -16,6 +15,7 @@ import asyncserve
 from asyncserve import jsonapi, openapi, v2
 from asyncserve.batching import PRIORITY_LEVELS
 from asyncserve.config import Settings
+from asyncserve.disconnects import ClientGone, DisconnectWatch
 from asyncserve.exceptions import (
     AsyncServeError,
     ConfigurationError,
@@ -93,9 +93,10 @@ class AsyncServeApp:
         self.settings = settings or Settings()
         self.metrics = Metrics()
         self.executor = make_executor(self.settings)
+        self.disconnects = DisconnectWatch()
         self.loop_lag = LoopLagProbe(self.metrics.loop_lag, self.settings.loop_lag_interval_s)
         self.registry = ModelRegistry(
-            service.specs, self.executor, self.metrics, loop_delay_s=lambda: self.loop_lag.recent_lag_s
+            service.specs, self.executor, self.metrics, loop_delay_s=self.loop_lag.current_lag_s
         )
         self.pipeline = Pipeline(
             self.registry,
@@ -188,14 +189,15 @@ class AsyncServeApp:
                     self._shed_if_swamped(request)
                     # Read the body first: afterwards the only message left to receive is the disconnect.
                     await request.body()
-                    response = await self._until_disconnect(route.handler(request), receive, route_name, model)
+                    response = await self.disconnects.run(route.handler(request), receive)
                 else:
                     response = await route.handler(request)
             finally:
                 self.metrics.request_finished(route_name)
         except AsyncServeError as exc:
             response = self._error_response(exc, request_id, route_name, model)
-        except _ClientGone:
+        except ClientGone:
+            self.metrics.disconnects.labels(route_name, model).inc()
             return
         except Exception:
             logger.exception("request %s: unexpected error on %s %s", request_id, scope["method"], scope["path"])
@@ -210,7 +212,7 @@ class AsyncServeApp:
         Under overload refusing must cost less than serving: this check runs before the body is
         read or decoded, from what the loop-lag probe measured a moment ago.
         """
-        lag = self.loop_lag.recent_lag_s
+        lag = self.loop_lag.current_lag_s()
         if lag < 0.01:
             return
         asked = request.headers.get("x-request-timeout")
@@ -226,36 +228,6 @@ class AsyncServeApp:
         # Only names of served models become label values: a client must not be able to grow
         # the metrics without bound by asking for made-up models.
         return name if name in self._model_names else ""
-
-    async def _until_disconnect(
-        self, handling: Awaitable[Response], receive: Receive, route_name: str, model: str
-    ) -> Response:
-        """Run a handler, cancelling it (and the work it queued) if the client disconnects first.
-
-        One watcher task per request, which cancels this task on a disconnect. It can only run
-        while this task waits, so a cancel always lands on the awaited handler, never later.
-        """
-        task = asyncio.current_task()
-        assert task is not None
-        gone = False
-
-        async def cancel_on_disconnect() -> None:
-            nonlocal gone
-            await _wait_for_disconnect(receive)
-            gone = True
-            task.cancel()
-
-        watcher = asyncio.get_running_loop().create_task(cancel_on_disconnect())
-        try:
-            return await handling
-        except asyncio.CancelledError:
-            if not gone:
-                raise
-            task.uncancel()
-            self.metrics.disconnects.labels(route_name, model).inc()
-            raise _ClientGone from None
-        finally:
-            watcher.cancel()
 
     def _error_response(self, exc: AsyncServeError, request_id: str, route_name: str, model: str) -> Response:
         if isinstance(exc, ModelError):
@@ -322,6 +294,7 @@ class AsyncServeApp:
         if self.broker is not None:
             await self.broker.aclose()
         await self.loop_lag.aclose()
+        await self.disconnects.aclose()
 
     async def wait_ready(self) -> None:
         """Wait until the start-up loading has finished (whether every model loaded or not)."""
@@ -472,15 +445,6 @@ class AsyncServeApp:
     async def docs(self, request: Request) -> Response:
         html = openapi.docs_html("/openapi.json", f"{self.service.name} - asyncserve")
         return Response(200, html.encode(), content_type="text/html; charset=utf-8")
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its answer; there is nobody to answer."""
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -233,7 +234,8 @@ class LoopLagProbe:
         self._task: asyncio.Task[None] | None = None
         self.max_lag_s = 0.0
         self.recent_lag_s = 0.0
-        """Smoothed recent lag: roughly how long anything new waits for the loop right now."""
+        """Smoothed lag of the recent wake-ups."""
+        self._due = math.inf
 
     def start(self) -> None:
         if self._task is not None:
@@ -243,12 +245,21 @@ class LoopLagProbe:
     async def _run(self) -> None:
         while True:
             started = time.perf_counter()
+            self._due = started + self._interval_s
             await asyncio.sleep(self._interval_s)
             lag = max(0.0, time.perf_counter() - started - self._interval_s)
             self.max_lag_s = max(self.max_lag_s, lag)
             # Rise at once, decay over a few wake-ups: admission should react to overload quickly.
             self.recent_lag_s = max(lag, 0.7 * self.recent_lag_s + 0.3 * lag)
             self._histogram.observe(lag)
+
+    def current_lag_s(self) -> float:
+        """Roughly how long anything new waits for the loop right now.
+
+        The recent wake-ups' lag, or, if the probe is overdue, how long it has been: a loop swamped
+        by a burst shows at once, not only when the probe next manages to run.
+        """
+        return max(self.recent_lag_s, time.perf_counter() - self._due)
 
     async def aclose(self) -> None:
         if self._task is None:
@@ -257,3 +268,4 @@ class LoopLagProbe:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        self._due = math.inf
