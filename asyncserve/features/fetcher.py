@@ -63,6 +63,9 @@ async def fetch_features(features: Sequence[Feature], columns: Columns, deadline
     """Look up every feature of a request, all sources concurrently; the first failure cancels the rest."""
     if not features:
         return FetchedFeatures({}, [])
+    if len(features) == 1:  # the common case needs no task group (a task costs about 10 µs of loop time)
+        feature_columns, degraded = await _fetch_one(features[0], columns[features[0].key], deadline)
+        return FetchedFeatures(feature_columns, [degraded] if degraded else [])
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(_fetch_one(feature, columns[feature.key], deadline)) for feature in features]
