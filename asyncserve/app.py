@@ -13,7 +13,7 @@ import orjson
 
 import asyncserve
 from asyncserve import jsonapi, openapi, v2
-from asyncserve.batching import PRIORITY_LEVELS
+from asyncserve.batching import LOOP_HOPS, PRIORITY_LEVELS
 from asyncserve.config import Settings
 from asyncserve.disconnects import ClientGone, DisconnectWatch
 from asyncserve.exceptions import (
@@ -44,6 +44,9 @@ from asyncserve.service import Service
 from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)
+
+Refusal = tuple[int, list[tuple[bytes, bytes]], bytes]
+"""A response written straight from the HTTP parser: status, headers (without content-length), body."""
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 """The protocol extensions this server implements, exactly as ``GET /v2`` reports them."""
@@ -210,19 +213,47 @@ class AsyncServeApp:
         """Refuse before reading the body when the event loop alone is already slower than the request's budget.
 
         Under overload refusing must cost less than serving: this check runs before the body is
-        read or decoded, from what the loop-lag probe measured a moment ago.
+        read or decoded, from what the loop-lag probe measured a moment ago. (Served by asyncserve's
+        own protocol, such a request is refused even earlier, by ``refusal``, from the HTTP parser.)
         """
+        overloaded = self._swamped(request.headers.get("x-request-timeout"))
+        if overloaded is not None:
+            raise overloaded
+
+    def _swamped(self, asked_timeout: str | None) -> Overloaded | None:
         lag = self.loop_lag.current_lag_s()
         if lag < 0.01:
-            return
-        asked = request.headers.get("x-request-timeout")
-        budget = _parse_timeout(asked) if asked is not None else self.settings.grace_period_s
-        if lag >= budget:
-            raise Overloaded(
-                f"the server is overloaded (its event loop runs {lag * 1000:.0f} ms late, over this request's "
-                f"{budget * 1000:.0f} ms); retry later",
-                retry_after_s=max(1.0, lag),
-            )
+            return None
+        budget = _parse_timeout(asked_timeout) if asked_timeout is not None else self.settings.grace_period_s
+        if LOOP_HOPS * lag < budget:
+            return None
+        return Overloaded(
+            f"the server is overloaded (its event loop runs {lag * 1000:.0f} ms late, too late for this request's "
+            f"{budget * 1000:.0f} ms); retry later",
+            retry_after_s=max(1.0, lag),
+        )
+
+    def refusal(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> Refusal | None:
+        """The answer to give at once, from the HTTP parser, to an inference request that the swamped
+        event loop cannot serve within its budget; None (almost always): serve the request."""
+        if self.loop_lag.current_lag_s() < 0.01 or method != b"POST":
+            return None
+        try:
+            route, params = self.router.match("POST", url.partition(b"?")[0].decode("latin-1"))
+            header = dict(headers)
+            asked = header.get(b"x-request-timeout")
+            overloaded = self._swamped(None if asked is None else asked.decode("latin-1"))
+        except (AsyncServeError, UnicodeDecodeError):
+            return None  # the ASGI path gives the precise error
+        if overloaded is None or not route.cancel_on_disconnect:
+            return None
+        request_id = header.get(b"x-request-id") or os.urandom(8).hex().encode()
+        route_name, model = route.name, self._model_label(params.get("model", ""))
+        self.metrics.errors.labels(route_name, model, overloaded.code).inc()
+        self.metrics.observe_request(route_name, model, overloaded.status_code, 0.0)
+        extra = [(name.encode(), value.encode()) for name, value in overloaded.headers().items()]
+        response_headers = [(b"content-type", JSON_TYPE.encode()), (b"x-request-id", request_id), *extra]
+        return overloaded.status_code, response_headers, orjson.dumps(overloaded.to_dict())
 
     def _model_label(self, name: str) -> str:
         # Only names of served models become label values: a client must not be able to grow

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 Runner = Callable[[Columns, int, float], Awaitable[tuple[Columns, float]]]
 """Runs one batch: ``(columns, rows, deadline) -> (outputs, seconds the model took)``."""
 
+LOOP_HOPS = 3
+"""Event-loop turns a queued request waits for besides the model: at admission, each counts as the loop's lag."""
+
 PRIORITY_LEVELS = 10
 """Priorities are 0 (the default, lowest) to 9 (served first)."""
 
@@ -183,8 +186,9 @@ class Batcher:
             )
         expected = self._expected_latency_s(self._queue.rows_at_or_above(priority) + rows)
         if expected is not None:
-            # An overloaded event loop delays every step of the request as well: count it in.
-            expected += self._loop_delay_s()
+            # A lagging event loop delays the request's every hop: the batch's start, the result's
+            # hand-back from the executor, the task's wake-up, the answer. Count a few of them.
+            expected += LOOP_HOPS * self._loop_delay_s()
         if expected is not None and now + expected > deadline:
             self._shed("deadline_unreachable")
             raise Overloaded(

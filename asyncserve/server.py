@@ -29,6 +29,7 @@ from asyncserve._utils import import_string
 from asyncserve.app import AsyncServeApp
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
+from asyncserve.protocol import SheddingHttpToolsProtocol
 from asyncserve.service import Service
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def make_server(app: AsyncServeApp) -> Server:
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=SheddingHttpToolsProtocol,
         lifespan="on",
         access_log=False,
         # X-Forwarded-* rewriting costs time on every request; behind a proxy, turn it on with care.
