@@ -26,6 +26,7 @@ from asyncserve.exceptions import (
     UnsupportedMediaType,
 )
 from asyncserve.features import Feature
+from asyncserve.lazy import LazyPrediction
 from asyncserve.model import Model
 from asyncserve.service import Service
 from asyncserve.tensors import Datatype, Tensor
@@ -41,6 +42,7 @@ __all__ = [
     "FeatureTimeout",
     "FeatureUnavailable",
     "InvalidRequest",
+    "LazyPrediction",
     "Model",
     "ModelError",
     "ModelNotFound",

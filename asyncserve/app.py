@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+from typing import Any
 
 import orjson
 
@@ -34,7 +35,14 @@ from asyncserve.jobs import open_broker
 from asyncserve.jobs.webhooks import WebhookDelivery, WebhookSettings
 from asyncserve.jobs.worker import Worker
 from asyncserve.jobs_api import JobsAPI
-from asyncserve.lazy import DeferredPredictions, MemoryPredictionCache, PredictionCache, RedisPredictionCache
+from asyncserve.lazy import (
+    DeferredPredictions,
+    Handle,
+    LazyPrediction,
+    MemoryPredictionCache,
+    PredictionCache,
+    RedisPredictionCache,
+)
 from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
 from asyncserve.pipeline import Pipeline, Prediction
 from asyncserve.predlog import InputPolicy, PredictionLogger, open_sink
@@ -276,6 +284,7 @@ class AsyncServeApp:
         if self.pipeline.predlog is not None:
             await self.pipeline.predlog.start()
         await self.pipeline.open()
+        self.service.bind(self)
         # Models load in the background so that liveness answers while they do.
         self._loading = asyncio.get_running_loop().create_task(self._load_then_work(), name="asyncserve-load")
         self._loading.add_done_callback(_log_failure)
@@ -306,6 +315,7 @@ class AsyncServeApp:
     async def aclose(self) -> None:
         """Release the models' workers and background tasks, after in-flight requests have finished."""
         self.shutting_down = True
+        self.service.bind(None)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -401,22 +411,42 @@ class AsyncServeApp:
         self, request: Request, entry: ModelEntry, columns: Columns, rows: int, as_list: bool, priority: int
     ) -> Response:
         """Answer 202 at once with a handle; the prediction is computed when the handle is first read."""
+        handle = self._deferred_handle(entry, columns, rows, as_list, priority, request.request_id)
+        location = f"/v1/predictions/{handle.id}"
+        body = {"id": handle.id, "model": entry.spec.label, "url": location, "expires_in_s": handle.remaining_s()}
+        return Response.json(body, 202, {"location": location, "preference-applied": "lazy"})
+
+    def lazy(self, model: str, inputs: Any, version: str | None = None) -> LazyPrediction:
+        """``Service.lazy``: the model and inputs checked now, the prediction computed on the first await."""
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down")
+        entry = self.registry.get_ready(model, version)
+        try:
+            body = orjson.dumps(inputs, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError as exc:
+            raise InvalidRequest(f"service.lazy(): inputs must be rows of JSON-like values ({exc})") from None
+        columns, as_list = jsonapi.decode_rows(body, entry.spec)
+        rows = len(next(iter(columns.values())))
+        handle = self._deferred_handle(entry, columns, rows, as_list, 0, os.urandom(8).hex())
+        return LazyPrediction(handle, self.deferred.resolve)
+
+    def _deferred_handle(
+        self, entry: ModelEntry, columns: Columns, rows: int, as_list: bool, priority: int, request_id: str
+    ) -> Handle:
         timeout_s = entry.spec.timeout_s
 
         async def compute() -> Columns:
             # The deadline starts when the handle is read, not when it was handed out.
             deadline = time.monotonic() + timeout_s
             prediction = await self.pipeline.run(
-                entry, columns, rows, deadline, priority=priority, request_id=request.request_id
+                entry, columns, rows, deadline, priority=priority, request_id=request_id
             )
             return prediction.outputs
 
         self._forget_expired_handles()
         handle = self.deferred.create(entry.spec.label, columns, compute, self.settings.deferred_ttl_s)
         self._deferred_as_list[handle.id] = as_list
-        location = f"/v1/predictions/{handle.id}"
-        body = {"id": handle.id, "model": entry.spec.label, "url": location, "expires_in_s": handle.remaining_s()}
-        return Response.json(body, 202, {"location": location, "preference-applied": "lazy"})
+        return handle
 
     def _forget_expired_handles(self) -> None:
         # Each handle's answer shape is kept beside it; drop those of handles that expired.

@@ -5,7 +5,8 @@
 - :class:`Coalescer` shares one computation among identical requests in flight.
 - :class:`MemoryPredictionCache` (this process, LRU and TTL) and :class:`RedisPredictionCache` (shared by
   every server on one Redis) keep answers; the Redis one stores :func:`encode_columns` bytes, never pickle.
-- :class:`DeferredPredictions` holds the handles of ``Prefer: lazy`` requests: computed when first read.
+- :class:`DeferredPredictions` holds the handles of ``Prefer: lazy`` requests: computed when first read;
+  :class:`LazyPrediction` is such a handle in Python (``await service.lazy(...)``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import secrets
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
@@ -373,6 +374,47 @@ class Handle:
 
     def remaining_s(self) -> float:
         return max(0.0, self.expires_at - time.monotonic())
+
+
+class LazyPrediction:
+    """A deferred prediction in Python: ``await`` it for its outputs, computed on the first await and
+    kept until the handle expires; concurrent and later awaits share that one computation.
+
+    The handle is the same as one made by ``POST /v1/models/{m}/predict`` with ``Prefer: lazy``: it
+    can also be read over HTTP at ``url`` (``GET /v1/predictions/{id}``), and both ways share the result.
+
+    Example::
+
+        handle = service.lazy("churn", {"customer_id": 42})  # checked now, computed later (or never)
+        if looks_risky:
+            outputs = await handle  # {"p": array([...], dtype=float32)}
+    """
+
+    def __init__(self, handle: Handle, resolve: Callable[[str], Awaitable[Columns]]) -> None:
+        self.handle = handle
+        self._resolve = resolve
+
+    @property
+    def id(self) -> str:
+        return self.handle.id
+
+    @property
+    def url(self) -> str:
+        return f"/v1/predictions/{self.handle.id}"
+
+    def __await__(self) -> Generator[Any, None, Columns]:
+        return self._resolve(self.handle.id).__await__()
+
+    def __repr__(self) -> str:
+        return (
+            f"LazyPrediction({self.handle.model_label!r}, id={self.id!r}, expires_in_s={self.handle.remaining_s():.0f})"
+        )
+
+
+class LazyPredictor(Protocol):
+    """What answers ``Service.lazy``: the server running the service, which binds itself at start-up."""
+
+    def lazy(self, model: str, inputs: Any, version: str | None) -> LazyPrediction: ...
 
 
 @dataclass(eq=False)

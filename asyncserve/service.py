@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from asyncserve.exceptions import ConfigurationError
+from asyncserve.lazy import LazyPrediction, LazyPredictor
 from asyncserve.model import Model, ModelSpec, describe
 
 
@@ -20,6 +22,7 @@ class Service:
     def __init__(self, *models: Model, name: str = "asyncserve") -> None:
         self.name = name
         self._specs: dict[tuple[str, str | None], ModelSpec] = {}
+        self._predictor: LazyPredictor | None = None
         for model in models:
             self.add(model)
 
@@ -30,6 +33,31 @@ class Service:
             raise ConfigurationError(f"model {spec.label!r} is already in service {self.name!r}")
         self._specs[spec.key] = spec
         return spec
+
+    def lazy(self, model: str, inputs: Any, *, version: str | None = None) -> LazyPrediction:
+        """A prediction computed when first awaited, then kept for the handle's lifetime (``Prefer: lazy`` in Python).
+
+        ``inputs`` are as the JSON API takes them: one row ``{"name": value, ...}`` or a list of rows.
+        The model and the inputs are checked now (``ModelNotFound``, ``InvalidRequest``, ...); the
+        model runs on the first ``await``, in whatever batch is forming then, or never. Call it on
+        the event loop of a server serving this service (from a model's ``async def predict``, say).
+
+        Example::
+
+            second_opinion = service.lazy("large", row)  # nothing runs yet
+            if score < 0.6:
+                outputs = await second_opinion
+        """
+        if self._predictor is None:
+            raise ConfigurationError(
+                f"service {self.name!r} is not being served by this process; service.lazy() works while a "
+                "server runs it (asyncserve serve, or asyncserve.serve(service)), from its event loop"
+            )
+        return self._predictor.lazy(model, inputs, version)
+
+    def bind(self, predictor: LazyPredictor | None) -> None:
+        """Set (or, with None, clear) what answers :meth:`lazy`; the server calls it when it starts and stops."""
+        self._predictor = predictor
 
     @property
     def specs(self) -> list[ModelSpec]:
