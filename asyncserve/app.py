@@ -57,6 +57,9 @@ Refusal = tuple[int, list[tuple[bytes, bytes]], bytes]
 """A response written straight from the HTTP parser: status, headers (without content-length), body."""
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+IDLE_CHECK_S = 0.05
+"""How often an idle server looks for deferred predictions to compute (``deferred_when_idle``)."""
 """The protocol extensions this server implements, exactly as ``GET /v2`` reports them."""
 
 
@@ -127,6 +130,8 @@ class AsyncServeApp:
         self._worker_tasks: set[asyncio.Task[None]] = set()
         self.webhooks = WebhookDelivery(self.webhook_settings)
         self._deferred_as_list: dict[str, bool] = {}
+        self._inferring = 0
+        """Inference requests in flight (the server is idle when there are none)."""
         self._count_elsewhere()
         self.shutting_down = False
         self._loading: asyncio.Task[None] | None = None
@@ -198,9 +203,13 @@ class AsyncServeApp:
             try:
                 if route.cancel_on_disconnect:
                     self._shed_if_swamped(request)
-                    # Read the body first: afterwards the only message left to receive is the disconnect.
-                    await request.body()
-                    response = await self.disconnects.run(route.handler(request), receive)
+                    self._inferring += 1
+                    try:
+                        # Read the body first: afterwards the only message left to receive is the disconnect.
+                        await request.body()
+                        response = await self.disconnects.run(route.handler(request), receive)
+                    finally:
+                        self._inferring -= 1
                 else:
                     response = await route.handler(request)
             finally:
@@ -295,6 +304,10 @@ class AsyncServeApp:
 
     async def _load_then_work(self) -> None:
         await self.registry.load_all()
+        if self.settings.deferred_when_idle:
+            task = asyncio.get_running_loop().create_task(self._compute_deferred_when_idle(), name="asyncserve-idle")
+            task.add_done_callback(_log_failure)
+            self._worker_tasks.add(task)
         # Job workers start once the models can run their jobs.
         if self.broker is not None and self.jobs_api is not None:
             for _ in range(self.settings.job_workers):
@@ -307,6 +320,14 @@ class AsyncServeApp:
                 task = asyncio.get_running_loop().create_task(worker.run(), name=f"asyncserve-{worker.worker_id}")
                 task.add_done_callback(_log_failure)
                 self._worker_tasks.add(task)
+
+    async def _compute_deferred_when_idle(self) -> None:
+        """Compute unread deferred predictions, one at a time, while no inference request is in flight."""
+        while not self.shutting_down:
+            await asyncio.sleep(IDLE_CHECK_S)
+            while self._inferring == 0 and not self.shutting_down:
+                if not await self.deferred.compute_when_idle(limit=1):
+                    break
 
     def begin_shutdown(self) -> None:
         """Turn readiness off and refuse new predictions; in-flight ones go on (the server drains them)."""

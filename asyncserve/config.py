@@ -70,7 +70,10 @@ class Settings:
     deferred_ttl_s: float = 300.0
     """How long a deferred prediction (``Prefer: lazy``) stays readable."""
     max_deferred: int = 10_000
-    """Records a sink could not take after its retries go here, so none is lost."""
+    """Most deferred predictions kept at once; past that, ``Prefer: lazy`` is refused with 503."""
+    deferred_when_idle: bool = False
+    """Compute unread deferred predictions while no inference request is in flight, so that their
+    first read finds them ready (at the cost of computing some that are never read)."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535 or self.port == 0, "port", "an integer from 0 to 65535", self.port)

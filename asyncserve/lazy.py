@@ -422,6 +422,7 @@ class _Deferred:
     handle: Handle
     key: str
     state: Compute | Columns
+    tried_when_idle: bool = False
     """How to compute the outputs until they are computed, then the outputs (the closure is let go)."""
 
 
@@ -507,11 +508,14 @@ class DeferredPredictions:
     async def compute_when_idle(self, limit: int = 1) -> int:
         """Compute up to ``limit`` unread handles, oldest first (call it when the server is idle).
 
-        Returns how many were computed; a failure is logged and left for the reader to retry.
+        Returns how many were computed; a failure is logged and left for the reader to retry (it is
+        not tried again when idle).
         """
-        pending = [entry.handle.id for entry in self._entries.values() if not isinstance(entry.state, dict)][:limit]
+        pending = [e for e in self._entries.values() if not isinstance(e.state, dict) and not e.tried_when_idle]
         computed = 0
-        for handle_id in pending:
+        for entry in pending[:limit]:
+            entry.tried_when_idle = True
+            handle_id = entry.handle.id
             try:
                 await self.resolve(handle_id)
             except NotFound:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 import uuid
@@ -152,6 +153,23 @@ async def test_a_deferred_prediction_is_computed_only_when_read_and_once() -> No
     assert unknown.status_code == 404
     assert "asyncserve_deferred_created_total 1.0" in metrics
     assert "asyncserve_deferred_resolved_total 1.0" in metrics
+
+
+async def test_with_deferred_when_idle_an_idle_server_computes_unread_handles_before_they_are_read() -> None:
+    model = Counted()
+    settings = dataclasses.replace(SETTINGS, deferred_when_idle=True)
+    async with serving(Service(model), settings) as running, running.client() as client:
+        accepted = [
+            await client.post("/v1/models/counted/predict", json={"x": x}, headers={"Prefer": "lazy"}) for x in (1, 2)
+        ]
+        for _ in range(100):  # the server is idle: within a few idle checks both are computed
+            if model.rows == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert model.rows == 2
+        reads = [await client.get(response.headers["location"]) for response in accepted]
+    assert [read.json() for read in reads] == [{"y": 2}, {"y": 3}]
+    assert model.rows == 2, "a read of a computed handle does not compute again"
 
 
 def test_stacking_inputs_are_named_after_members() -> None:
