@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import signal
@@ -36,6 +37,15 @@ logger = logging.getLogger(__name__)
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+GC_THRESHOLDS = (1000, 20, 20)
+"""Cyclic GC thresholds of a server process (Python's are 700, 10, 10).
+
+A server keeps hundreds of requests' objects alive at any moment, so young collections promote them
+and the older generations are traversed again and again. With these thresholds, and the start-up
+heap frozen once the models are loaded, the I/O benchmark's batched service at c=256 spent 1.4 s of
+12 s in the collector instead of 2.5 s, with shorter full collections.
+"""
+
 
 class Server(uvicorn.Server):
     """uvicorn's server that tells the app when shutdown starts and exits cleanly after draining.
@@ -44,9 +54,18 @@ class Server(uvicorn.Server):
     SIGTERM (status 143); a drained server has done its job and exits 0 instead.
     """
 
-    def __init__(self, config: uvicorn.Config, app: AsyncServeApp) -> None:
+    def __init__(self, config: uvicorn.Config, app: AsyncServeApp, *, tune_gc: bool = False) -> None:
         super().__init__(config)
         self.asyncserve_app = app
+        self.tune_gc = tune_gc
+        self._freezing: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.tune_gc:
+            gc.set_threshold(*GC_THRESHOLDS)
+        await super().startup(sockets)
+        if self.tune_gc:
+            self._freezing = asyncio.get_running_loop().create_task(_freeze_when_loaded(self.asyncserve_app))
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -65,6 +84,13 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+async def _freeze_when_loaded(app: AsyncServeApp) -> None:
+    """Exclude what start-up built (modules, models, pools) from every later collection: it lives as
+    long as the process, and a full collection would otherwise traverse all of it each time."""
+    await app.wait_ready()
+    gc.freeze()
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -78,7 +104,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app: AsyncServeApp) -> Server:
+def make_server(app: AsyncServeApp, *, tune_gc: bool = False) -> Server:
     settings = app.settings
     config = uvicorn.Config(
         app,
@@ -93,7 +119,7 @@ def make_server(app: AsyncServeApp) -> Server:
         timeout_graceful_shutdown=int(settings.grace_period_s),
         log_config=None,
     )
-    return Server(config, app)
+    return Server(config, app, tune_gc=tune_gc)
 
 
 def serve(target: Service | str, settings: Settings | None = None, *, sock: socket.socket | None = None) -> None:
@@ -114,7 +140,7 @@ def serve(target: Service | str, settings: Settings | None = None, *, sock: sock
 
 def _serve_one(target: Service | str, settings: Settings, sock: socket.socket) -> None:
     service = load_service(target) if isinstance(target, str) else target
-    server = make_server(AsyncServeApp(service, settings))
+    server = make_server(AsyncServeApp(service, settings), tune_gc=True)
     server.run(sockets=[sock])
 
 
@@ -175,6 +201,7 @@ def run_worker(target: Service | str, settings: Settings) -> None:
     if not settings.jobs or settings.job_workers < 1:
         raise ConfigurationError("a worker needs a broker (--broker URL) and at least one job worker")
     app = AsyncServeApp(service, settings)
+    gc.set_threshold(*GC_THRESHOLDS)
     uvloop.run(_lifespan_until_signal(app))
 
 
@@ -193,9 +220,12 @@ async def _lifespan_until_signal(app: AsyncServeApp) -> None:
             app.begin_shutdown()
         return message
 
+    freezing: list[asyncio.Task[None]] = []
+
     async def send(message: dict[str, object]) -> None:
         if message["type"] == "lifespan.startup.complete":
             started.set()
+            freezing.append(loop.create_task(_freeze_when_loaded(app)))
             logger.info("worker ready: %s, broker %s", app.service, app.settings.jobs)
 
     await app({"type": "lifespan"}, receive, send)
