@@ -3,9 +3,9 @@
 ASGI tells a handler that its client left only through ``receive()``, which a handler busy awaiting
 its result is not calling: noticing a disconnect takes a second task per request that waits in
 ``receive()``. Creating, waking and cancelling that task cost about as much event-loop time as
-decoding a V2 request, for every request, while most inference requests end within milliseconds,
-before a disconnect could save any work. So a request is watched only once it has run for
-``after_s``: one ticker starts the watchers of the requests that old.
+decoding a V2 request, for every request, while most inference requests end within milliseconds
+(or, fetching features, within tens of them), before a disconnect could save any work. So a request
+is watched only once it has run for ``after_s``: one ticker starts the watchers of the requests that old.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ class DisconnectWatch:
 
     Example::
 
-        watch = DisconnectWatch(after_s=0.05)
+        watch = DisconnectWatch(after_s=0.25)
         response = await watch.run(handler(request), receive)  # ClientGone if the client left
         await watch.aclose()
     """
 
-    def __init__(self, after_s: float = 0.05) -> None:
+    def __init__(self, after_s: float = 0.25) -> None:
         self.after_s = after_s
         self._young: dict[_Watched, None] = {}
         """Requests not watched yet, oldest first (dicts keep insertion order)."""

@@ -221,7 +221,8 @@ async def test_deadline_gives_504_and_queued_work_never_runs(client: httpx.Async
 async def test_client_disconnect_cancels_queued_work(running: RunningServer, client: httpx.AsyncClient) -> None:
     SLEEPER.started.clear()
     before = SLEEPER.calls
-    blocker = asyncio.create_task(client.post("/v1/models/sleeper/predict", json={"seconds": 0.5}))
+    # The blocker runs long enough for the server to start watching the queued request (after 250 ms).
+    blocker = asyncio.create_task(client.post("/v1/models/sleeper/predict", json={"seconds": 1.0}))
     await asyncio.to_thread(SLEEPER.started.wait, 5)
     async with running.client() as impatient:
         with pytest.raises(httpx.ReadTimeout):
