@@ -221,9 +221,8 @@ class FeatureSource:
         return rows, waiting
 
     async def _wait(self, waiting: dict[Key, asyncio.Future[Row | None]], deadline: float) -> Rows:
-        # asyncio.wait, not wait_for: other requests share these futures, so giving up must not cancel them.
-        _, not_done = await asyncio.wait(waiting.values(), timeout=max(0.0, deadline - time.monotonic()))
-        if not_done:
+        pending = [future for future in waiting.values() if not future.done()]
+        if pending and not await _all_done_by(pending, deadline):
             self._count_error("timeout")
             raise FeatureTimeout(f"feature source {self.name!r} did not answer before the request's deadline")
         return {key: future.result() for key, future in waiting.items()}
@@ -318,6 +317,38 @@ class FeatureSource:
             f"{type(self).__name__}({self.name!r}, round_trips={self.round_trips}, "
             f"breaker={self.breaker.state.name}, pending={len(self._pending)})"
         )
+
+
+async def _all_done_by(futures: list[asyncio.Future[Any]], deadline: float) -> bool:
+    """Wait until every future is done (True) or ``deadline`` (``time.monotonic()``) passes (False).
+
+    Other requests share these futures, so giving up must not cancel them: no ``wait_for``. This is
+    ``asyncio.wait(futures, timeout=...)`` without the sets and checks it builds on every call, which
+    cost more than the wait itself on a path every lookup takes.
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bool] = loop.create_future()
+    remaining = len(futures)
+
+    def one_done(_: asyncio.Future[Any]) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0 and not waiter.done():
+            waiter.set_result(True)
+
+    def time_up() -> None:
+        if not waiter.done():
+            waiter.set_result(False)
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), time_up)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
+        for future in futures:
+            future.remove_done_callback(one_done)
 
 
 def _unavailable(name: str, exc: Exception) -> FeatureUnavailable:
