@@ -11,6 +11,7 @@ and every request when the loop keeps up, goes through uvicorn unchanged.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
@@ -18,19 +19,36 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 if TYPE_CHECKING:
     from asyncserve.app import AsyncServeApp
 
+logger = logging.getLogger(__name__)
+
 
 class SheddingHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` that asks the app, once the headers are in, whether to refuse the request at once."""
+    """``HttpToolsProtocol`` that asks the app, once the headers are in, whether to refuse the request at once.
+
+    It builds on uvicorn's internals (``RequestResponseCycle``, ``STATUS_LINE``). Should a uvicorn
+    release change them, the refusals fall back to the app's own, through ASGI, with one warning.
+    """
+
+    fast_refusals = True
 
     def on_headers_complete(self) -> None:
         app: AsyncServeApp = self.config.app  # type: ignore[assignment]
         current: RequestResponseCycle | None = self.cycle  # None before the first request
         pipelined = current is not None and not current.response_complete
-        refusal = None if pipelined else app.refusal(self.parser.get_method(), self.url, self.headers)
-        if refusal is None:  # pipelined requests keep their order: they go through uvicorn
+        refusal = None
+        if self.fast_refusals and not pipelined:  # pipelined requests keep their order: they go through uvicorn
+            refusal = app.refusal(self.parser.get_method(), self.url, self.headers)
+        if refusal is None:
             super().on_headers_complete()
             return
-        status, headers, body = refusal
+        try:
+            self._refuse(*refusal)
+        except (AttributeError, KeyError, TypeError):
+            logger.warning("refusing at the HTTP parser does not work with this uvicorn; refusing through ASGI")
+            type(self).fast_refusals = False
+            super().on_headers_complete()
+
+    def _refuse(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         # A client that waits for "100 Continue" before its body may send it anyway or not: close.
         keep_alive = (
             self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive() and not self.expect_100_continue
