@@ -123,7 +123,7 @@ class Tensor:
 
     @property
     def dtype(self) -> Datatype:
-        return Datatype(self.datatype)
+        return self.datatype  # type: ignore[return-value]  # __post_init__ made it a Datatype
 
     def batch_shape(self) -> list[int]:
         """The shape the Open Inference Protocol metadata reports: a leading -1 for the rows."""
