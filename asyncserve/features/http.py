@@ -52,12 +52,17 @@ class HttpSource(FeatureSource):
         except ImportError:
             raise ConfigurationError("HttpSource needs aiohttp: pip install 'asyncserve[http]'") from None
         connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=self.pool_size)
-        timeout = aiohttp.ClientTimeout(total=self.policy.timeout_s)
+        # No timeouts of aiohttp's own: the base class caps every round trip at policy.timeout_s, and
+        # each of aiohttp's would arm one more timer per request.
+        timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=None, sock_read=None)
         self._client = aiohttp.ClientSession(connector=connector, headers=self.headers, timeout=timeout)
 
     async def _fetch(self, keys: list[Key]) -> Mapping[Key, Row]:
         if self.batch_url is not None:
             return await self._fetch_batch(keys)
+        if len(keys) == 1:  # the common case needs no task per key (gather would make one)
+            row = await self._fetch_one(keys[0])
+            return {} if row is None else {keys[0]: row}
         rows = await asyncio.gather(*(self._fetch_one(key) for key in keys))
         return {key: row for key, row in zip(keys, rows, strict=True) if row is not None}
 
