@@ -41,10 +41,8 @@ import itertools
 import json
 import math
 import os
-import resource
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -313,39 +311,13 @@ def run_counting_wrk(
     port: int, path: str, script: Path, concurrency: int, duration_s: int, cpu: int
 ) -> tuple[WrkResult, dict[str, int]]:
     """``wrk.run_wrk`` for a script that also prints a counts line: the summary and the counts."""
-    command = [
-        "taskset",
-        "-c",
-        str(cpu),
-        "wrk",
-        "-t1",
-        f"-c{concurrency}",
-        f"-d{duration_s}s",
-        "--latency",
-        "--timeout",
-        "10s",
-        "-s",
-        str(script),
-        f"http://{HOST}:{port}{path}",
-    ]
-    before = _children_cpu_s()
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 30, check=False)
-    except subprocess.TimeoutExpired:
-        raise BenchmarkError(f"wrk did not finish within {duration_s + 30} s: {' '.join(command)}") from None
-    if completed.returncode != 0:
-        raise BenchmarkError(f"wrk exited with {completed.returncode}: {completed.stderr.strip()[:500]}")
-    result = dataclasses.replace(wrk.parse_summary(completed.stdout), load_cpu_s=round(_children_cpu_s() - before, 2))
-    for line in completed.stdout.splitlines():
+    stdout, load_cpu_s = wrk.run_command(port, path, script, concurrency, duration_s, cpu)
+    result = dataclasses.replace(wrk.parse_summary(stdout), load_cpu_s=load_cpu_s)
+    for line in stdout.splitlines():
         if line.startswith(_COUNTS_MARKER):
             counts: dict[str, int] = json.loads(line[len(_COUNTS_MARKER) :])
             return result, counts
-    raise BenchmarkError(f"wrk printed no counts line; its output was:\n{completed.stdout[:1000]}")
-
-
-def _children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    raise BenchmarkError(f"wrk printed no counts line; its output was:\n{stdout[:1000]}")
 
 
 # Measuring

@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import signal
 import statistics
@@ -51,7 +50,7 @@ from typing import Any, Literal
 
 import orjson
 
-from benchmarks import harness, measure, report, scrape
+from benchmarks import harness, measure, report, scrape, wrk
 from benchmarks.harness import HOST, BenchmarkError, Endpoint, Server, ServerSpec
 from benchmarks.io_apps import PREDICT_PATH, score_row
 from benchmarks.io_feature_service import DELAY_S, USERS, user_row
@@ -221,18 +220,8 @@ def run_wrk(
     port: int, path: str, script: Path, concurrency: int, duration_s: int, cpu: int
 ) -> tuple[WrkResult, int, int]:
     """wrk as ``benchmarks.wrk`` runs it, with this benchmark's script: (result, non-200 answers, first bad status)."""
-    command = [
-        "taskset", "-c", str(cpu), "wrk", "-t1", f"-c{concurrency}", f"-d{duration_s}s", "--latency",
-        "--timeout", "10s", "-s", str(script), f"http://{HOST}:{port}{path}",
-    ]  # fmt: skip
-    cpu_before = _children_cpu_s()
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 30, check=False)
-    except subprocess.TimeoutExpired:
-        raise BenchmarkError(f"wrk did not finish within {duration_s + 30} s: {' '.join(command)}") from None
-    if completed.returncode != 0:
-        raise BenchmarkError(f"wrk exited with {completed.returncode}: {completed.stderr.strip()[:500]}")
-    raw = _summary_line(completed.stdout)
+    stdout, load_cpu_s = wrk.run_command(port, path, script, concurrency, duration_s, cpu)
+    raw = _summary_line(stdout)
     duration = raw["duration_us"] / 1e6
     result = WrkResult(
         requests=raw["requests"],
@@ -244,7 +233,7 @@ def run_wrk(
         max_ms=round(raw["max_us"] / 1000, 3),
         mean_ms=round(raw["mean_us"] / 1000, 3),
         errors=raw["socket_errors"] + raw["status_errors"] + raw["timeouts"],
-        load_cpu_s=round(_children_cpu_s() - cpu_before, 2),
+        load_cpu_s=load_cpu_s,
     )
     return result, int(raw["non200"]), int(raw["first_bad"])
 
@@ -255,11 +244,6 @@ def _summary_line(stdout: str) -> dict[str, Any]:
             raw: dict[str, Any] = json.loads(line[len(_MARKER) :])
             return raw
     raise BenchmarkError(f"wrk printed no summary line; its output was:\n{stdout[:1000]}")
-
-
-def _children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 # The servers

@@ -82,6 +82,15 @@ def write_script(endpoint: Endpoint, directory: Path) -> Path:
 
 def run_wrk(port: int, path: str, script: Path, concurrency: int, duration_s: int, cpu: int) -> WrkResult:
     """``wrk -t1 -c<concurrency> -d<duration_s>s --latency``, pinned to ``cpu``, against loopback."""
+    stdout, load_cpu_s = run_command(port, path, script, concurrency, duration_s, cpu)
+    return dataclasses.replace(parse_summary(stdout), load_cpu_s=load_cpu_s)
+
+
+def run_command(port: int, path: str, script: Path, concurrency: int, duration_s: int, cpu: int) -> tuple[str, float]:
+    """Run wrk with ``script`` as :func:`run_wrk` does; its standard output and the CPU seconds it used.
+
+    For benchmarks whose scripts print more than the summary (counts, statuses) and parse it themselves.
+    """
     command = [
         "taskset", "-c", str(cpu), "wrk", "-t1", f"-c{concurrency}", f"-d{duration_s}s", "--latency",
         "--timeout", "10s", "-s", str(script), f"http://{HOST}:{port}{path}",
@@ -93,7 +102,7 @@ def run_wrk(port: int, path: str, script: Path, concurrency: int, duration_s: in
         raise BenchmarkError(f"wrk did not finish within {duration_s + 30} s: {' '.join(command)}") from None
     if completed.returncode != 0:
         raise BenchmarkError(f"wrk exited with {completed.returncode}: {completed.stderr.strip()[:500]}")
-    return dataclasses.replace(parse_summary(completed.stdout), load_cpu_s=round(_children_cpu_s() - cpu_before, 2))
+    return completed.stdout, round(_children_cpu_s() - cpu_before, 2)
 
 
 def _children_cpu_s() -> float:
