@@ -336,7 +336,7 @@ class AsyncServeApp:
     async def aclose(self) -> None:
         """Release the models' workers and background tasks, after in-flight requests have finished."""
         self.shutting_down = True
-        self.service.bind(None)
+        self.service.unbind(self)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -55,9 +55,14 @@ class Service:
             )
         return self._predictor.lazy(model, inputs, version)
 
-    def bind(self, predictor: LazyPredictor | None) -> None:
-        """Set (or, with None, clear) what answers :meth:`lazy`; the server calls it when it starts and stops."""
+    def bind(self, predictor: LazyPredictor) -> None:
+        """Make ``predictor`` answer :meth:`lazy`; the server calls it when it starts."""
         self._predictor = predictor
+
+    def unbind(self, predictor: LazyPredictor) -> None:
+        """Stop ``predictor`` answering :meth:`lazy` (the server, when it stops), unless another has taken over."""
+        if self._predictor is predictor:
+            self._predictor = None
 
     @property
     def specs(self) -> list[ModelSpec]:

@@ -8,18 +8,12 @@ alone. Run it with ``uvicorn benchmarks.bare_mlp:app``; ``GET /v2/health/ready``
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
-
 import numpy as np
 import orjson
 
+from benchmarks import bare
+from benchmarks.bare import Receive, Scope, Send
 from benchmarks.mlp import OUTPUT_SIZE
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 INFER_PATH = "/v2/models/mlp/infer"
 
@@ -36,35 +30,10 @@ def infer(body: bytes) -> bytes:
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     """The ASGI entry point: lifespan, readiness, and the one inference route."""
     if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
+        await bare.lifespan(receive, send)
     elif scope["method"] == "POST" and scope["path"] == INFER_PATH:
-        await _respond(send, 200, infer(await _read_body(receive)))
+        await bare.respond(send, 200, infer(await bare.read_body(receive)))
     elif scope["method"] == "GET" and scope["path"] == "/v2/health/ready":
-        await _respond(send, 200, b'{"ready":true}')
+        await bare.respond(send, 200, b'{"ready":true}')
     else:
-        await _respond(send, 404, b'{"error":"not found"}')
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _respond(send: Send, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        await bare.respond(send, 404, b'{"error":"not found"}')

@@ -222,19 +222,7 @@ def run_wrk(
     """wrk as ``benchmarks.wrk`` runs it, with this benchmark's script: (result, non-200 answers, first bad status)."""
     stdout, load_cpu_s = wrk.run_command(port, path, script, concurrency, duration_s, cpu)
     raw = _summary_line(stdout)
-    duration = raw["duration_us"] / 1e6
-    result = WrkResult(
-        requests=raw["requests"],
-        duration_s=round(duration, 3),
-        rps=round(raw["requests"] / duration, 1) if duration > 0 else 0.0,
-        p50_ms=round(raw["p50_us"] / 1000, 3),
-        p90_ms=round(raw["p90_us"] / 1000, 3),
-        p99_ms=round(raw["p99_us"] / 1000, 3),
-        max_ms=round(raw["max_us"] / 1000, 3),
-        mean_ms=round(raw["mean_us"] / 1000, 3),
-        errors=raw["socket_errors"] + raw["status_errors"] + raw["timeouts"],
-        load_cpu_s=load_cpu_s,
-    )
+    result = dataclasses.replace(wrk.result_from_summary(raw), load_cpu_s=load_cpu_s)
     return result, int(raw["non200"]), int(raw["first_bad"])
 
 

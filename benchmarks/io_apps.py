@@ -33,7 +33,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,10 +42,9 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from benchmarks import bare
+from benchmarks.bare import Receive, Scope, Send
+
 Array = npt.NDArray[Any]
 
 MODEL = "score"
@@ -220,12 +219,12 @@ class BareApp:
             await self._lifespan(receive, send)
             return
         if scope["method"] == "POST" and scope["path"] == PREDICT_PATH:
-            status, body = await self._predict(await _read_body(receive))
-            await _respond(send, status, body)
+            status, body = await self._predict(await bare.read_body(receive))
+            await bare.respond(send, status, body)
         elif scope["method"] == "GET" and scope["path"] == "/v2/health/ready":
-            await _respond(send, 200, b'{"ready":true}')
+            await bare.respond(send, 200, b'{"ready":true}')
         else:
-            await _respond(send, 404, b'{"error":"not found"}')
+            await bare.respond(send, 404, b'{"error":"not found"}')
 
     async def _predict(self, body: bytes) -> tuple[int, bytes]:
         started = time.perf_counter()
@@ -254,21 +253,6 @@ class BareApp:
                 await self._client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _respond(send: Send, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 bare_httpx = BareApp(HttpxRows())

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from benchmarks import bare
+from benchmarks.bare import Receive, Scope, Send
 
 USERS = 10_000
 DELAY_S = float(os.environ.get("IO_FEATURE_DELAY_S", "0.05"))
@@ -54,19 +51,19 @@ _STATS = {"gets": 0, "batch_calls": 0, "batch_keys": 0}
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     """The ASGI entry point."""
     if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
+        await bare.lifespan(receive, send)
         return
     method, path = scope["method"], scope["path"]
     if method == "GET" and path.startswith("/users/"):
         await _get_user(path[len("/users/") :], send)
     elif method == "POST" and path == "/users:batch":
-        await _get_batch(await _read_body(receive), send)
+        await _get_batch(await bare.read_body(receive), send)
     elif method == "GET" and path == "/v2/health/ready":
-        await _respond(send, 200, b'{"ready":true}')
+        await bare.respond(send, 200, b'{"ready":true}')
     elif method == "GET" and path == "/stats":
-        await _respond(send, 200, orjson.dumps(_STATS))
+        await bare.respond(send, 200, orjson.dumps(_STATS))
     else:
-        await _respond(send, 404, b'{"error":"not found"}')
+        await bare.respond(send, 404, b'{"error":"not found"}')
 
 
 async def _get_user(raw_id: str, send: Send) -> None:
@@ -74,43 +71,18 @@ async def _get_user(raw_id: str, send: Send) -> None:
     _STATS["gets"] += 1
     encoded = _ENCODED.get(int(raw_id)) if raw_id.isdigit() else None
     if encoded is None:
-        await _respond(send, 404, _NOT_FOUND)
+        await bare.respond(send, 404, _NOT_FOUND)
     else:
-        await _respond(send, 200, encoded)
+        await bare.respond(send, 200, encoded)
 
 
 async def _get_batch(body: bytes, send: Send) -> None:
     try:
         keys = orjson.loads(body)["keys"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        await _respond(send, 400, b'{"error":"expected {\\"keys\\": [...]}"}')
+        await bare.respond(send, 400, b'{"error":"expected {\\"keys\\": [...]}"}')
         return
     await asyncio.sleep(DELAY_S)
     _STATS["batch_calls"] += 1
     _STATS["batch_keys"] += len(keys)
-    await _respond(send, 200, orjson.dumps({str(key): _ROWS.get(key) for key in keys}))
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _respond(send: Send, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await bare.respond(send, 200, orjson.dumps({str(key): _ROWS.get(key) for key in keys}))

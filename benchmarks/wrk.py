@@ -116,11 +116,12 @@ def parse_summary(stdout: str) -> WrkResult:
     for line in stdout.splitlines():
         if line.startswith(_MARKER):
             raw: dict[str, Any] = json.loads(line[len(_MARKER) :])
-            return _result(raw)
+            return result_from_summary(raw)
     raise BenchmarkError(f"wrk printed no summary line; its output was:\n{stdout[:1000]}")
 
 
-def _result(raw: dict[str, Any]) -> WrkResult:
+def result_from_summary(raw: dict[str, Any]) -> WrkResult:
+    """A WrkResult from the JSON of the ``done`` hook (durations in µs); ``load_cpu_s`` left at 0."""
     duration_s = raw["duration_us"] / 1e6
     return WrkResult(
         requests=raw["requests"],
