@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -47,7 +50,7 @@ from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
 from asyncserve.pipeline import Pipeline, Prediction
 from asyncserve.predlog import InputPolicy, PredictionLogger, open_sink
 from asyncserve.registry import ModelEntry, ModelRegistry
-from asyncserve.routing import JSON_TYPE, Receive, Request, Response, Router, Scope, Send, header_dict
+from asyncserve.routing import JSON_TYPE, Receive, Request, Response, Route, Router, Scope, Send, header_dict
 from asyncserve.service import Service
 from asyncserve.tensors import Columns
 
@@ -56,11 +59,17 @@ logger = logging.getLogger(__name__)
 Refusal = tuple[int, list[tuple[bytes, bytes]], bytes]
 """A response written straight from the HTTP parser: status, headers (without content-length), body."""
 
+Respond = Callable[[Response, str], None]
+"""Writes a response (and its request id) straight to the client's connection."""
+
+Started = tuple["asyncio.Future[Prediction]", Callable[[Prediction], Response]]
+"""A prediction under way, and how its result becomes the response."""
+
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
+"""The protocol extensions this server implements, exactly as ``GET /v2`` reports them."""
 
 IDLE_CHECK_S = 0.05
 """How often an idle server looks for deferred predictions to compute (``deferred_when_idle``)."""
-"""The protocol extensions this server implements, exactly as ``GET /v2`` reports them."""
 
 
 def make_executor(settings: Settings) -> Executor:
@@ -153,8 +162,16 @@ class AsyncServeApp:
     def _build_router(self) -> Router:
         r = Router()
         # The inference routes first: the router tries routes with parameters in order.
-        r.add("POST", "/v2/models/{model}/infer", self.infer, "v2_infer", cancel_on_disconnect=True)
-        r.add("POST", "/v1/models/{model}/predict", self.predict, "v1_predict", cancel_on_disconnect=True)
+        infer, predict = self.infer, self.predict
+        r.add("POST", "/v2/models/{model}/infer", infer, "v2_infer", cancel_on_disconnect=True, direct=self._infer_now)
+        r.add(
+            "POST",
+            "/v1/models/{model}/predict",
+            predict,
+            "v1_predict",
+            cancel_on_disconnect=True,
+            direct=self._predict_now,
+        )
         r.add("GET", "/v2/health/live", self.live, "live")
         r.add("GET", "/v2/health/ready", self.ready, "ready")
         r.add("GET", "/v2", self.server_metadata, "server_metadata")
@@ -162,7 +179,10 @@ class AsyncServeApp:
         r.add("GET", "/v2/models/{model}/versions/{version}", self.model_metadata, "model_metadata")
         r.add("GET", "/v2/models/{model}/ready", self.model_ready, "model_ready")
         r.add("GET", "/v2/models/{model}/versions/{version}/ready", self.model_ready, "model_ready")
-        r.add("POST", "/v2/models/{model}/versions/{version}/infer", self.infer, "v2_infer", cancel_on_disconnect=True)
+        r.add(
+            "POST", "/v2/models/{model}/versions/{version}/infer", infer, "v2_infer",
+            cancel_on_disconnect=True, direct=self._infer_now,
+        )  # fmt: skip
         r.add("POST", "/v2/repository/index", self.repository_index, "repository_index")
         r.add("POST", "/v2/repository/models/{model}/load", self.repository_load, "repository_load")
         r.add("POST", "/v2/repository/models/{model}/unload", self.repository_unload, "repository_unload")
@@ -214,15 +234,11 @@ class AsyncServeApp:
                     response = await route.handler(request)
             finally:
                 self.metrics.request_finished(route_name)
-        except AsyncServeError as exc:
-            response = self._error_response(exc, request_id, route_name, model)
         except ClientGone:
             self.metrics.disconnects.labels(route_name, model).inc()
             return
-        except Exception:
-            logger.exception("request %s: unexpected error on %s %s", request_id, scope["method"], scope["path"])
-            internal = AsyncServeError(f"internal server error; the server log has the details (request {request_id})")
-            response = self._error_response(internal, request_id, route_name, model)
+        except Exception as exc:
+            response = self._failure_response(exc, request_id, route_name, model, f"{scope['method']} {scope['path']}")
         await response.send(send, request_id)
         self.metrics.observe_request(route_name, model, response.status, time.perf_counter() - started)
 
@@ -272,10 +288,92 @@ class AsyncServeApp:
         response_headers = [(b"content-type", JSON_TYPE.encode()), (b"x-request-id", request_id), *extra]
         return overloaded.status_code, response_headers, orjson.dumps(overloaded.to_dict())
 
+    # Inference straight from the HTTP parser
+
+    def direct_request(self, method: str, path: str, raw_headers: list[tuple[bytes, bytes]]) -> DirectRequest | None:
+        """The inference request that asyncserve's protocol may serve without ASGI (``serve_direct``), or None.
+
+        Only the plain case qualifies: an inference route, a declared body within the limit, no
+        ``Prefer`` (lazy and asynchronous answers go through ASGI). Every error of a request taken
+        here is answered as the ASGI path answers it.
+        """
+        if method != "POST" or self.shutting_down:
+            return None
+        try:
+            route, params = self.router.match(method, path)
+        except AsyncServeError:
+            return None  # the ASGI path gives the precise error
+        if route.direct is None:
+            return None
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
+        declared = headers.get("content-length", "")
+        if "prefer" in headers or not declared.isdigit() or int(declared) > self.settings.max_body_bytes:
+            return None
+        return DirectRequest(route, params, method, path, raw_headers, headers, time.monotonic())
+
+    def serve_direct(self, direct: DirectRequest, body: bytes, respond: Respond) -> asyncio.Future[Any] | None:
+        """Serve a request taken by ``direct_request``, its body read: ``respond`` gets the response, at once
+        or when the prediction is done. Returns the prediction under way (cancel it when the client goes)."""
+        started = time.perf_counter()
+        route_name, model = direct.route.name, self._model_label(direct.params.get("model", ""))
+        request_id = direct.headers.get("x-request-id") or os.urandom(8).hex()
+        scope = {"type": "http", "method": direct.method, "path": direct.path, "headers": direct.raw_headers}
+        limit = self.settings.max_body_bytes
+        request = Request(scope, _no_receive, request_id, direct.params, direct.headers, direct.arrived, limit, body)
+        self.metrics.request_started(route_name)
+        self._inferring += 1
+        finish = functools.partial(self._finish_direct, direct, request_id, route_name, model, started, respond)
+        try:
+            work, answer = direct.route.direct(request, body)  # type: ignore[misc]
+        except Exception as exc:
+            finish(None, exc)
+            return None
+        work.add_done_callback(lambda done: finish(answer, done))
+        return work
+
+    def _finish_direct(
+        self,
+        direct: DirectRequest,
+        request_id: str,
+        route_name: str,
+        model: str,
+        started: float,
+        respond: Respond,
+        answer: Callable[[Any], Response] | None,
+        outcome: asyncio.Future[Any] | Exception,
+    ) -> None:
+        self._inferring -= 1
+        self.metrics.request_finished(route_name)
+        if isinstance(outcome, asyncio.Future) and outcome.cancelled():
+            self.metrics.disconnects.labels(route_name, model).inc()  # only a client that went cancels
+            return
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            response = answer(outcome.result())  # type: ignore[misc]
+        except Exception as exc:
+            response = self._failure_response(exc, request_id, route_name, model, f"{direct.method} {direct.path}")
+        respond(response, request_id)
+        self.metrics.observe_request(route_name, model, response.status, time.perf_counter() - started)
+
+    def _infer_now(self, request: Request, body: bytes) -> Started:
+        entry, deadline = self._admit(request)
+        return self._start_infer(request, entry, deadline, body)
+
+    def _predict_now(self, request: Request, body: bytes) -> Started:
+        entry, deadline = self._admit(request)
+        return self._start_predict(request, entry, deadline, body)
+
     def _model_label(self, name: str) -> str:
         # Only names of served models become label values: a client must not be able to grow
         # the metrics without bound by asking for made-up models.
         return name if name in self._model_names else ""
+
+    def _failure_response(self, exc: Exception, request_id: str, route_name: str, model: str, where: str) -> Response:
+        if not isinstance(exc, AsyncServeError):
+            logger.error("request %s: unexpected error on %s", request_id, where, exc_info=exc)
+            exc = AsyncServeError(f"internal server error; the server log has the details (request {request_id})")
+        return self._error_response(exc, request_id, route_name, model)
 
     def _error_response(self, exc: AsyncServeError, request_id: str, route_name: str, model: str) -> Response:
         if isinstance(exc, ModelError):
@@ -399,32 +497,52 @@ class AsyncServeApp:
         body = await request.body()
         if self.jobs_api is not None and _prefers(request, "respond-async"):
             return await self.jobs_api.submit_v2(request, entry, body)
+        prediction, answer = self._start_infer(request, entry, deadline, body)
+        return answer(await prediction)
+
+    def _start_infer(self, request: Request, entry: ModelEntry, deadline: float, body: bytes) -> Started:
         header_length = _binary_header_length(request)
         # Any V2 body may say application/octet-stream: tritonclient's aio client always does.
         _require_json(request, also="application/octet-stream")
         decoded = v2.decode_infer_request(body, entry.spec, header_length)
         priority = _parse_priority(decoded.parameters.get("priority", 0), "parameters.priority")
-        prediction = await self.pipeline.run(
+        prediction = self.pipeline.start(
             entry, decoded.columns, decoded.rows, deadline, priority=priority, request_id=request.request_id
         )
-        payload, headers = v2.encode_infer_response(entry.spec, decoded, prediction.outputs)
-        content_type = headers.pop("content-type", JSON_TYPE)
-        return Response(200, payload, {**headers, **_degraded_header(prediction)}, content_type)
+
+        def answer(prediction: Prediction) -> Response:
+            payload, headers = v2.encode_infer_response(entry.spec, decoded, prediction.outputs)
+            content_type = headers.pop("content-type", JSON_TYPE)
+            return Response(200, payload, {**headers, **_degraded_header(prediction)}, content_type)
+
+        return prediction, answer
 
     async def predict(self, request: Request) -> Response:
         entry, deadline = self._admit(request)
         body = await request.body()
-        _require_json(request)
-        columns, as_list = jsonapi.decode_rows(body, entry.spec)
-        rows = len(next(iter(columns.values())))
-        priority = _parse_priority(request.headers.get("x-priority", "0"), "X-Priority")
         if _prefers(request, "lazy"):
+            columns, rows, as_list, priority = self._decode_rows(request, entry, body)
             return self._defer(request, entry, columns, rows, as_list, priority)
-        prediction = await self.pipeline.run(
+        prediction, answer = self._start_predict(request, entry, deadline, body)
+        return answer(await prediction)
+
+    def _start_predict(self, request: Request, entry: ModelEntry, deadline: float, body: bytes) -> Started:
+        columns, rows, as_list, priority = self._decode_rows(request, entry, body)
+        prediction = self.pipeline.start(
             entry, columns, rows, deadline, priority=priority, request_id=request.request_id
         )
-        body = jsonapi.encode_rows(entry.spec, prediction.outputs, as_list)
-        return Response(200, body, _degraded_header(prediction))
+
+        def answer(prediction: Prediction) -> Response:
+            body = jsonapi.encode_rows(entry.spec, prediction.outputs, as_list)
+            return Response(200, body, _degraded_header(prediction))
+
+        return prediction, answer
+
+    def _decode_rows(self, request: Request, entry: ModelEntry, body: bytes) -> tuple[Columns, int, bool, int]:
+        _require_json(request)
+        columns, as_list = jsonapi.decode_rows(body, entry.spec)
+        priority = _parse_priority(request.headers.get("x-priority", "0"), "X-Priority")
+        return columns, len(next(iter(columns.values()))), as_list, priority
 
     # Deferred (lazy) predictions
 
@@ -527,6 +645,23 @@ class AsyncServeApp:
     async def docs(self, request: Request) -> Response:
         html = openapi.docs_html("/openapi.json", f"{self.service.name} - asyncserve")
         return Response(200, html.encode(), content_type="text/html; charset=utf-8")
+
+
+@dataclass(frozen=True)
+class DirectRequest:
+    """An inference request taken at the HTTP parser, its headers read (see ``AsyncServeApp.direct_request``)."""
+
+    route: Route
+    params: dict[str, str]
+    method: str
+    path: str
+    raw_headers: list[tuple[bytes, bytes]]
+    headers: dict[str, str]
+    arrived: float
+
+
+async def _no_receive() -> dict[str, Any]:
+    raise RuntimeError("a request served from the HTTP parser has its body already; there is nothing to receive")
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -152,22 +152,26 @@ class Batcher:
 
     async def submit(self, columns: Columns, rows: int, deadline: float, priority: int = 0) -> Columns:
         """Queue ``rows`` rows and wait for their outputs, at most until ``deadline``."""
+        return await self.enqueue(columns, rows, deadline, priority)
+
+    def enqueue(self, columns: Columns, rows: int, deadline: float, priority: int = 0) -> asyncio.Future[Columns]:
+        """Queue ``rows`` rows; the future gets their outputs, or DeadlineExceeded at ``deadline``.
+
+        Refusals (a full queue, a deadline out of reach) raise at once. Cancelling the future
+        withdraws the rows: the batcher drops them before they reach the model.
+        """
         now = time.monotonic()
         self._admit(rows, priority, deadline, now)
-        item = Item(
-            columns, rows, deadline, priority, now, asyncio.get_running_loop().create_future(), _shape_key(columns)
-        )
+        loop = asyncio.get_running_loop()
+        item = Item(columns, rows, deadline, priority, now, loop.create_future(), _shape_key(columns))
         self._queue.push(item)
         self._arrival_rate.add(rows, now)
         self._wakeup.set()
-        # A bare timer rather than asyncio.timeout(): it is cheaper, and expiring the future (not
-        # cancelling this task) also marks the item dead, so the batcher drops it.
-        loop = asyncio.get_running_loop()
+        # A bare timer rather than asyncio.timeout(): it is cheaper, needs no task to cancel, and
+        # expiring the future also marks the item dead, so the batcher drops it.
         timer = loop.call_at(loop.time() + (deadline - now), _expire, item.future, self.label)
-        try:
-            return await item.future
-        finally:
-            timer.cancel()
+        item.future.add_done_callback(lambda _: timer.cancel())
+        return item.future
 
     def _admit(self, rows: int, priority: int, deadline: float, now: float) -> None:
         if self._closing:

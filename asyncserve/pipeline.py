@@ -7,6 +7,7 @@ inputs) in flight share one computation, and answers may come from the predictio
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from asyncserve.features import FeatureSource, fetch_features
 from asyncserve.lazy import Coalescer, PredictionCache, request_key
 from asyncserve.metrics import Metrics
 from asyncserve.predlog import PredictionLogger, prediction_record
-from asyncserve.registry import ModelEntry, ModelRegistry
+from asyncserve.registry import ModelEntry, ModelRegistry, model_failure
 from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,65 @@ class Pipeline:
         priority: int = 0,
         request_id: str = "",
     ) -> Prediction:
+        if _needs_a_task(entry):
+            return await self._run_stages(entry, columns, rows, deadline, priority, request_id)
+        return await self.start(entry, columns, rows, deadline, priority=priority, request_id=request_id)
+
+    def start(
+        self,
+        entry: ModelEntry,
+        columns: Columns,
+        rows: int,
+        deadline: float,
+        *,
+        priority: int = 0,
+        request_id: str = "",
+    ) -> asyncio.Future[Prediction]:
+        """Start a request's prediction; the future gets it, and cancelling it withdraws the request.
+
+        A model with no features and no sharing of identical requests runs without a task: the
+        batcher's future, mapped to a Prediction, is the answer. Refusals raise at once.
+        """
+        if _needs_a_task(entry):
+            stages = self._run_stages(entry, columns, rows, deadline, priority, request_id)
+            return asyncio.get_running_loop().create_task(stages)
         if self.predlog is not None:
             # With overflow="refuse", a full log turns the prediction away before any work (503).
+            self.predlog.check_room()
+        started = time.perf_counter()
+        outputs = self.registry.enqueue(entry, columns, rows, deadline, priority)
+        answer: asyncio.Future[Prediction] = outputs.get_loop().create_future()
+        outputs.add_done_callback(functools.partial(self._answer, answer, entry, columns, started, request_id))
+        answer.add_done_callback(lambda _: outputs.cancel())  # a no-op once the outputs are in
+        return answer
+
+    def _answer(
+        self,
+        answer: asyncio.Future[Prediction],
+        entry: ModelEntry,
+        columns: Columns,
+        started: float,
+        request_id: str,
+        outputs: asyncio.Future[Columns],
+    ) -> None:
+        if answer.done():
+            return  # withdrawn
+        if outputs.cancelled():
+            answer.cancel()
+            return
+        failure = outputs.exception()
+        if failure is not None:
+            answer.set_exception(model_failure(entry.spec, failure) if isinstance(failure, Exception) else failure)
+            return
+        model_ms = (time.perf_counter() - started) * 1000
+        prediction = Prediction(outputs.result(), stages_ms={"features": 0.0, "model": model_ms})
+        self._log(entry, columns, prediction, request_id)
+        answer.set_result(prediction)
+
+    async def _run_stages(
+        self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int, request_id: str
+    ) -> Prediction:
+        if self.predlog is not None:
             self.predlog.check_room()
         # (Models that call other models read the deadline from the context: the registry sets it.)
         if entry.spec.deterministic:
@@ -134,6 +192,11 @@ class Pipeline:
             degraded=bool(prediction.degraded),
         )  # fmt: skip
         self.predlog.record(record)
+
+
+def _needs_a_task(entry: ModelEntry) -> bool:
+    """Whether a request's way to the model has steps to await: feature lookups, or sharing with identical requests."""
+    return bool(entry.spec.features) or entry.spec.deterministic
 
 
 def _unique_sources(registry: ModelRegistry) -> list[FeatureSource]:

@@ -1,75 +1,158 @@
-"""The HTTP protocol: uvicorn's httptools protocol, refusing inference requests at the parser when the loop is swamped.
+"""The HTTP protocol: uvicorn's httptools protocol, serving inference requests from the parser's callbacks.
 
-Under overload, refusing must cost far less than serving, or the refusals alone keep the event loop
-swamped and nothing is served in time. Through ASGI, even a refusal costs a task, a scope, two
-messages and two writes: about as much as a small prediction. Here an inference request that the
-app refuses for the loop's lag (``AsyncServeApp.refusal``) is answered from the parser callback
-with one write and no task; its body, if still coming, is parsed and dropped. Every other request,
-and every request when the loop keeps up, goes through uvicorn unchanged.
+Through ASGI every request costs a task, a scope, a receive and a send coroutine, four messages
+and an await chain through the app: on a one-core server batching a cheap model, more than the
+model itself. So an inference request is served here, without ASGI:
+
+- *refused* (``AsyncServeApp.refusal``) with one write when the event loop is swamped: under
+  overload, refusing must cost far less than serving, or the refusals alone keep the loop swamped;
+- or, in the plain case (``AsyncServeApp.direct_request``), *served directly*: its body gathered
+  by the parser's callbacks, then handed to ``AsyncServeApp.serve_direct``, which starts the
+  prediction and calls back with the response. A model with no feature lookups runs with no task
+  at all: the batcher's future calls back. A client that goes away cancels the prediction.
+
+Every other request, and the rare inference request that is not plain (lazy, asynchronous, no
+declared length, pipelined behind another), goes through uvicorn unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from typing import TYPE_CHECKING
+import urllib.parse
+from typing import TYPE_CHECKING, Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 if TYPE_CHECKING:
-    from asyncserve.app import AsyncServeApp
+    from asyncserve.app import AsyncServeApp, DirectRequest
+    from asyncserve.routing import Response
 
 logger = logging.getLogger(__name__)
 
+UVICORN_INTERNALS = (AttributeError, KeyError, TypeError)
+"""What a uvicorn release that changed the internals this protocol builds on would raise."""
+
 
 class SheddingHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` that asks the app, once the headers are in, whether to refuse the request at once.
+    """``HttpToolsProtocol`` that refuses or serves inference requests itself once their headers are in.
 
     It builds on uvicorn's internals (``RequestResponseCycle``, ``STATUS_LINE``). Should a uvicorn
-    release change them, the refusals fall back to the app's own, through ASGI, with one warning.
+    release change them, requests fall back to the ASGI path, with one warning.
     """
 
     fast_refusals = True
+    direct_inference = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._direct: DirectRequest | None = None
+        """The request being served directly whose body is still coming."""
+        self._direct_body: list[bytes] = []
+        self._direct_work: asyncio.Future[Any] | None = None
+        """The prediction under way for the request being served directly."""
 
     def on_headers_complete(self) -> None:
-        app: AsyncServeApp = self.config.app  # type: ignore[assignment]
         current: RequestResponseCycle | None = self.cycle  # None before the first request
-        pipelined = current is not None and not current.response_complete
-        refusal = None
-        if self.fast_refusals and not pipelined:  # pipelined requests keep their order: they go through uvicorn
-            refusal = app.refusal(self.parser.get_method(), self.url, self.headers)
-        if refusal is None:
-            super().on_headers_complete()
+        if current is not None and not current.response_complete:
+            super().on_headers_complete()  # pipelined requests keep their order: they go through uvicorn
             return
-        try:
-            self._refuse(*refusal)
-        except (AttributeError, KeyError, TypeError):
-            logger.warning("refusing at the HTTP parser does not work with this uvicorn; refusing through ASGI")
-            type(self).fast_refusals = False
-            super().on_headers_complete()
+        app: AsyncServeApp = self.config.app  # type: ignore[assignment]
+        method = self.parser.get_method()
+        if self.fast_refusals:
+            refusal = app.refusal(method, self.url, self.headers)
+            if refusal is not None and self._try(self._refuse, *refusal, flag="fast_refusals"):
+                return
+        if self.direct_inference and not self.expect_100_continue and not self.parser.should_upgrade():
+            direct = app.direct_request(method.decode("ascii"), self._path(), self.headers)
+            if direct is not None and self._try(self._take, direct, flag="direct_inference"):
+                return
+        super().on_headers_complete()
 
-    def _refuse(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        # A client that waits for "100 Continue" before its body may send it anyway or not: close.
-        keep_alive = (
-            self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive() and not self.expect_100_continue
-        )
+    def _try(self, step: Any, *args: Any, flag: str) -> bool:
+        try:
+            step(*args)
+        except UVICORN_INTERNALS:
+            logger.warning("this uvicorn release does not allow %s at the HTTP parser; using ASGI instead", flag)
+            setattr(type(self), flag, False)
+            return False
+        return True
+
+    def _path(self) -> str:
+        path: str = httptools.parse_url(self.url).path.decode("latin-1")
+        return self.root_path + (urllib.parse.unquote(path) if "%" in path else path)
+
+    def _new_cycle(self, keep_alive: bool) -> RequestResponseCycle:
+        """The cycle uvicorn's own callbacks (pipelining, shutdown, disconnects) see for a request answered here."""
         cycle = RequestResponseCycle(
             scope=self.scope, transport=self.transport, flow=self.flow, logger=self.logger,
             access_logger=self.access_logger, access_log=self.access_log,
             default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
             expect_100_continue=False, keep_alive=keep_alive, on_response=self.on_response_complete,
         )  # fmt: skip
-        cycle.response_started = cycle.response_complete = True  # the body that follows is dropped
         self.cycle = cycle
+        return cycle
+
+    def _keep_alive(self) -> bool:
+        return self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+
+    # Refusing
+
+    def _refuse(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        # A client that waits for "100 Continue" before its body may send it anyway or not: close.
+        cycle = self._new_cycle(self._keep_alive() and not self.expect_100_continue)
+        cycle.response_started = True  # the body that follows is dropped (uvicorn's on_body skips it)
+        self._write(cycle, status, [*headers, (b"content-length", b"%d" % len(body))], body)
+
+    # Serving directly
+
+    def _take(self, direct: DirectRequest) -> None:
+        self._new_cycle(self._keep_alive())
+        self._direct, self._direct_body = direct, []
+
+    def on_body(self, body: bytes) -> None:
+        if self._direct is None:
+            super().on_body(body)
+        else:
+            self._direct_body.append(body)  # within the declared length, which the app checked
+
+    def on_message_complete(self) -> None:
+        direct = self._direct
+        if direct is None:
+            super().on_message_complete()
+            return
+        body = b"".join(self._direct_body)
+        self._direct, self._direct_body = None, []
+        app: AsyncServeApp = self.config.app  # type: ignore[assignment]
+        respond = functools.partial(self._respond, self.cycle)
+        self._direct_work = app.serve_direct(direct, body, respond)
+
+    def _respond(self, cycle: RequestResponseCycle, response: Response, request_id: str) -> None:
+        self._direct_work = None
+        if not self.transport.is_closing():
+            self._write(cycle, response.status, response.raw_headers(request_id), response.body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        work, self._direct_work = self._direct_work, None
+        if work is not None:
+            work.cancel()  # nobody waits for this prediction any more: its rows leave the queue
+        super().connection_lost(exc)
+
+    # Writing
+
+    def _write(self, cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """Write a whole response, then let uvicorn go on as after any response (keep-alive, pipelining)."""
         content = [STATUS_LINE[status]]
         for name, value in [*self.server_state.default_headers, *headers]:
             content.extend([name, b": ", value, b"\r\n"])
-        content.append(b"content-length: %d\r\n" % len(body))
-        if not keep_alive:
+        if not cycle.keep_alive:
             content.append(b"connection: close\r\n")
         content.extend([b"\r\n", body])
         self.transport.write(b"".join(content))
-        if keep_alive:
+        cycle.response_started = cycle.response_complete = True
+        if cycle.keep_alive:
             self.on_response_complete()
         else:
             self.transport.close()

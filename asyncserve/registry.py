@@ -234,16 +234,21 @@ class ModelRegistry:
         self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int = 0
     ) -> Columns:
         """Run the model on a request's rows, batched with other requests' rows."""
-        spec = entry.spec
-        if time.monotonic() >= deadline:
-            raise DeadlineExceeded(f"the request's deadline passed before model {spec.label!r} could start")
+        outputs = self.enqueue(entry, columns, rows, deadline, priority)
         try:
-            return await entry.batcher.submit(columns, rows, deadline, priority)
+            return await outputs
         except AsyncServeError:
             raise
         except Exception as exc:
-            # The caller logs the cause with the request id; the client never sees it.
-            raise ModelError(f"model {spec.label!r} failed while predicting; the server log has the details") from exc
+            raise model_failure(entry.spec, exc) from exc
+
+    def enqueue(
+        self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int = 0
+    ) -> asyncio.Future[Columns]:
+        """Queue a request's rows on the model's batcher; the future gets its outputs (see ``model_failure``)."""
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"the deadline passed before model {entry.spec.label!r} could start")
+        return entry.batcher.enqueue(columns, rows, deadline, priority)
 
     async def _predict_async(self, spec: ModelSpec, columns: Columns, rows: int, deadline: float) -> Prediction:
         started = time.perf_counter()
@@ -255,6 +260,16 @@ class ModelRegistry:
         except TimeoutError:
             raise DeadlineExceeded(f"model {spec.label!r} did not answer before the request's deadline") from None
         return check_outputs(spec, result, rows), time.perf_counter() - started
+
+
+def model_failure(spec: ModelSpec, exc: Exception) -> AsyncServeError:
+    """What a failed prediction tells the client: asyncserve's own errors as they are; the model's
+    own exceptions as a ModelError naming the model (the caller logs the cause with the request id)."""
+    if isinstance(exc, AsyncServeError):
+        return exc
+    failure = ModelError(f"model {spec.label!r} failed while predicting; the server log has the details")
+    failure.__cause__ = exc
+    return failure
 
 
 class RegistryCaller:

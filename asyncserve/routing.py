@@ -6,6 +6,7 @@ core as the models, and benchmarks/results/frameworks.md shows what Starlette an
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -78,14 +79,17 @@ class Response:
     def json(cls, content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
         return cls(status, orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), headers or {})
 
-    async def send(self, send: Send, request_id: str) -> None:
+    def raw_headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
         headers = [
             (b"content-type", self.content_type.encode()),
             (b"content-length", str(len(self.body)).encode()),
             (b"x-request-id", request_id.encode()),
         ]
         headers.extend((name.encode(), value.encode()) for name, value in self.headers.items())
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        return headers
+
+    async def send(self, send: Send, request_id: str) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers(request_id)})
         await send({"type": "http.response.body", "body": self.body})
 
 
@@ -117,6 +121,10 @@ class StreamingResponse(Response):
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+DirectHandler = Callable[[Request, bytes], tuple["asyncio.Future[Any]", Callable[[Any], Response]]]
+"""A route's handler for requests served straight from the HTTP parser: given the request and its
+whole body, it starts the work and returns the work's future and how its result becomes the response."""
+
 
 @dataclass(frozen=True)
 class Route:
@@ -126,6 +134,8 @@ class Route:
     name: str
     """A short label for metrics (never the raw path, whose values are unbounded)."""
     cancel_on_disconnect: bool = False
+    direct: DirectHandler | None = None
+    """Set for the inference routes that asyncserve's protocol may serve without an ASGI task."""
 
 
 class Router:
@@ -140,9 +150,18 @@ class Router:
         self._static: dict[tuple[str, str], Route] = {}
         self._dynamic: list[Route] = []
 
-    def add(self, method: str, path: str, handler: Handler, name: str, *, cancel_on_disconnect: bool = False) -> None:
+    def add(
+        self,
+        method: str,
+        path: str,
+        handler: Handler,
+        name: str,
+        *,
+        cancel_on_disconnect: bool = False,
+        direct: DirectHandler | None = None,
+    ) -> None:
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
-        route = Route(method, re.compile(f"^{regex}$"), handler, name, cancel_on_disconnect)
+        route = Route(method, re.compile(f"^{regex}$"), handler, name, cancel_on_disconnect, direct)
         self._routes.append(route)
         if "{" in path:
             self._dynamic.append(route)

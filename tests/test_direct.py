@@ -1,0 +1,162 @@
+"""Inference requests served straight from the HTTP parser (no ASGI task), over real sockets.
+
+The direct path must behave exactly as the ASGI path: the same answers and errors, keep-alive,
+pipelining, HTTP/1.0, a client that goes away, and uvicorn's own bookkeeping (drain on shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+import pytest
+
+from asyncserve import Service, Settings
+from asyncserve.protocol import SheddingHttpToolsProtocol
+from tests.conftest import RunningServer
+from tests.models import Adder, Sleeper
+from tests.test_shedding import connect, read_response, request
+
+SLEEPER = Sleeper()
+SERVICE = Service(Adder(), SLEEPER, name="direct")
+SETTINGS = Settings(executor_workers=1, max_body_bytes=4096, loop_lag_interval_s=0.01)
+
+ROW = {"a": [1.0, 2.0, 3.0], "b": [1.0, 1.0, 1.0]}
+V2_ROW = {"inputs": [{"name": n, "shape": [1, 3], "datatype": "FP32", "data": v} for n, v in ROW.items()]}
+
+
+def v2_outputs(body: bytes) -> dict[str, list[float]]:
+    return {output["name"]: output["data"] for output in orjson.loads(body)["outputs"]}
+
+
+async def test_a_request_waiting_for_the_model_holds_no_asgi_task(running: RunningServer) -> None:
+    SLEEPER.started.clear()
+    reader, writer = await connect(running)
+    writer.write(request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.3}), "X-Request-ID: direct-1"))
+    await asyncio.to_thread(SLEEPER.started.wait, 5)
+    assert not running.server.server_state.tasks  # uvicorn runs no ASGI task for it
+    status, headers, body = await read_response(reader)
+    assert (status, headers["x-request-id"]) == (200, "direct-1")
+    assert orjson.loads(body)["pid"] > 0
+    writer.close()
+
+
+async def test_keep_alive_serves_many_requests_on_one_connection(running: RunningServer) -> None:
+    reader, writer = await connect(running)
+    for i in range(20):
+        body = {**V2_ROW, "inputs": [{**V2_ROW["inputs"][0], "data": [i, i, i]}, V2_ROW["inputs"][1]]}
+        writer.write(request("/v2/models/adder/infer", orjson.dumps(body)))
+        status, headers, answer = await read_response(reader)
+        assert status == 200, answer
+        assert "connection" not in headers
+        assert v2_outputs(answer)["sum"] == [i + 1.0] * 3
+    writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(running: RunningServer) -> None:
+    reader, writer = await connect(running)
+    slow = request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.2}))
+    fast = request("/v1/models/adder/predict", orjson.dumps(ROW))
+    writer.write(slow + fast + fast)  # the second and third wait behind the first, through uvicorn
+    answers = [await read_response(reader) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert "pid" in orjson.loads(answers[0][2])
+    assert orjson.loads(answers[1][2])["sum"] == orjson.loads(answers[2][2])["sum"] == [2.0, 3.0, 4.0]
+    writer.close()
+
+
+async def test_http_1_0_gets_its_answer_and_the_connection_closes(running: RunningServer) -> None:
+    reader, writer = await connect(running)
+    writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW), version="1.0"))
+    status, headers, body = await read_response(reader)
+    assert (status, headers["connection"]) == (200, "close")
+    assert orjson.loads(body)["sum"] == [2.0, 3.0, 4.0]
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+    writer.close()
+
+
+async def test_a_body_that_comes_in_pieces_is_gathered(running: RunningServer) -> None:
+    reader, writer = await connect(running)
+    whole = request("/v2/models/adder/infer", orjson.dumps(V2_ROW))
+    for start in range(0, len(whole), 40):
+        writer.write(whole[start : start + 40])
+        await writer.drain()
+        await asyncio.sleep(0.002)
+    status, _, body = await read_response(reader)
+    assert status == 200, body
+    assert v2_outputs(body)["sum"] == [2.0, 3.0, 4.0]
+    writer.close()
+
+
+async def test_a_chunked_body_goes_through_asgi_with_the_same_answer(running: RunningServer) -> None:
+    reader, writer = await connect(running)
+    body = orjson.dumps(ROW)
+    head = "POST /v1/models/adder/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    chunked = f"{head}Transfer-Encoding: chunked\r\n\r\n{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    writer.write(chunked)
+    status, _, answer = await read_response(reader)
+    assert status == 200, answer
+    assert orjson.loads(answer)["sum"] == [2.0, 3.0, 4.0]
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code"),
+    [
+        ("/v2/models/adder/infer", b"{not json", 400, "invalid_request"),
+        ("/v2/models/adder/infer", orjson.dumps({"inputs": [{"name": "a"}]}), 422, "schema_violation"),
+        ("/v1/models/adder/predict", orjson.dumps({"a": [1.0, 2.0]}), 422, "schema_violation"),
+        ("/v2/models/nope/infer", orjson.dumps(V2_ROW), 404, "model_not_found"),
+        ("/v1/models/adder/predict", b"x" * 5000, 413, "payload_too_large"),
+    ],
+)
+async def test_errors_are_answered_as_json_and_the_connection_lives_on(
+    running: RunningServer, path: str, body: bytes, status: int, code: str
+) -> None:
+    reader, writer = await connect(running)
+    writer.write(request(path, body, "X-Request-ID: bad-1"))
+    got, headers, answer = await read_response(reader)
+    assert (got, headers["x-request-id"], headers["content-type"]) == (status, "bad-1", "application/json")
+    assert orjson.loads(answer)["code"] == code
+    writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+
+
+async def test_a_client_that_goes_away_withdraws_its_rows(running: RunningServer) -> None:
+    SLEEPER.started.clear()
+    before = SLEEPER.calls
+    blocker_reader, blocker = await connect(running)
+    blocker.write(request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.5})))
+    await asyncio.to_thread(SLEEPER.started.wait, 5)
+    _, impatient = await connect(running)
+    impatient.write(request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.0})))
+    await impatient.drain()
+    await asyncio.sleep(0.05)  # queued behind the blocker
+    impatient.close()
+    assert (await read_response(blocker_reader))[0] == 200
+    await asyncio.sleep(0.1)
+    assert SLEEPER.calls == before + 1  # the withdrawn row never reached the model
+    blocker.close()
+
+
+async def test_requests_go_through_asgi_when_uvicorn_internals_differ(
+    running: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def changed(self: SheddingHttpToolsProtocol, keep_alive: bool) -> None:
+        raise AttributeError("RequestResponseCycle has no attribute 'on_response'")
+
+    monkeypatch.setattr(SheddingHttpToolsProtocol, "_new_cycle", changed)
+    monkeypatch.setattr(SheddingHttpToolsProtocol, "direct_inference", True)
+    reader, writer = await connect(running)
+    with caplog.at_level(logging.WARNING, logger="asyncserve.protocol"):
+        for _ in range(2):
+            writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
+            status, _, body = await read_response(reader)
+            assert (status, orjson.loads(body)["sum"]) == (200, [2.0, 3.0, 4.0])
+    assert SheddingHttpToolsProtocol.direct_inference is False
+    assert [r.message for r in caplog.records].count(
+        "this uvicorn release does not allow direct_inference at the HTTP parser; using ASGI instead"
+    ) == 1
+    writer.close()
