@@ -347,12 +347,19 @@ class AsyncServeApp:
         if isinstance(outcome, asyncio.Future) and outcome.cancelled():
             self.metrics.disconnects.labels(route_name, model).inc()  # only a client that went cancels
             return
-        try:
-            if isinstance(outcome, Exception):
-                raise outcome
-            response = answer(outcome.result())  # type: ignore[misc]
-        except Exception as exc:
-            response = self._failure_response(exc, request_id, route_name, model, f"{direct.method} {direct.path}")
+        # The failure is read, not raised: raising it here would tie it, through its traceback, to
+        # this frame and so to itself, a cycle per failed request for the garbage collector to find.
+        failure = outcome if isinstance(outcome, BaseException) else outcome.exception()
+        if failure is None:
+            try:
+                response = answer(outcome.result())  # type: ignore[misc,union-attr]
+            except Exception as exc:  # encoding the outputs failed: a bug, logged
+                failure = exc
+        if failure is not None:
+            if not isinstance(failure, Exception):
+                raise failure  # KeyboardInterrupt and the like are not a request's failure
+            where = f"{direct.method} {direct.path}"
+            response = self._failure_response(failure, request_id, route_name, model, where)
         respond(response, request_id)
         self.metrics.observe_request(route_name, model, response.status, time.perf_counter() - started)
 

@@ -323,8 +323,10 @@ class Batcher:
         await self._run(live, isolate=True)
 
     def _live(self, items: list[Item]) -> list[Item]:
-        """Drop the items nobody waits for any more, and those whose deadline passed."""
+        """Drop the items nobody waits for any more, those whose deadline passed, and those whose
+        deadline will pass before the batch can end (the model's time goes to the others)."""
         now = time.monotonic()
+        ends_at = now + self.cost.seconds(sum(item.rows for item in items)) if self.cost.fitted else now
         live = []
         for item in items:
             if item.dead:
@@ -334,6 +336,11 @@ class Batcher:
                 item.future.set_exception(
                     DeadlineExceeded(f"the deadline passed before model {self.label!r} could start")
                 )
+            elif item.deadline < ends_at:
+                self._shed("would_expire")
+                item.future.set_exception(
+                    DeadlineExceeded(f"model {self.label!r} cannot finish its next batch before the request's deadline")
+                )
             else:
                 live.append(item)
         return live
@@ -342,8 +349,12 @@ class Batcher:
         rows = sum(item.rows for item in items)
         deadline = max(item.deadline for item in items)
         self._metrics.batch_rows.observe(rows)
+        started = time.monotonic()
         try:
-            outputs, seconds = await self._runner(_concatenate(items), rows, deadline)
+            # The cost model learns the batch's time as the batcher sees it (hand-offs to and from the
+            # executor included, which a busy event loop makes longer), not only the model's.
+            outputs, _ = await self._runner(_concatenate(items), rows, deadline)
+            seconds = time.monotonic() - started
         except DeadlineExceeded as exc:
             _fail(items, exc)
         except Exception as exc:

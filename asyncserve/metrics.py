@@ -83,7 +83,8 @@ class Metrics:
         )  # fmt: skip
         self.batch_shed = Counter(
             "asyncserve_batch_shed_rows",
-            "Requests the batcher refused or dropped, by reason: queue_full, deadline_unreachable, expired, cancelled.",
+            "Requests the batcher refused or dropped, by reason: "
+            "queue_full, deadline_unreachable, expired, would_expire, cancelled.",
             ["model", "reason"], registry=r,
         )  # fmt: skip
         self.batch_isolations = Counter(

@@ -13,13 +13,20 @@ model itself. So an inference request is served here, without ASGI:
 
 Every other request, and the rare inference request that is not plain (lazy, asynchronous, no
 declared length, pipelined behind another), goes through uvicorn unchanged.
+
+Under overload, two rules keep every turn of the event loop short, so that deadlines, the lag
+probe and finished predictions get their turn: answers decided inside the parser's callbacks are
+written on the next turn (``_write_soon``), and parsing stops for the turn once it has taken
+``PARSE_BUDGET_S`` (``ParseBudget``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
+import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +41,73 @@ logger = logging.getLogger(__name__)
 
 UVICORN_INTERNALS = (AttributeError, KeyError, TypeError)
 """What a uvicorn release that changed the internals this protocol builds on would raise."""
+
+PARSE_BUDGET_S = 0.001
+"""How long one turn of the event loop may spend parsing (and so refusing or starting) requests."""
+
+
+class ParseBudget:
+    """Caps the time each turn of the event loop spends on incoming requests; the rest wait their turn.
+
+    With a thousand busy connections, one turn of the loop reads a request from each before any
+    timer or finished prediction gets a turn: about 70 ms even when every request is refused at
+    once, longer than a tight deadline, and each hand-off of a batch to and from the executor
+    waits a whole turn, so the model starves. Past the budget, a connection's bytes wait (its
+    reading paused, so the kernel holds what follows) and are parsed first on the next turn, in
+    arrival order, at least one connection's a turn. Each turn the timers (deadlines, the lag
+    probe) and finished predictions run first. A request's deadline counts from when it is parsed.
+
+    One millisecond is about ten requests: turns stay a few milliseconds long under any load,
+    and the cost of a turn (an epoll call, a few callbacks) is small beside ten requests.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, budget_s: float = PARSE_BUDGET_S) -> None:
+        self._loop = loop
+        self.budget_s = budget_s
+        self.deferred = 0
+        """How many times a connection's bytes waited for a later turn."""
+        self._ends_at = 0.0
+        """When this turn's budget ends (``time.perf_counter()``)."""
+        self._turn_pending = False
+        """Whether ``_next_turn`` is scheduled: bytes parsed meanwhile count against this turn's budget."""
+        self._waiting: collections.deque[tuple[SheddingHttpToolsProtocol, bytes]] = collections.deque()
+
+    def allows(self, protocol: SheddingHttpToolsProtocol, data: bytes) -> bool:
+        """Whether ``data`` may be parsed now; if not, the connection is paused and its data waits for a later turn."""
+        now = time.perf_counter()
+        if not self._turn_pending:  # the first bytes since the last turn began
+            self._turn_pending = True
+            self._ends_at = now + self.budget_s
+            self._loop.call_soon(self._next_turn)  # ready callbacks run on the next turn, after its timers
+        if now < self._ends_at and not self._waiting:
+            return True
+        protocol.transport.pause_reading()
+        self._waiting.append((protocol, data))
+        self.deferred += 1
+        return False
+
+    def _next_turn(self) -> None:
+        self._turn_pending = False
+        self._ends_at = time.perf_counter() + self.budget_s
+        waiting = self._waiting
+        while waiting:  # at least one a turn, however small the budget
+            protocol, data = waiting.popleft()
+            protocol.resume(data)
+            if time.perf_counter() >= self._ends_at:
+                break
+        if waiting:
+            self._turn_pending = True
+            self._loop.call_soon(self._next_turn)
+
+
+def parse_budget(protocol: HttpToolsProtocol) -> ParseBudget:
+    """The budget of the protocol's server (all its connections share one loop)."""
+    state = protocol.server_state
+    budget: ParseBudget | None = getattr(state, "asyncserve_parse_budget", None)
+    if budget is None:
+        budget = ParseBudget(protocol.loop)
+        state.asyncserve_parse_budget = budget  # type: ignore[attr-defined]
+    return budget
 
 
 class SheddingHttpToolsProtocol(HttpToolsProtocol):
@@ -53,6 +127,21 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
         self._direct_body: list[bytes] = []
         self._direct_work: asyncio.Future[Any] | None = None
         """The prediction under way for the request being served directly."""
+        self._in_parser = False
+        """Whether a request is being handed to the app from inside the parser's callbacks."""
+        self._budget = parse_budget(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._budget.allows(self, data):
+            super().data_received(data)
+
+    def resume(self, data: bytes) -> None:
+        """Parse bytes that waited for a turn of the loop (``ParseBudget``), and read on."""
+        if self.transport.is_closing():
+            return  # the client went away meanwhile
+        if not self.flow.read_paused:  # uvicorn's own flow control may hold the connection paused
+            self.transport.resume_reading()
+        super().data_received(data)
 
     def on_headers_complete(self) -> None:
         current: RequestResponseCycle | None = self.cycle  # None before the first request
@@ -103,8 +192,7 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         # A client that waits for "100 Continue" before its body may send it anyway or not: close.
         cycle = self._new_cycle(self._keep_alive() and not self.expect_100_continue)
-        cycle.response_started = True  # the body that follows is dropped (uvicorn's on_body skips it)
-        self._write(cycle, status, [*headers, (b"content-length", b"%d" % len(body))], body)
+        self._write_soon(cycle, status, [*headers, (b"content-length", b"%d" % len(body))], body)
 
     # Serving directly
 
@@ -127,12 +215,16 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
         self._direct, self._direct_body = None, []
         app: AsyncServeApp = self.config.app  # type: ignore[assignment]
         respond = functools.partial(self._respond, self.cycle)
-        self._direct_work = app.serve_direct(direct, body, respond)
+        self._in_parser = True
+        try:
+            self._direct_work = app.serve_direct(direct, body, respond)
+        finally:
+            self._in_parser = False
 
     def _respond(self, cycle: RequestResponseCycle, response: Response, request_id: str) -> None:
         self._direct_work = None
-        if not self.transport.is_closing():
-            self._write(cycle, response.status, response.raw_headers(request_id), response.body)
+        write = self._write_soon if self._in_parser else self._write
+        write(cycle, response.status, response.raw_headers(request_id), response.body)
 
     def connection_lost(self, exc: Exception | None) -> None:
         work, self._direct_work = self._direct_work, None
@@ -142,8 +234,23 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
 
     # Writing
 
+    def _write_soon(
+        self, cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        """Write an answer decided inside the parser's callbacks (a refusal, an error) on the loop's next turn.
+
+        A client answered at once sends its next request at once. Under overload libuv's poll phase,
+        which polls again (up to 48 times) while it finds a full array of ready sockets, would then
+        go on parsing and refusing requests for seconds, and no timer (deadlines, the lag probe) and
+        no finished prediction would get a turn. Answered on the next turn, each connection brings at
+        most one request per turn of the loop.
+        """
+        self.loop.call_soon(self._write, cycle, status, headers, body)
+
     def _write(self, cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """Write a whole response, then let uvicorn go on as after any response (keep-alive, pipelining)."""
+        if self.transport.is_closing():
+            return  # the client went away meanwhile
         content = [STATUS_LINE[status]]
         for name, value in [*self.server_state.default_headers, *headers]:
             content.extend([name, b": ", value, b"\r\n"])

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from asyncserve import Model, Service, Settings, Tensor
 from tests.conftest import RunningServer, serving
@@ -293,3 +294,43 @@ async def test_a_tight_deadline_releases_a_waiting_batch_early() -> None:
     # It waited for company, but left 1.0 - t(64) = 0.36 s before the deadline, not after max_wait_s (1 s).
     assert 0.2 < elapsed < 0.6
     assert runs.batches[1] == [1, 2, 3, 9]
+
+
+class _Sleeps:
+    """A runner whose batches take 50 ms per row of real time; it records the rows it ran."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    async def __call__(self, columns: dict[str, npt.NDArray[Any]], rows: int, deadline: float) -> Any:
+        self.seen.extend(columns["x"].tolist())
+        await asyncio.sleep(0.05 * rows)
+        return {"y": columns["x"] * 2}, 0.05 * rows
+
+
+async def test_an_item_whose_deadline_would_pass_during_its_batch_is_answered_before_the_model_runs() -> None:
+    from asyncserve.exceptions import DeadlineExceeded
+
+    runs = _Sleeps()
+    batcher = _batcher(runs, max_batch_size=64, max_concurrent_batches=1)  # type: ignore[arg-type]
+    batcher.start()
+    try:
+        for rows in (1, 2):  # the cost model learns 50 ms per row
+            await batcher.submit({"x": np.arange(rows, dtype=np.int64)}, rows, time.monotonic() + 5)
+        running = asyncio.create_task(batcher.submit(_column(100), 1, time.monotonic() + 5))
+        await asyncio.sleep(0.01)
+        # Admitted: behind the running row, it would be done in about 100 ms, within its 300 ms.
+        late = asyncio.create_task(batcher.submit(_column(200), 1, time.monotonic() + 0.3))
+        # Then eight rows of a higher lane take the next batch before it: 9 rows, about 450 ms.
+        eight = {"x": np.arange(300, 308, dtype=np.int64)}
+        urgent = asyncio.create_task(batcher.submit(eight, 8, time.monotonic() + 5, priority=9))
+        started = time.perf_counter()
+        with pytest.raises(DeadlineExceeded, match="cannot finish its next batch before the request's deadline"):
+            await late
+        answered_after = time.perf_counter() - started
+        assert (await urgent)["y"].tolist() == [2 * v for v in range(300, 308)]
+        await running
+    finally:
+        await batcher.aclose()
+    assert answered_after < 0.2  # when the batch formed, not at the deadline
+    assert 200 not in runs.seen  # the model's time went to the rows that could still make it

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from asyncserve import Service, Settings
-from asyncserve.protocol import SheddingHttpToolsProtocol
+from asyncserve.protocol import PARSE_BUDGET_S, ParseBudget, SheddingHttpToolsProtocol
 from tests.conftest import RunningServer
 from tests.models import Adder, Sleeper
 from tests.test_shedding import connect, read_response, request
@@ -160,3 +160,32 @@ async def test_requests_go_through_asgi_when_uvicorn_internals_differ(
         "this uvicorn release does not allow direct_inference at the HTTP parser; using ASGI instead"
     ) == 1
     writer.close()
+
+
+async def test_bytes_past_the_parse_budget_wait_their_turn_and_every_request_is_answered(
+    running: RunningServer,
+) -> None:
+    reader, writer = await connect(running)  # a connection makes the server's budget
+    writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+    budget: ParseBudget = running.server.server_state.asyncserve_parse_budget  # type: ignore[attr-defined]
+    before, budget.budget_s = budget.deferred, 0.0  # every connection but the first of a turn waits
+
+    async def client(n: int) -> list[list[float]]:
+        reader, writer = await connect(running)
+        sums = []
+        for i in range(3):
+            writer.write(request("/v1/models/adder/predict", orjson.dumps({"a": [n, i, 0], "b": [1, 1, 1]})))
+            status, _, body = await read_response(reader)
+            assert status == 200, body
+            sums.append(orjson.loads(body)["sum"])
+        writer.close()
+        return sums
+
+    try:
+        answers = await asyncio.gather(*(client(n) for n in range(50)))
+    finally:
+        budget.budget_s = PARSE_BUDGET_S
+    assert answers == [[[n + 1.0, i + 1.0, 1.0] for i in range(3)] for n in range(50)]
+    assert budget.deferred > before
