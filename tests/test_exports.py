@@ -17,7 +17,7 @@ LAYERS = {
     "model": 1, "executor": 1, "batching": 1, "cost": 1,
     "registry": 2,
     "service": 3, "pipeline": 3,
-    "jobs_api": 4, "submit": 4, "inputfiles": 4, "disconnects": 4, "protocol": 4,
+    "jobs_api": 4, "inference": 4, "submit": 4, "inputfiles": 4, "disconnects": 4, "protocol": 4,
     "v2": 4, "jsonapi": 4, "openapi": 4, "routing": 4, "app": 4, "server": 4, "cli": 4, "demo": 4, "minilm": 4,
     "__main__": 4,
 }  # fmt: skip

@@ -1,0 +1,242 @@
+"""The inference routes: V2 inference, the JSON API's predict, deferred (lazy) predictions.
+
+Each route has two faces that share their code: an ASGI handler (``infer``, ``predict``), and a
+starter for asyncserve's own HTTP protocol (``infer_now``, ``predict_now``; see
+``asyncserve/protocol.py``), which starts the prediction from the parser's callback and returns
+its future with the function that turns the result into the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from asyncserve import jsonapi, v2
+from asyncserve.batching import PRIORITY_LEVELS
+from asyncserve.config import Settings
+from asyncserve.exceptions import InvalidRequest, NotFound, SchemaViolation, ShuttingDown, UnsupportedMediaType
+from asyncserve.jobs_api import JobsAPI
+from asyncserve.lazy import DeferredPredictions, Handle, LazyPrediction
+from asyncserve.pipeline import Pipeline, Prediction
+from asyncserve.registry import ModelEntry, ModelRegistry
+from asyncserve.routing import JSON_TYPE, Request, Response
+from asyncserve.tensors import Columns
+
+Started = tuple["asyncio.Future[Prediction]", Callable[[Prediction], Response]]
+"""A prediction under way, and how its result becomes the response."""
+
+
+class InferenceRoutes:
+    """Admits, decodes and runs inference requests, and encodes their answers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        pipeline: Pipeline,
+        deferred: DeferredPredictions,
+        jobs_api: JobsAPI | None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.pipeline = pipeline
+        self.deferred = deferred
+        self.jobs_api = jobs_api
+        self.shutting_down = False
+        """Set when shutdown begins: new predictions are refused (503), in-flight ones go on."""
+        self._deferred_as_list: dict[str, bool] = {}
+
+    async def infer(self, request: Request) -> Response:
+        entry, deadline = self._admit(request)
+        body = await request.body()
+        if self.jobs_api is not None and _prefers(request, "respond-async"):
+            return await self.jobs_api.submit_v2(request, entry, body)
+        prediction, answer = self._start_infer(request, entry, deadline, body)
+        return answer(await prediction)
+
+    def _start_infer(self, request: Request, entry: ModelEntry, deadline: float, body: bytes) -> Started:
+        header_length = _binary_header_length(request)
+        # Any V2 body may say application/octet-stream: tritonclient's aio client always does.
+        _require_json(request, also="application/octet-stream")
+        decoded = v2.decode_infer_request(body, entry.spec, header_length)
+        priority = _parse_priority(decoded.parameters.get("priority", 0), "parameters.priority")
+        prediction = self.pipeline.start(
+            entry, decoded.columns, decoded.rows, deadline, priority=priority, request_id=request.request_id
+        )
+
+        def answer(prediction: Prediction) -> Response:
+            payload, headers = v2.encode_infer_response(entry.spec, decoded, prediction.outputs)
+            content_type = headers.pop("content-type", JSON_TYPE)
+            return Response(200, payload, {**headers, **_degraded_header(prediction)}, content_type)
+
+        return prediction, answer
+
+    async def predict(self, request: Request) -> Response:
+        entry, deadline = self._admit(request)
+        body = await request.body()
+        if _prefers(request, "lazy"):
+            columns, rows, as_list, priority = self._decode_rows(request, entry, body)
+            return self._defer(request, entry, columns, rows, as_list, priority)
+        prediction, answer = self._start_predict(request, entry, deadline, body)
+        return answer(await prediction)
+
+    def _start_predict(self, request: Request, entry: ModelEntry, deadline: float, body: bytes) -> Started:
+        columns, rows, as_list, priority = self._decode_rows(request, entry, body)
+        prediction = self.pipeline.start(
+            entry, columns, rows, deadline, priority=priority, request_id=request.request_id
+        )
+
+        def answer(prediction: Prediction) -> Response:
+            body = jsonapi.encode_rows(entry.spec, prediction.outputs, as_list)
+            return Response(200, body, _degraded_header(prediction))
+
+        return prediction, answer
+
+    def _decode_rows(self, request: Request, entry: ModelEntry, body: bytes) -> tuple[Columns, int, bool, int]:
+        _require_json(request)
+        columns, as_list = jsonapi.decode_rows(body, entry.spec)
+        priority = _parse_priority(request.headers.get("x-priority", "0"), "X-Priority")
+        return columns, len(next(iter(columns.values()))), as_list, priority
+
+    # Deferred (lazy) predictions
+
+    def _defer(
+        self, request: Request, entry: ModelEntry, columns: Columns, rows: int, as_list: bool, priority: int
+    ) -> Response:
+        """Answer 202 at once with a handle; the prediction is computed when the handle is first read."""
+        handle = self._deferred_handle(entry, columns, rows, as_list, priority, request.request_id)
+        location = f"/v1/predictions/{handle.id}"
+        body = {"id": handle.id, "model": entry.spec.label, "url": location, "expires_in_s": handle.remaining_s()}
+        return Response.json(body, 202, {"location": location, "preference-applied": "lazy"})
+
+    def lazy(self, model: str, inputs: Any, version: str | None = None) -> LazyPrediction:
+        """``Service.lazy``: the model and inputs checked now, the prediction computed on the first await."""
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down")
+        entry = self.registry.get_ready(model, version)
+        try:
+            body = orjson.dumps(inputs, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError as exc:
+            raise InvalidRequest(f"service.lazy(): inputs must be rows of JSON-like values ({exc})") from None
+        columns, as_list = jsonapi.decode_rows(body, entry.spec)
+        rows = len(next(iter(columns.values())))
+        handle = self._deferred_handle(entry, columns, rows, as_list, 0, os.urandom(8).hex())
+        return LazyPrediction(handle, self.deferred.resolve)
+
+    def _deferred_handle(
+        self, entry: ModelEntry, columns: Columns, rows: int, as_list: bool, priority: int, request_id: str
+    ) -> Handle:
+        timeout_s = entry.spec.timeout_s
+
+        async def compute() -> Columns:
+            # The deadline starts when the handle is read, not when it was handed out.
+            deadline = time.monotonic() + timeout_s
+            prediction = await self.pipeline.run(
+                entry, columns, rows, deadline, priority=priority, request_id=request_id
+            )
+            return prediction.outputs
+
+        self._forget_expired_handles()
+        handle = self.deferred.create(entry.spec.label, columns, compute, self.settings.deferred_ttl_s)
+        self._deferred_as_list[handle.id] = as_list
+        return handle
+
+    def _forget_expired_handles(self) -> None:
+        # Each handle's answer shape is kept beside it; drop those of handles that expired.
+        if len(self._deferred_as_list) > len(self.deferred):
+            self.deferred.sweep()
+            self._deferred_as_list = {h: v for h, v in self._deferred_as_list.items() if _alive(self.deferred, h)}
+
+    async def deferred_result(self, request: Request) -> Response:
+        handle = self.deferred.get(request.params["handle"])
+        name, _, version = handle.model_label.partition(":")
+        entry = self.registry.find(name, version or None)
+        outputs = await self.deferred.resolve(handle.id)
+        as_list = self._deferred_as_list.get(handle.id, False)
+        return Response(200, jsonapi.encode_rows(entry.spec, outputs, as_list))
+
+    def _admit(self, request: Request) -> tuple[ModelEntry, float]:
+        """Find the model and fix the request's deadline, once, at the edge."""
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down; send the request to another replica")
+        entry = self.registry.get_ready(request.params["model"], request.params.get("version"))
+        timeout_s = entry.spec.timeout_s
+        asked = request.headers.get("x-request-timeout")
+        if asked is not None:
+            timeout_s = min(timeout_s, parse_timeout(asked))
+        return entry, request.arrived + timeout_s
+
+    # Starting from the HTTP parser (asyncserve's protocol)
+
+    def infer_now(self, request: Request, body: bytes) -> Started:
+        entry, deadline = self._admit(request)
+        return self._start_infer(request, entry, deadline, body)
+
+    def predict_now(self, request: Request, body: bytes) -> Started:
+        entry, deadline = self._admit(request)
+        return self._start_predict(request, entry, deadline, body)
+
+
+def parse_timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidRequest(f"X-Request-Timeout must be a number of seconds > 0, got {value!r}")
+    return seconds
+
+
+def _alive(deferred: DeferredPredictions, handle_id: str) -> bool:
+    try:
+        deferred.get(handle_id)
+    except NotFound:
+        return False
+    return True
+
+
+def _prefers(request: Request, preference: str) -> bool:
+    """An RFC 7240 ``Prefer`` preference (``lazy``, ``respond-async``), among others, in any case."""
+    prefer = request.headers.get("prefer", "")
+    return any(part.strip().lower() == preference for part in prefer.replace(";", ",").split(","))
+
+
+def _degraded_header(prediction: Prediction) -> dict[str, str]:
+    """``X-Degraded`` names the feature sources whose defaults stood in: the answer is usable but degraded."""
+    return {"x-degraded": ",".join(prediction.degraded)} if prediction.degraded else {}
+
+
+def _parse_priority(value: object, where: str) -> int:
+    """A priority lane: 0 (the default) to 9, served first; from V2 parameters or the X-Priority header."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < PRIORITY_LEVELS:
+        raise SchemaViolation(
+            where, f"a priority is an integer from 0 to {PRIORITY_LEVELS - 1} (higher first), got {value!r}"
+        )
+    return value
+
+
+def _binary_header_length(request: Request) -> int | None:
+    value = request.headers.get("inference-header-content-length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise InvalidRequest(f"Inference-Header-Content-Length must be a byte count, got {value!r}")
+    return int(value)
+
+
+def _require_json(request: Request, also: str = JSON_TYPE) -> None:
+    content_type = request.headers.get("content-type", JSON_TYPE)
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type not in (JSON_TYPE, also, "") and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"content type {media_type!r} is not supported; send Content-Type: application/json "
+            "(or binary tensors with the Inference-Header-Content-Length header)"
+        )
