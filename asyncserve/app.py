@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +46,18 @@ from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
 from asyncserve.pipeline import Pipeline
 from asyncserve.predlog import InputPolicy, PredictionLogger, open_sink
 from asyncserve.registry import ModelRegistry
-from asyncserve.routing import JSON_TYPE, Receive, Request, Response, Route, Router, Scope, Send, header_dict
+from asyncserve.routing import (
+    JSON_TYPE,
+    Receive,
+    Request,
+    Response,
+    Route,
+    Router,
+    Scope,
+    Send,
+    header_dict,
+    new_request_id,
+)
 from asyncserve.service import Service
 
 logger = logging.getLogger(__name__)
@@ -204,7 +214,7 @@ class AsyncServeApp:
         started = time.perf_counter()
         arrived = time.monotonic()
         headers = header_dict(scope)
-        request_id = headers.get("x-request-id") or os.urandom(8).hex()
+        request_id = headers.get("x-request-id") or new_request_id()
         route_name, model = "unknown", ""
         try:
             route, params = self.router.match(scope["method"], scope["path"])
@@ -271,7 +281,7 @@ class AsyncServeApp:
             return None  # the ASGI path gives the precise error
         if overloaded is None or not route.cancel_on_disconnect:
             return None
-        request_id = header.get(b"x-request-id") or os.urandom(8).hex().encode()
+        request_id = header.get(b"x-request-id") or new_request_id().encode()
         route_name, model = route.name, self._model_label(params.get("model", ""))
         self.metrics.errors.labels(route_name, model, overloaded.code).inc()
         self.metrics.observe_request(route_name, model, overloaded.status_code, 0.0)
@@ -307,7 +317,7 @@ class AsyncServeApp:
         or when the prediction is done. Returns the prediction under way (cancel it when the client goes)."""
         started = time.perf_counter()
         route_name, model = direct.route.name, self._model_label(direct.params.get("model", ""))
-        request_id = direct.headers.get("x-request-id") or os.urandom(8).hex()
+        request_id = direct.headers.get("x-request-id") or new_request_id()
         scope = {"type": "http", "method": direct.method, "path": direct.path, "headers": direct.raw_headers}
         limit = self.settings.max_body_bytes
         request = Request(scope, _no_receive, request_id, direct.params, direct.headers, direct.arrived, limit, body)

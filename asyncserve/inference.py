@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from asyncserve.jobs_api import JobsAPI
 from asyncserve.lazy import DeferredPredictions, Handle, LazyPrediction
 from asyncserve.pipeline import Pipeline, Prediction
 from asyncserve.registry import ModelEntry, ModelRegistry
-from asyncserve.routing import JSON_TYPE, Request, Response
+from asyncserve.routing import JSON_TYPE, Request, Response, new_request_id
 from asyncserve.tensors import Columns
 
 Started = tuple["asyncio.Future[Prediction]", Callable[[Prediction], Response]]
@@ -126,7 +125,7 @@ class InferenceRoutes:
             raise InvalidRequest(f"service.lazy(): inputs must be rows of JSON-like values ({exc})") from None
         columns, as_list = jsonapi.decode_rows(body, entry.spec)
         rows = len(next(iter(columns.values())))
-        handle = self._deferred_handle(entry, columns, rows, as_list, 0, os.urandom(8).hex())
+        handle = self._deferred_handle(entry, columns, rows, as_list, 0, new_request_id())
         return LazyPrediction(handle, self.deferred.resolve)
 
     def _deferred_handle(

@@ -7,6 +7,7 @@ core as the models, and benchmarks/results/frameworks.md shows what Starlette an
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -192,6 +193,15 @@ class Router:
     @property
     def routes(self) -> Iterable[Route]:
         return iter(self._routes)
+
+
+def new_request_id() -> str:
+    """16 hex digits for a request that came without ``X-Request-ID``.
+
+    From the process's pseudo-random generator (reseeded in each forked worker), not os.urandom:
+    a system call per request would hand the GIL to the executor's threads on the busiest path.
+    """
+    return f"{random.getrandbits(64):016x}"
 
 
 def header_dict(scope: Scope) -> dict[str, str]:
