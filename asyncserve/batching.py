@@ -72,6 +72,18 @@ class Item:
     arrived: float
     future: asyncio.Future[Columns]
     shape_key: tuple[tuple[int, ...], ...]
+    timer: asyncio.TimerHandle
+    """Fails the future at the deadline; cancelled once the item is answered."""
+
+    def answer(self, outputs: Columns) -> None:
+        if not self.future.done():
+            self.future.set_result(outputs)
+        self.timer.cancel()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+        self.timer.cancel()
 
     @property
     def dead(self) -> bool:
@@ -144,6 +156,8 @@ class Batcher:
         self._running: dict[asyncio.Task[None], float] = {}
         """Running batches and when each is expected to end (time.monotonic())."""
         self._dispatcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The running loop, from ``start`` (asking for it on every request costs a system call)."""
         self._closing = False
         self._arrival_rate = _RateMeter()
         metrics.queue_rows.set_function(lambda: self._queue.rows)
@@ -162,16 +176,17 @@ class Batcher:
         """
         now = time.monotonic()
         self._admit(rows, priority, deadline, now)
-        loop = asyncio.get_running_loop()
-        item = Item(columns, rows, deadline, priority, now, loop.create_future(), _shape_key(columns))
+        loop = self._loop or asyncio.get_running_loop()
+        future = loop.create_future()
+        # A bare timer rather than asyncio.timeout(): it is cheaper, needs no task to cancel, and
+        # expiring the future also marks the item dead, so the batcher drops it. The batcher
+        # cancels it when it answers; a withdrawn item's timer just finds its future done.
+        timer = loop.call_at(loop.time() + (deadline - now), _expire, future, self.label)
+        item = Item(columns, rows, deadline, priority, now, future, _shape_key(columns), timer)
         self._queue.push(item)
         self._arrival_rate.add(rows, now)
         self._wakeup.set()
-        # A bare timer rather than asyncio.timeout(): it is cheaper, needs no task to cancel, and
-        # expiring the future also marks the item dead, so the batcher drops it.
-        timer = loop.call_at(loop.time() + (deadline - now), _expire, item.future, self.label)
-        item.future.add_done_callback(lambda _: timer.cancel())
-        return item.future
+        return future
 
     def _admit(self, rows: int, priority: int, deadline: float, now: float) -> None:
         if self._closing:
@@ -226,7 +241,8 @@ class Batcher:
     def start(self) -> None:
         if self._dispatcher is not None:
             raise RuntimeError(f"the batcher of {self.label!r} is already running")
-        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher-{self.label}")
+        self._loop = asyncio.get_running_loop()
+        self._dispatcher = self._loop.create_task(self._dispatch(), name=f"batcher-{self.label}")
         self._dispatcher.add_done_callback(_log_crash)
 
     async def _dispatch(self) -> None:
@@ -333,12 +349,10 @@ class Batcher:
                 self._shed("cancelled")
             elif item.deadline <= now:
                 self._shed("expired")
-                item.future.set_exception(
-                    DeadlineExceeded(f"the deadline passed before model {self.label!r} could start")
-                )
+                item.fail(DeadlineExceeded(f"the deadline passed before model {self.label!r} could start"))
             elif item.deadline < ends_at:
                 self._shed("would_expire")
-                item.future.set_exception(
+                item.fail(
                     DeadlineExceeded(f"model {self.label!r} cannot finish its next batch before the request's deadline")
                 )
             else:
@@ -437,15 +451,13 @@ def _resolve(items: list[Item], outputs: Columns) -> None:
     start = 0
     for item in items:
         end = start + item.rows
-        if not item.future.done():
-            item.future.set_result({name: column[start:end] for name, column in outputs.items()})
+        item.answer({name: column[start:end] for name, column in outputs.items()})
         start = end
 
 
 def _fail(items: list[Item], exc: BaseException) -> None:
     for item in items:
-        if not item.future.done():
-            item.future.set_exception(exc)
+        item.fail(exc)
 
 
 def _log_crash(task: asyncio.Task[Any]) -> None:
