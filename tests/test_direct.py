@@ -7,7 +7,9 @@ pipelining, HTTP/1.0, a client that goes away, and uvicorn's own bookkeeping (dr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -189,3 +191,46 @@ async def test_bytes_past_the_parse_budget_wait_their_turn_and_every_request_is_
         budget.budget_s = PARSE_BUDGET_S
     assert answers == [[[n + 1.0, i + 1.0, 1.0] for i in range(3)] for n in range(50)]
     assert budget.deferred > before
+
+
+@contextlib.contextmanager
+def parse_budget_of(running: RunningServer, budget_s: float) -> Iterator[ParseBudget]:
+    budget: ParseBudget = running.server.server_state.asyncserve_parse_budget  # type: ignore[attr-defined]
+    budget.budget_s = budget_s
+    try:
+        yield budget
+    finally:
+        budget.budget_s = PARSE_BUDGET_S
+
+
+async def test_with_no_parse_budget_pipelined_requests_and_big_bodies_still_come_through_in_order(
+    running: RunningServer,
+) -> None:
+    reader, writer = await connect(running)  # (the budget exists once a connection made it)
+    with parse_budget_of(running, 0.0):
+        big = b'{"a": [1.0, 2.0, 3.0],' + b" " * 3000 + b'"b": [1.0, 1.0, 1.0]}'  # under the 4096-byte limit
+        slow = request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.05}))
+        writer.write(
+            slow + request("/v1/models/adder/predict", big) + request("/v2/models/adder/infer", orjson.dumps(V2_ROW))
+        )
+        answers = [await read_response(reader) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 200], answers
+    assert "pid" in orjson.loads(answers[0][2])
+    assert orjson.loads(answers[1][2])["sum"] == [2.0, 3.0, 4.0]
+    assert v2_outputs(answers[2][2])["sum"] == [2.0, 3.0, 4.0]
+    writer.close()
+
+
+async def test_a_connection_that_closes_while_its_bytes_wait_for_a_turn_harms_no_other(
+    running: RunningServer,
+) -> None:
+    reader, writer = await connect(running)
+    with parse_budget_of(running, 0.0):
+        leaving = [await connect(running) for _ in range(20)]
+        for _, w in leaving:
+            w.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
+            w.close()  # gone before, or while, its request waits for a turn
+        writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
+        status, _, body = await read_response(reader)
+    assert (status, orjson.loads(body)["sum"]) == (200, [2.0, 3.0, 4.0])
+    writer.close()
