@@ -27,7 +27,7 @@ from asyncserve.registry import ModelEntry, ModelRegistry
 from asyncserve.routing import JSON_TYPE, Request, Response, new_request_id
 from asyncserve.tensors import Columns
 
-Started = tuple["asyncio.Future[Prediction]", Callable[[Prediction], Response]]
+Started = tuple["asyncio.Future[Any]", Callable[[Any], Response]]
 """A prediction under way, and how its result becomes the response."""
 
 
@@ -65,16 +65,17 @@ class InferenceRoutes:
         _require_json(request, also="application/octet-stream")
         decoded = v2.decode_infer_request(body, entry.spec, header_length)
         priority = _parse_priority(decoded.parameters.get("priority", 0), "parameters.priority")
-        prediction = self.pipeline.start(
+        work, to_prediction = self.pipeline.start(
             entry, decoded.columns, decoded.rows, deadline, priority=priority, request_id=request.request_id
         )
 
-        def answer(prediction: Prediction) -> Response:
+        def answer(result: Any) -> Response:
+            prediction = to_prediction(result)
             payload, headers = v2.encode_infer_response(entry.spec, decoded, prediction.outputs)
             content_type = headers.pop("content-type", JSON_TYPE)
             return Response(200, payload, {**headers, **_degraded_header(prediction)}, content_type)
 
-        return prediction, answer
+        return work, answer
 
     async def predict(self, request: Request) -> Response:
         entry, deadline = self._admit(request)
@@ -87,15 +88,16 @@ class InferenceRoutes:
 
     def _start_predict(self, request: Request, entry: ModelEntry, deadline: float, body: bytes) -> Started:
         columns, rows, as_list, priority = self._decode_rows(request, entry, body)
-        prediction = self.pipeline.start(
+        work, to_prediction = self.pipeline.start(
             entry, columns, rows, deadline, priority=priority, request_id=request.request_id
         )
 
-        def answer(prediction: Prediction) -> Response:
+        def answer(result: Any) -> Response:
+            prediction = to_prediction(result)
             body = jsonapi.encode_rows(entry.spec, prediction.outputs, as_list)
             return Response(200, body, _degraded_header(prediction))
 
-        return prediction, answer
+        return work, answer
 
     def _decode_rows(self, request: Request, entry: ModelEntry, body: bytes) -> tuple[Columns, int, bool, int]:
         _require_json(request)

@@ -7,16 +7,17 @@ inputs) in flight share one computation, and answers may come from the predictio
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from asyncserve.features import FeatureSource, fetch_features
 from asyncserve.lazy import Coalescer, PredictionCache, request_key
 from asyncserve.metrics import Metrics
 from asyncserve.predlog import PredictionLogger, prediction_record
-from asyncserve.registry import ModelEntry, ModelRegistry, model_failure
+from asyncserve.registry import ModelEntry, ModelRegistry
 from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,10 @@ class Prediction:
     features: Columns = field(default_factory=dict)
     source: str = "model"
     """Where the answer came from: ``model``, ``coalesced`` (another request's computation) or ``cache``."""
+
+
+Pending = tuple["asyncio.Future[Any]", Callable[[Any], Prediction]]
+"""A prediction under way: the future to wait for, and what turns its result into the Prediction."""
 
 
 class Pipeline:
@@ -76,7 +81,8 @@ class Pipeline:
     ) -> Prediction:
         if _needs_a_task(entry):
             return await self._run_stages(entry, columns, rows, deadline, priority, request_id)
-        return await self.start(entry, columns, rows, deadline, priority=priority, request_id=request_id)
+        outputs, finish = self.start(entry, columns, rows, deadline, priority=priority, request_id=request_id)
+        return finish(await outputs)
 
     def start(
         self,
@@ -87,47 +93,28 @@ class Pipeline:
         *,
         priority: int = 0,
         request_id: str = "",
-    ) -> asyncio.Future[Prediction]:
-        """Start a request's prediction; the future gets it, and cancelling it withdraws the request.
+    ) -> Pending:
+        """Start a request's prediction: its future (cancel it to withdraw the request) and what
+        turns the future's result into the Prediction. Refusals raise at once.
 
         A model with no features and no sharing of identical requests runs without a task: the
-        batcher's future, mapped to a Prediction, is the answer. Refusals raise at once.
+        future is the batcher's own, and ``finish`` makes the Prediction and logs it.
         """
         if _needs_a_task(entry):
             stages = self._run_stages(entry, columns, rows, deadline, priority, request_id)
-            return asyncio.get_running_loop().create_task(stages)
+            return asyncio.get_running_loop().create_task(stages), _as_is
         if self.predlog is not None:
             # With overflow="refuse", a full log turns the prediction away before any work (503).
             self.predlog.check_room()
         started = time.perf_counter()
-        outputs = self.registry.enqueue(entry, columns, rows, deadline, priority)
-        answer: asyncio.Future[Prediction] = outputs.get_loop().create_future()
-        outputs.add_done_callback(functools.partial(self._answer, answer, entry, columns, started, request_id))
-        answer.add_done_callback(lambda _: outputs.cancel())  # a no-op once the outputs are in
-        return answer
 
-    def _answer(
-        self,
-        answer: asyncio.Future[Prediction],
-        entry: ModelEntry,
-        columns: Columns,
-        started: float,
-        request_id: str,
-        outputs: asyncio.Future[Columns],
-    ) -> None:
-        if answer.done():
-            return  # withdrawn
-        if outputs.cancelled():
-            answer.cancel()
-            return
-        failure = outputs.exception()
-        if failure is not None:
-            answer.set_exception(model_failure(entry.spec, failure) if isinstance(failure, Exception) else failure)
-            return
-        model_ms = (time.perf_counter() - started) * 1000
-        prediction = Prediction(outputs.result(), stages_ms={"features": 0.0, "model": model_ms})
-        self._log(entry, columns, prediction, request_id)
-        answer.set_result(prediction)
+        def finish(outputs: Columns) -> Prediction:
+            model_ms = (time.perf_counter() - started) * 1000
+            prediction = Prediction(outputs, stages_ms={"features": 0.0, "model": model_ms})
+            self._log(entry, columns, prediction, request_id)
+            return prediction
+
+        return self.registry.enqueue(entry, columns, rows, deadline, priority), finish
 
     async def _run_stages(
         self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int, request_id: str
@@ -192,6 +179,10 @@ class Pipeline:
             degraded=bool(prediction.degraded),
         )  # fmt: skip
         self.predlog.record(record)
+
+
+def _as_is(prediction: Prediction) -> Prediction:
+    return prediction
 
 
 def _needs_a_task(entry: ModelEntry) -> bool:

@@ -123,10 +123,16 @@ class ModelRegistry:
         inference_rows = self._metrics.inference_rows.labels(spec.label)
 
         async def run(columns: Columns, rows: int, deadline: float) -> Prediction:
-            if spec.is_async:
-                outputs, seconds = await self._predict_async(spec, columns, rows, deadline)
-            else:
-                outputs, seconds = await self._executor.run(spec, columns, rows, deadline)
+            try:
+                if spec.is_async:
+                    outputs, seconds = await self._predict_async(spec, columns, rows, deadline)
+                else:
+                    outputs, seconds = await self._executor.run(spec, columns, rows, deadline)
+            except AsyncServeError:
+                raise
+            except Exception as exc:
+                # The batcher hands this to each caller; whoever answers the client logs its cause.
+                raise model_failure(spec, exc) from exc
             inference_duration.observe(seconds)
             inference_rows.inc(rows)
             return outputs, seconds
@@ -234,18 +240,12 @@ class ModelRegistry:
         self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int = 0
     ) -> Columns:
         """Run the model on a request's rows, batched with other requests' rows."""
-        outputs = self.enqueue(entry, columns, rows, deadline, priority)
-        try:
-            return await outputs
-        except AsyncServeError:
-            raise
-        except Exception as exc:
-            raise model_failure(entry.spec, exc) from exc
+        return await self.enqueue(entry, columns, rows, deadline, priority)
 
     def enqueue(
         self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int = 0
     ) -> asyncio.Future[Columns]:
-        """Queue a request's rows on the model's batcher; the future gets its outputs (see ``model_failure``)."""
+        """Queue a request's rows on the model's batcher; the future gets their outputs, or the error to answer."""
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"the deadline passed before model {entry.spec.label!r} could start")
         return entry.batcher.enqueue(columns, rows, deadline, priority)
