@@ -25,7 +25,7 @@ Send = Callable[[Message], Awaitable[None]]
 JSON_TYPE = "application/json"
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     scope: Scope
     receive: Receive
@@ -69,7 +69,7 @@ def _too_large(size: int, limit: int) -> str:
     return f"the request body has {size} bytes or more, over the server's limit of {limit}; send smaller batches"
 
 
-@dataclass
+@dataclass(slots=True)
 class Response:
     status: int
     body: bytes
