@@ -213,7 +213,7 @@ class AsyncServeApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         arrived = time.monotonic()
-        headers = header_dict(scope)
+        headers = header_dict(scope["headers"])
         request_id = headers.get("x-request-id") or new_request_id()
         route_name, model = "unknown", ""
         try:
@@ -306,7 +306,7 @@ class AsyncServeApp:
             return None  # the ASGI path gives the precise error
         if route.direct is None:
             return None
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
+        headers = header_dict(raw_headers)
         declared = headers.get("content-length", "")
         if "prefer" in headers or not declared.isdigit() or int(declared) > self.settings.max_body_bytes:
             return None

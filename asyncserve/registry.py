@@ -132,7 +132,9 @@ class ModelRegistry:
                 raise
             except Exception as exc:
                 # The batcher hands this to each caller; whoever answers the client logs its cause.
-                raise model_failure(spec, exc) from exc
+                raise ModelError(
+                    f"model {spec.label!r} failed while predicting; the server log has the details"
+                ) from exc
             inference_duration.observe(seconds)
             inference_rows.inc(rows)
             return outputs, seconds
@@ -260,16 +262,6 @@ class ModelRegistry:
         except TimeoutError:
             raise DeadlineExceeded(f"model {spec.label!r} did not answer before the request's deadline") from None
         return check_outputs(spec, result, rows), time.perf_counter() - started
-
-
-def model_failure(spec: ModelSpec, exc: Exception) -> AsyncServeError:
-    """What a failed prediction tells the client: asyncserve's own errors as they are; the model's
-    own exceptions as a ModelError naming the model (the caller logs the cause with the request id)."""
-    if isinstance(exc, AsyncServeError):
-        return exc
-    failure = ModelError(f"model {spec.label!r} failed while predicting; the server log has the details")
-    failure.__cause__ = exc
-    return failure
 
 
 class RegistryCaller:

@@ -204,5 +204,6 @@ def new_request_id() -> str:
     return f"{random.getrandbits(64):016x}"
 
 
-def header_dict(scope: Scope) -> dict[str, str]:
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+def header_dict(raw_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Header names (lower case, as servers give them) to values, decoded as HTTP's latin-1."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
