@@ -121,9 +121,12 @@ class AsyncServeApp:
         self.executor = make_executor(self.settings)
         self.disconnects = DisconnectWatch()
         self.loop_lag = LoopLagProbe(self.metrics.loop_lag, self.settings.loop_lag_interval_s)
+        self.input_pending: Callable[[], bool] = lambda: False
+        """Whether requests already received wait for the event loop to parse them (set by asyncserve's protocol)."""
         self.registry = ModelRegistry(
-            service.specs, self.executor, self.metrics, loop_delay_s=self.loop_lag.current_lag_s
-        )
+            service.specs, self.executor, self.metrics,
+            loop_delay_s=self.loop_lag.current_lag_s, input_pending=lambda: self.input_pending(),
+        )  # fmt: skip
         self.pipeline = Pipeline(
             self.registry,
             self.metrics,

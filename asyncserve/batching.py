@@ -5,10 +5,13 @@ The batcher *pulls*: a batch is formed when an execution slot is free, from what
   server waits for nothing.
 - With every slot busy, rows pile up in the queue and leave together when a slot frees up: under
   load, batches grow by themselves, no timer involved.
-- Only when a slot is free *and* another batch is running (``max_concurrent_batches > 1``) may
-  waiting pay; then the batcher waits for more rows, until the batch is full, ``max_wait_s`` after
-  the oldest row arrived, or the latest moment that still meets the tightest deadline in the batch
-  (from the cost model), whichever comes first, and only if rows arrive fast enough to be worth it.
+- Waiting with a free slot pays in two cases only: another batch is running
+  (``max_concurrent_batches > 1``) and rows arrive fast enough to be worth it; or requests are
+  already in, received but not yet parsed because the event loop is busy (``input_pending``: the
+  core is busy with them anyway, and the batch that waits for them is larger and costs less per
+  row). Then the batcher waits for more rows, until the batch is full, ``max_wait_s`` after the
+  oldest row arrived, or the latest moment that still meets the tightest deadline in the batch
+  (from the cost model), whichever comes first.
 
 Every item carries its absolute deadline (``time.monotonic()``). Admission refuses at once (503
 with ``Retry-After``) a request that finds the queue full or that cannot finish in time behind the
@@ -143,9 +146,12 @@ class Batcher:
         metrics: BatchMetrics,
         *,
         loop_delay_s: Callable[[], float] = lambda: 0.0,
+        input_pending: Callable[[], bool] = lambda: False,
     ) -> None:
         self.label = label
         self._loop_delay_s = loop_delay_s
+        self._input_pending = input_pending
+        """Whether requests already received wait for the event loop to parse them: rows on their way."""
         self.settings = settings
         self.cost = CostModel()
         self._runner = runner
@@ -273,7 +279,7 @@ class Batcher:
                 continue
             if self._queue.rows >= self.settings.max_batch_size:
                 return self._take(), "full"
-            if not self._running:
+            if not self._running and not self._input_pending():
                 return self._take(), "idle"
             release_at, reason = self._release_time()
             if release_at <= time.monotonic():
@@ -284,12 +290,19 @@ class Batcher:
                     await self._wakeup.wait()
 
     def _release_time(self) -> tuple[float, str]:
-        """When a partial batch must leave while another batch runs, and why."""
+        """When a partial batch must leave, and why, while another batch runs or requests are yet to be parsed."""
         heads = self._queue.heads()
+        now = time.monotonic()
         by_wait = min(item.arrived for item in heads) + self.settings.max_wait_s
-        missing = self.settings.max_batch_size - self._queue.rows
-        if not self._arrival_rate.expects(missing, by_wait - time.monotonic()):
-            return time.monotonic(), "idle"  # rows do not come fast enough for waiting to pay
+        if self._input_pending():
+            # Requests are in that the loop has yet to parse: the batch waits for them as long as
+            # they keep bringing rows, each within max_wait_s of the last (rows queued while the
+            # previous batch ran are old, yet they would leave alone with a batch too small).
+            by_wait = max(by_wait, self._arrival_rate.last + self.settings.max_wait_s)
+        else:
+            missing = self.settings.max_batch_size - self._queue.rows
+            if not self._arrival_rate.expects(missing, by_wait - now):
+                return now, "idle"  # rows do not come fast enough for waiting to pay
         if self.cost.fitted:
             tightest = min(item.deadline for lane in self._queue.lanes for item in lane)
             by_deadline = tightest - self.cost.seconds(self.settings.max_batch_size)
@@ -417,14 +430,15 @@ class _RateMeter:
 
     def __init__(self, smoothing: float = 0.2) -> None:
         self._smoothing = smoothing
-        self._last: float | None = None
+        self.last = -math.inf
+        """When rows last arrived (``time.monotonic()``)."""
         self._rows_per_s = 0.0
 
     def add(self, rows: int, now: float) -> None:
-        if self._last is not None:
-            gap = max(now - self._last, 1e-6)
+        if self.last > -math.inf:
+            gap = max(now - self.last, 1e-6)
             self._rows_per_s += self._smoothing * (rows / gap - self._rows_per_s)
-        self._last = now
+        self.last = now
 
     def expects(self, rows: int, within_s: float) -> bool:
         """Whether at least one more row is likely within ``within_s`` (waiting for ``rows`` may pay)."""

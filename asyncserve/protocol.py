@@ -72,6 +72,10 @@ class ParseBudget:
         """Whether ``_next_turn`` is scheduled: bytes parsed meanwhile count against this turn's budget."""
         self._waiting: collections.deque[tuple[SheddingHttpToolsProtocol, bytes]] = collections.deque()
 
+    def holding(self) -> bool:
+        """Whether bytes received wait for a later turn: requests are in that the loop has yet to parse."""
+        return bool(self._waiting)
+
     def allows(self, protocol: SheddingHttpToolsProtocol, data: bytes) -> bool:
         """Whether ``data`` may be parsed now; if not, the connection is paused and its data waits for a later turn."""
         now = time.perf_counter()
@@ -107,6 +111,8 @@ def parse_budget(protocol: HttpToolsProtocol) -> ParseBudget:
     if budget is None:
         budget = ParseBudget(protocol.loop)
         state.asyncserve_parse_budget = budget  # type: ignore[attr-defined]
+        app: AsyncServeApp = protocol.config.app  # type: ignore[assignment]
+        app.input_pending = budget.holding  # the batcher waits for the requests it holds back
     return budget
 
 

@@ -70,8 +70,10 @@ class ModelRegistry:
         metrics: Metrics,
         *,
         loop_delay_s: Callable[[], float] = lambda: 0.0,
+        input_pending: Callable[[], bool] = lambda: False,
     ) -> None:
         self._loop_delay_s = loop_delay_s
+        self._input_pending = input_pending
         self._executor = executor
         self._metrics = metrics
         self._entries = {spec.key: ModelEntry(spec, self._batcher(spec)) for spec in specs}
@@ -116,7 +118,10 @@ class ModelRegistry:
             max_queue_size=spec.max_queue_size,
         )
         metrics = self._metrics.for_batcher(spec.label)
-        return Batcher(spec.label, self._runner(spec), settings, metrics, loop_delay_s=self._loop_delay_s)
+        return Batcher(
+            spec.label, self._runner(spec), settings, metrics,
+            loop_delay_s=self._loop_delay_s, input_pending=self._input_pending,
+        )  # fmt: skip
 
     def _runner(self, spec: ModelSpec) -> Runner:
         inference_duration = self._metrics.inference_duration.labels(spec.label)

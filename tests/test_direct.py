@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+import time
 from collections.abc import Iterator
 
 import orjson
@@ -20,8 +22,16 @@ from tests.conftest import RunningServer
 from tests.models import Adder, Sleeper
 from tests.test_shedding import connect, read_response, request
 
+
+class PatientAdder(Adder):
+    """Waits up to 50 ms between rows for company: a busy test machine may be slow to turn its loop."""
+
+    name = "patient"
+    max_wait_s = 0.05
+
+
 SLEEPER = Sleeper()
-SERVICE = Service(Adder(), SLEEPER, name="direct")
+SERVICE = Service(Adder(), PatientAdder(), SLEEPER, name="direct")
 SETTINGS = Settings(executor_workers=1, max_body_bytes=4096, loop_lag_interval_s=0.01)
 
 ROW = {"a": [1.0, 2.0, 3.0], "b": [1.0, 1.0, 1.0]}
@@ -234,3 +244,39 @@ async def test_a_connection_that_closes_while_its_bytes_wait_for_a_turn_harms_no
         status, _, body = await read_response(reader)
     assert (status, orjson.loads(body)["sum"]) == (200, [2.0, 3.0, 4.0])
     writer.close()
+
+
+def stall(stalled: threading.Event, seconds: float) -> None:
+    """Hold the server's event loop (spinning: a blocking call there is refused by the test suite)."""
+    stalled.set()
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        pass
+
+
+def batches_run(metrics: bytes, model: str) -> float:
+    prefix = f'asyncserve_batch_rows_count{{model="{model}"}}'.encode()
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(prefix))
+
+
+async def test_a_batch_waits_for_requests_already_received_that_the_loop_has_yet_to_parse(
+    running: RunningServer,
+) -> None:
+    # With no parse budget the server parses one connection per turn: requests that are all in reach
+    # the batcher turn after turn, and without waiting for them they would leave in small batches.
+    clients = [await connect(running) for _ in range(16)]
+    server_loop = next(iter(running.server.server_state.connections)).loop
+    async with running.client() as client:
+        with parse_budget_of(running, 0.0):
+            before = batches_run((await client.get("/metrics")).content, "patient")
+            stalled = threading.Event()
+            server_loop.call_soon_threadsafe(stall, stalled, 0.2)  # every request is in before the server reads one
+            await asyncio.to_thread(stalled.wait, 5)
+            for n, (_, writer) in enumerate(clients):
+                writer.write(request("/v1/models/patient/predict", orjson.dumps({"a": [n, 0, 0], "b": [1, 1, 1]})))
+            answers = [await read_response(reader) for reader, _ in clients]
+            after = batches_run((await client.get("/metrics")).content, "patient")
+    assert [orjson.loads(body)["sum"] for _, _, body in answers] == [[n + 1.0, 1.0, 1.0] for n in range(16)]
+    assert after - before == 1, f"16 requests received together ran as {after - before:.0f} batches"
+    for _, writer in clients:
+        writer.close()
