@@ -6,16 +6,19 @@ Each app owns its own registry, so two apps in one process (as in the tests) nev
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +34,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "asyncserve_requests", "HTTP requests answered, by route, model and status code.",
             ["route", "model", "status"], registry=r,
         )  # fmt: skip
-        self.request_duration = Histogram(
+        self.request_duration = LoopHistogram(
             "asyncserve_request_duration_seconds", "Time from the request's arrival to its response, in seconds.",
             ["route", "model"], buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
@@ -65,11 +68,11 @@ class Metrics:
             buckets=LOOP_LAG_BUCKETS_S, registry=r,
         )  # fmt: skip
 
-        self.batch_rows = Histogram(
+        self.batch_rows = LoopHistogram(
             "asyncserve_batch_rows", "Rows in each predict call the batcher made.",
             ["model"], buckets=BATCH_ROWS_BUCKETS, registry=r,
         )  # fmt: skip
-        self.batch_queue_wait = Histogram(
+        self.batch_queue_wait = LoopHistogram(
             "asyncserve_batch_queue_wait_seconds", "Time a request's rows waited in the batcher's queue, in seconds.",
             ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
@@ -131,7 +134,7 @@ class Metrics:
         self.counted.add("asyncserve_deferred_expired", "Deferred predictions that expired before or after being read.")
 
         # Labelled children looked up once: labels() costs microseconds, paid on every request.
-        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[LoopCounterChild, LoopHistogramChild]] = {}
         self._in_flight_counts: dict[str, int] = {}
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
@@ -161,6 +164,93 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LoopHistogram(Collector):
+    """A histogram observed from the event loop's thread only: plain numbers, no lock.
+
+    prometheus_client's ``Histogram`` takes a lock for its sum and another for the bucket, and walks
+    its buckets in Python, on every observation. A request observes two; at thousands of requests a
+    second on one core, that is several percent of the loop's time. The loop is one thread, so
+    counting needs no lock; the exposition is the same.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: list[str],
+        *,
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name, self._documentation, self._labelnames = name, documentation, labelnames
+        self._bounds = (*buckets, math.inf)
+        self._le: list[str] = [floatToGoString(bound) for bound in self._bounds]  # type: ignore[no-untyped-call]
+        """The buckets' ``le`` labels, written as prometheus_client writes them."""
+        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> LoopHistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = LoopHistogramChild(self._bounds)
+        return child
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            buckets = [(le, float(n)) for le, n in zip(self._le, itertools.accumulate(child.counts), strict=True)]
+            family.add_metric(list(values), buckets, child.sum)
+        yield family
+
+
+class LoopHistogramChild:
+    """One label set of a ``LoopHistogram``."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self._bounds, value)] += 1  # the first bucket whose bound is >= value
+        self.sum += value
+
+
+class LoopCounter(Collector):
+    """A counter incremented from the event loop's thread only (see ``LoopHistogram``)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str], *, registry: CollectorRegistry) -> None:
+        self._name, self._documentation, self._labelnames = name, documentation, labelnames
+        self._children: dict[tuple[str, ...], LoopCounterChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> LoopCounterChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = LoopCounterChild()
+        return child
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value)
+        yield family
+
+
+class LoopCounterChild:
+    """One label set of a ``LoopCounter``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
 
 
 class CountedElsewhere(Collector):
