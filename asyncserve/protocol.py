@@ -52,10 +52,12 @@ class ParseBudget:
     With a thousand busy connections, one turn of the loop reads a request from each before any
     timer or finished prediction gets a turn: about 70 ms even when every request is refused at
     once, longer than a tight deadline, and each hand-off of a batch to and from the executor
-    waits a whole turn, so the model starves. Past the budget, a connection's bytes wait (its
-    reading paused, so the kernel holds what follows) and are parsed first on the next turn, in
-    arrival order, at least one connection's a turn. Each turn the timers (deadlines, the lag
-    probe) and finished predictions run first. A request's deadline counts from when it is parsed.
+    waits a whole turn, so the model starves. Past the budget, a connection's bytes wait and are
+    parsed first on the next turn, in arrival order, at least one connection's a turn. Should more
+    bytes of a connection arrive while some wait, its reading is paused, so the kernel holds what
+    follows (pausing every waiting connection would cost two system calls each time). Each turn the
+    timers (deadlines, the lag probe) and finished predictions run first. A request's deadline
+    counts from when it is parsed.
 
     One millisecond is about ten requests: turns stay a few milliseconds long under any load,
     and the cost of a turn (an epoll call, a few callbacks) is small beside ten requests.
@@ -85,7 +87,10 @@ class ParseBudget:
             self._loop.call_soon(self._next_turn)  # ready callbacks run on the next turn, after its timers
         if now < self._ends_at and not self._waiting:
             return True
-        protocol.transport.pause_reading()
+        if protocol.chunks_waiting and not protocol.paused_by_budget:
+            protocol.transport.pause_reading()
+            protocol.paused_by_budget = True
+        protocol.chunks_waiting += 1
         self._waiting.append((protocol, data))
         self.deferred += 1
         return False
@@ -135,6 +140,9 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
         """The prediction under way for the request being served directly."""
         self._in_parser = False
         """Whether a request is being handed to the app from inside the parser's callbacks."""
+        self.chunks_waiting = 0
+        """This connection's received bytes that wait for a later turn (``ParseBudget``)."""
+        self.paused_by_budget = False
         self._budget = parse_budget(self)
 
     def data_received(self, data: bytes) -> None:
@@ -143,10 +151,13 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
 
     def resume(self, data: bytes) -> None:
         """Parse bytes that waited for a turn of the loop (``ParseBudget``), and read on."""
+        self.chunks_waiting -= 1
         if self.transport.is_closing():
             return  # the client went away meanwhile
-        if not self.flow.read_paused:  # uvicorn's own flow control may hold the connection paused
-            self.transport.resume_reading()
+        if self.paused_by_budget and not self.chunks_waiting:
+            self.paused_by_budget = False
+            if not self.flow.read_paused:  # uvicorn's own flow control may hold the connection paused
+                self.transport.resume_reading()
         super().data_received(data)
 
     def on_headers_complete(self) -> None:
