@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_NO_SCOPE: Any = {}
+"""The scope of a request answered here: uvicorn's callbacks never read it."""
+
 UVICORN_INTERNALS = (AttributeError, KeyError, TypeError)
 """What a uvicorn release that changed the internals this protocol builds on would raise."""
 
@@ -109,6 +112,11 @@ class ParseBudget:
             self._loop.call_soon(self._next_turn)
 
 
+def header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """``name: value`` lines of an HTTP/1.1 response head, each ending in CRLF."""
+    return b"".join([b"%s: %s\r\n" % header for header in headers])
+
+
 def parse_budget(protocol: HttpToolsProtocol) -> ParseBudget:
     """The budget of the protocol's server (all its connections share one loop)."""
     state = protocol.server_state
@@ -140,12 +148,48 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
         """The prediction under way for the request being served directly."""
         self._in_parser = False
         """Whether a request is being handed to the app from inside the parser's callbacks."""
+        self._idle_since: float | None = None
+        """When the connection's last response was written (``loop.time()``); None while a request is under way."""
         self.chunks_waiting = 0
         """This connection's received bytes that wait for a later turn (``ParseBudget``)."""
         self.paused_by_budget = False
         self._budget = parse_budget(self)
 
+    # Keep-alive: uvicorn arms a timer after every response and cancels it on the next request's
+    # bytes, a timer made and unmade per request. Here the connection notes when it fell idle, and
+    # one timer, armed when none is, checks on firing how long it has been idle.
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None  # busy: a request's bytes came in
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self._arm_keep_alive(self.timeout_keep_alive)
+
+    def _arm_keep_alive(self, delay_s: float) -> None:
+        self.timeout_keep_alive_task = self.loop.call_later(delay_s, self.timeout_keep_alive_handler)
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self._idle_since is None:
+            return  # a request is under way: its response arms the timer again
+        idle_s = self.loop.time() - self._idle_since
+        if idle_s >= self.timeout_keep_alive:
+            super().timeout_keep_alive_handler()
+        else:
+            self._arm_keep_alive(self.timeout_keep_alive - idle_s)
+
     def data_received(self, data: bytes) -> None:
+        self._idle_since = None  # busy, even while these bytes wait for their turn
         if self._budget.allows(self, data):
             super().data_received(data)
 
@@ -160,14 +204,28 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.resume_reading()
         super().data_received(data)
 
+    def on_message_begin(self) -> None:
+        # uvicorn's own builds the ASGI scope here; a request served directly needs none, so it is
+        # built in on_headers_complete, for the requests that go through ASGI (``_through_asgi``).
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+
+    def _through_asgi(self) -> None:
+        url, headers, expect_100_continue = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.expect_100_continue = url, expect_100_continue
+        self.headers.extend(headers)  # the list the scope holds
+        super().on_headers_complete()
+
     def on_headers_complete(self) -> None:
         current: RequestResponseCycle | None = self.cycle  # None before the first request
         if current is not None and not current.response_complete:
-            super().on_headers_complete()  # pipelined requests keep their order: they go through uvicorn
+            self._through_asgi()  # pipelined requests keep their order: they go through uvicorn
             return
         app: AsyncServeApp = self.config.app  # type: ignore[assignment]
         method = self.parser.get_method()
-        if self.fast_refusals:
+        if self.fast_refusals and not self.parser.should_upgrade():
             refusal = app.refusal(method, self.url, self.headers)
             if refusal is not None and self._try(self._refuse, *refusal, flag="fast_refusals"):
                 return
@@ -175,7 +233,17 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
             direct = app.direct_request(method.decode("ascii"), self._path(), self.headers)
             if direct is not None and self._try(self._take, direct, flag="direct_inference"):
                 return
-        super().on_headers_complete()
+        self._through_asgi()
+
+    def _default_lines(self) -> bytes:
+        """The server's default headers (the date, which uvicorn renews every second), as header lines."""
+        state = self.server_state
+        defaults = state.default_headers
+        cached: tuple[list[tuple[bytes, bytes]], bytes] | None = getattr(state, "asyncserve_default_lines", None)
+        if cached is None or cached[0] is not defaults:
+            cached = defaults, header_lines(defaults)
+            state.asyncserve_default_lines = cached  # type: ignore[attr-defined]
+        return cached[1]
 
     def _try(self, step: Any, *args: Any, flag: str) -> bool:
         try:
@@ -193,7 +261,7 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
     def _new_cycle(self, keep_alive: bool) -> RequestResponseCycle:
         """The cycle uvicorn's own callbacks (pipelining, shutdown, disconnects) see for a request answered here."""
         cycle = RequestResponseCycle(
-            scope=self.scope, transport=self.transport, flow=self.flow, logger=self.logger,
+            scope=_NO_SCOPE, transport=self.transport, flow=self.flow, logger=self.logger,
             access_logger=self.access_logger, access_log=self.access_log,
             default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
             expect_100_continue=False, keep_alive=keep_alive, on_response=self.on_response_complete,
@@ -209,7 +277,7 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         # A client that waits for "100 Continue" before its body may send it anyway or not: close.
         cycle = self._new_cycle(self._keep_alive() and not self.expect_100_continue)
-        self._write_soon(cycle, status, [*headers, (b"content-length", b"%d" % len(body))], body)
+        self._write_soon(cycle, status, header_lines([*headers, (b"content-length", b"%d" % len(body))]), body)
 
     # Serving directly
 
@@ -241,19 +309,20 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
     def _respond(self, cycle: RequestResponseCycle, response: Response, request_id: str) -> None:
         self._direct_work = None
         write = self._write_soon if self._in_parser else self._write
-        write(cycle, response.status, response.raw_headers(request_id), response.body)
+        write(cycle, response.status, header_lines(response.raw_headers(request_id)), response.body)
 
     def connection_lost(self, exc: Exception | None) -> None:
         work, self._direct_work = self._direct_work, None
         if work is not None:
             work.cancel()  # nobody waits for this prediction any more: its rows leave the queue
+        timer, self.timeout_keep_alive_task = self.timeout_keep_alive_task, None
+        if timer is not None:
+            timer.cancel()
         super().connection_lost(exc)
 
     # Writing
 
-    def _write_soon(
-        self, cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> None:
+    def _write_soon(self, cycle: RequestResponseCycle, status: int, headers: bytes, body: bytes) -> None:
         """Write an answer decided inside the parser's callbacks (a refusal, an error) on the loop's next turn.
 
         A client answered at once sends its next request at once. Under overload libuv's poll phase,
@@ -264,17 +333,13 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
         """
         self.loop.call_soon(self._write, cycle, status, headers, body)
 
-    def _write(self, cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """Write a whole response, then let uvicorn go on as after any response (keep-alive, pipelining)."""
+    def _write(self, cycle: RequestResponseCycle, status: int, headers: bytes, body: bytes) -> None:
+        """Write a whole response (``headers`` as ``header_lines`` gives them), then let uvicorn go on as
+        after any response (keep-alive, pipelining)."""
         if self.transport.is_closing():
             return  # the client went away meanwhile
-        content = [STATUS_LINE[status]]
-        for name, value in [*self.server_state.default_headers, *headers]:
-            content.extend([name, b": ", value, b"\r\n"])
-        if not cycle.keep_alive:
-            content.append(b"connection: close\r\n")
-        content.extend([b"\r\n", body])
-        self.transport.write(b"".join(content))
+        closing = b"" if cycle.keep_alive else b"connection: close\r\n"
+        self.transport.write(b"".join([STATUS_LINE[status], self._default_lines(), headers, closing, b"\r\n", body]))
         cycle.response_started = cycle.response_complete = True
         if cycle.keep_alive:
             self.on_response_complete()

@@ -280,3 +280,40 @@ async def test_a_batch_waits_for_requests_already_received_that_the_loop_has_yet
     assert after - before == 1, f"16 requests received together ran as {after - before:.0f} batches"
     for _, writer in clients:
         writer.close()
+
+
+@contextlib.contextmanager
+def keep_alive_timeout(running: RunningServer, seconds: float) -> Iterator[None]:
+    """Connections made inside the block close after ``seconds`` idle (uvicorn reads it per connection)."""
+    config = running.server.config
+    before, config.timeout_keep_alive = config.timeout_keep_alive, seconds  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        config.timeout_keep_alive = before
+
+
+async def test_an_idle_connection_closes_after_the_keep_alive_timeout_and_a_busy_one_stays(
+    running: RunningServer,
+) -> None:
+    with keep_alive_timeout(running, 0.3):
+        idle_reader, idle_writer = await connect(running)
+        busy_reader, busy_writer = await connect(running)
+    idle_writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
+    assert (await read_response(idle_reader))[0] == 200
+    started = time.monotonic()
+    # A request every 0.1 s for 0.9 s: never idle for 0.3 s, so never closed.
+    for _ in range(9):
+        busy_writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
+        assert (await read_response(busy_reader))[0] == 200
+        await asyncio.sleep(0.1)
+    # A prediction that outlasts the timeout: the connection is busy, not idle.
+    busy_writer.write(request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.5})))
+    assert (await read_response(busy_reader))[0] == 200
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # closed by the server, long since
+    assert time.monotonic() - started > 0.3
+    closed_at = time.monotonic()
+    assert await asyncio.wait_for(busy_reader.read(), 5) == b""  # idle at last: closed about 0.3 s later
+    assert 0.2 < time.monotonic() - closed_at < 2.0
+    idle_writer.close()
+    busy_writer.close()
