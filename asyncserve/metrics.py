@@ -54,11 +54,11 @@ class Metrics:
             "Requests whose client went away before the answer; their work was cancelled.",
             ["route", "model"], registry=r,
         )  # fmt: skip
-        self.inference_duration = Histogram(
+        self.inference_duration = LoopHistogram(
             "asyncserve_inference_duration_seconds", "Time one predict call took, in seconds.",
             ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
-        self.inference_rows = Counter("asyncserve_inference_rows", "Rows predicted.", ["model"], registry=r)
+        self.inference_rows = LoopCounter("asyncserve_inference_rows", "Rows predicted.", ["model"], registry=r)
         self.model_ready = Gauge(
             "asyncserve_model_ready", "1 when the model is loaded and warm, else 0.", ["model", "version"], registry=r
         )
@@ -79,12 +79,12 @@ class Metrics:
         self.batch_queue_rows = Gauge(
             "asyncserve_batch_queue_rows", "Rows waiting in the batcher's queue.", ["model"], registry=r
         )
-        self.batches = Counter(
+        self.batches = LoopCounter(
             "asyncserve_batches",
             "Batches run, by why they closed: full, idle (nothing else running), wait (max_wait_s), deadline.",
             ["model", "reason"], registry=r,
         )  # fmt: skip
-        self.batch_shed = Counter(
+        self.batch_shed = LoopCounter(
             "asyncserve_batch_shed_rows",
             "Requests the batcher refused or dropped, by reason: "
             "queue_full, deadline_unreachable, expired, would_expire, cancelled.",
@@ -286,10 +286,10 @@ class BatchMetrics:
         self._per_row = metrics.batch_cost.labels(model, "per_row")
         self._per_batch = metrics.batch_cost.labels(model, "per_batch")
 
-    def reason(self, reason: str) -> Counter:
+    def reason(self, reason: str) -> LoopCounterChild:
         return self._metrics.batches.labels(self._model, reason)
 
-    def shed(self, reason: str) -> Counter:
+    def shed(self, reason: str) -> LoopCounterChild:
         return self._metrics.batch_shed.labels(self._model, reason)
 
     def observe_cost(self, per_row_s: float, per_batch_s: float) -> None:
