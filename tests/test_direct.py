@@ -266,20 +266,22 @@ async def test_a_batch_waits_for_requests_already_received_that_the_loop_has_yet
     # the batcher turn after turn, and without waiting for them they would leave in small batches.
     clients = [await connect(running) for _ in range(16)]
     server_loop = next(iter(running.server.server_state.connections)).loop
-    async with running.client() as client:
-        with parse_budget_of(running, 0.0):
-            before = batches_run((await client.get("/metrics")).content, "patient")
-            stalled = threading.Event()
-            server_loop.call_soon_threadsafe(stall, stalled, 0.2)  # every request is in before the server reads one
-            await asyncio.to_thread(stalled.wait, 5)
-            for n, (_, writer) in enumerate(clients):
-                writer.write(request("/v1/models/patient/predict", orjson.dumps({"a": [n, 0, 0], "b": [1, 1, 1]})))
-            answers = [await read_response(reader) for reader, _ in clients]
-            after = batches_run((await client.get("/metrics")).content, "patient")
+    try:
+        async with running.client() as client:
+            with parse_budget_of(running, 0.0):
+                before = batches_run((await client.get("/metrics")).content, "patient")
+                stalled = threading.Event()
+                server_loop.call_soon_threadsafe(stall, stalled, 0.2)  # every request is in before one is read
+                await asyncio.to_thread(stalled.wait, 5)
+                for n, (_, writer) in enumerate(clients):
+                    writer.write(request("/v1/models/patient/predict", orjson.dumps({"a": [n, 0, 0], "b": [1, 1, 1]})))
+                answers = [await read_response(reader) for reader, _ in clients]
+                after = batches_run((await client.get("/metrics")).content, "patient")
+    finally:
+        for _, writer in clients:
+            writer.close()
     assert [orjson.loads(body)["sum"] for _, _, body in answers] == [[n + 1.0, 1.0, 1.0] for n in range(16)]
     assert after - before == 1, f"16 requests received together ran as {after - before:.0f} batches"
-    for _, writer in clients:
-        writer.close()
 
 
 @contextlib.contextmanager
@@ -296,24 +298,28 @@ def keep_alive_timeout(running: RunningServer, seconds: float) -> Iterator[None]
 async def test_an_idle_connection_closes_after_the_keep_alive_timeout_and_a_busy_one_stays(
     running: RunningServer,
 ) -> None:
+    # Held for the whole test: the server reads the timeout when it accepts a connection, which may
+    # come after the client's connect() returns.
     with keep_alive_timeout(running, 0.3):
         idle_reader, idle_writer = await connect(running)
         busy_reader, busy_writer = await connect(running)
-    idle_writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
-    assert (await read_response(idle_reader))[0] == 200
-    started = time.monotonic()
-    # A request every 0.1 s for 0.9 s: never idle for 0.3 s, so never closed.
-    for _ in range(9):
-        busy_writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
-        assert (await read_response(busy_reader))[0] == 200
-        await asyncio.sleep(0.1)
-    # A prediction that outlasts the timeout: the connection is busy, not idle.
-    busy_writer.write(request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.5})))
-    assert (await read_response(busy_reader))[0] == 200
-    assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # closed by the server, long since
-    assert time.monotonic() - started > 0.3
-    closed_at = time.monotonic()
-    assert await asyncio.wait_for(busy_reader.read(), 5) == b""  # idle at last: closed about 0.3 s later
-    assert 0.2 < time.monotonic() - closed_at < 2.0
-    idle_writer.close()
-    busy_writer.close()
+        try:
+            idle_writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
+            assert (await read_response(idle_reader))[0] == 200
+            started = time.monotonic()
+            # A request every 0.1 s for 0.9 s: never idle for 0.3 s, so never closed.
+            for _ in range(9):
+                busy_writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
+                assert (await read_response(busy_reader))[0] == 200
+                await asyncio.sleep(0.1)
+            # A prediction that outlasts the timeout: the connection is busy, not idle.
+            busy_writer.write(request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.5})))
+            assert (await read_response(busy_reader))[0] == 200
+            assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # closed by the server, long since
+            assert time.monotonic() - started > 0.3
+            idle_at = time.monotonic()
+            assert await asyncio.wait_for(busy_reader.read(), 5) == b""  # idle at last: closed 0.3 s later
+            assert 0.2 < time.monotonic() - idle_at < 2.0
+        finally:
+            idle_writer.close()
+            busy_writer.close()
