@@ -82,7 +82,8 @@ class ParseBudget:
         return bool(self._waiting)
 
     def allows(self, protocol: SheddingHttpToolsProtocol, data: bytes) -> bool:
-        """Whether ``data`` may be parsed now; if not, the connection is paused and its data waits for a later turn."""
+        """Whether ``data`` may be parsed now; if not, it waits for a later turn (and the connection is
+        paused if earlier bytes of it wait already)."""
         now = time.perf_counter()
         if not self._turn_pending:  # the first bytes since the last turn began
             self._turn_pending = True
@@ -153,6 +154,7 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
         self.chunks_waiting = 0
         """This connection's received bytes that wait for a later turn (``ParseBudget``)."""
         self.paused_by_budget = False
+        """Whether ``ParseBudget`` paused reading: more bytes came while earlier ones waited."""
         self._budget = parse_budget(self)
 
     # Keep-alive: uvicorn arms a timer after every response and cancels it on the next request's
