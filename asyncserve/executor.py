@@ -68,8 +68,8 @@ async def await_until(future: asyncio.Future[T], spec: ModelSpec, deadline: floa
     timer = loop.call_at(loop.time() + (deadline - time.monotonic()), _expire, future)
     try:
         return await future
-    except asyncio.CancelledError:
-        if timer.cancelled() or not _expired(future):
+    except asyncio.CancelledError as cancelled:
+        if cancelled.args != (_EXPIRED,):
             raise  # the caller was cancelled, not the work expired
         raise DeadlineExceeded(f"model {spec.label!r} did not answer before the request's deadline") from None
     finally:
@@ -82,16 +82,6 @@ _EXPIRED = "asyncserve: past the deadline"
 
 def _expire(future: asyncio.Future[Any]) -> None:
     future.cancel(_EXPIRED)
-
-
-def _expired(future: asyncio.Future[Any]) -> bool:
-    if not future.cancelled():
-        return False
-    try:
-        future.result()
-    except asyncio.CancelledError as cancelled:
-        return cancelled.args == (_EXPIRED,)
-    return False
 
 
 class ThreadExecutor:

@@ -162,7 +162,7 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
     # one timer, armed when none is, checks on firing how long it has been idle.
 
     def _unset_keepalive_if_required(self) -> None:
-        self._idle_since = None  # busy: a request's bytes came in
+        """Nothing to cancel: ``data_received`` marks the connection busy, and the timer checks."""
 
     def on_response_complete(self) -> None:
         self.server_state.total_requests += 1
