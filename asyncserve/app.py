@@ -42,7 +42,7 @@ from asyncserve.lazy import (
     PredictionCache,
     RedisPredictionCache,
 )
-from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
+from asyncserve.metrics import COMPILED, CONTENT_TYPE, LoopLagProbe, Metrics
 from asyncserve.pipeline import Pipeline
 from asyncserve.predlog import InputPolicy, PredictionLogger, open_sink
 from asyncserve.registry import ModelRegistry
@@ -118,6 +118,7 @@ class AsyncServeApp:
         self.service = service
         self.settings = settings or Settings()
         self.metrics = Metrics()
+        self.metrics.build_info.labels(asyncserve.__version__, "true" if COMPILED else "false").set(1)
         self.executor = make_executor(self.settings)
         self.disconnects = DisconnectWatch()
         self.loop_lag = LoopLagProbe(self.metrics.loop_lag, self.settings.loop_lag_interval_s)

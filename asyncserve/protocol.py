@@ -28,7 +28,7 @@ import functools
 import logging
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
@@ -44,6 +44,11 @@ _NO_SCOPE: Any = {}
 
 UVICORN_INTERNALS = (AttributeError, KeyError, TypeError)
 """What a uvicorn release that changed the internals this protocol builds on would raise."""
+
+SHORTCUTS = {"fast_refusals": True, "direct_inference": True}
+"""The protocol's shortcuts past uvicorn's ASGI path that are on. One that meets a uvicorn whose internals
+differ is turned off for the rest of the process. (A dict, not class attributes: the compiled class
+would not see a class attribute change.)"""
 
 PARSE_BUDGET_S = 0.001
 """How long one turn of the event loop may spend parsing (and so refusing or starting) requests."""
@@ -137,9 +142,6 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
     release change them, requests fall back to the ASGI path, with one warning.
     """
 
-    fast_refusals = True
-    direct_inference = True
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._direct: DirectRequest | None = None
@@ -156,6 +158,9 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
         self.paused_by_budget = False
         """Whether ``ParseBudget`` paused reading: more bytes came while earlier ones waited."""
         self._budget = parse_budget(self)
+        # uvicorn types the timeout as an int but takes a float too (``Config(timeout_keep_alive=0.5)``);
+        # read untyped, so that the compiled build does not insist on an int.
+        self._keep_alive_s = float(cast(Any, self.config).timeout_keep_alive)
 
     # Keep-alive: uvicorn arms a timer after every response and cancels it on the next request's
     # bytes, a timer made and unmade per request. Here the connection notes when it fell idle, and
@@ -175,7 +180,7 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
             return
         self._idle_since = self.loop.time()
         if self.timeout_keep_alive_task is None:
-            self._arm_keep_alive(self.timeout_keep_alive)
+            self._arm_keep_alive(self._keep_alive_s)
 
     def _arm_keep_alive(self, delay_s: float) -> None:
         self.timeout_keep_alive_task = self.loop.call_later(delay_s, self.timeout_keep_alive_handler)
@@ -185,10 +190,10 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
         if self._idle_since is None:
             return  # a request is under way: its response arms the timer again
         idle_s = self.loop.time() - self._idle_since
-        if idle_s >= self.timeout_keep_alive:
+        if idle_s >= self._keep_alive_s:
             super().timeout_keep_alive_handler()
         else:
-            self._arm_keep_alive(self.timeout_keep_alive - idle_s)
+            self._arm_keep_alive(self._keep_alive_s - idle_s)
 
     def data_received(self, data: bytes) -> None:
         self._idle_since = None  # busy, even while these bytes wait for their turn
@@ -227,11 +232,11 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
             return
         app: AsyncServeApp = self.config.app  # type: ignore[assignment]
         method = self.parser.get_method()
-        if self.fast_refusals and not self.parser.should_upgrade():
+        if SHORTCUTS["fast_refusals"] and not self.parser.should_upgrade():
             refusal = app.refusal(method, self.url, self.headers)
             if refusal is not None and self._try(self._refuse, *refusal, flag="fast_refusals"):
                 return
-        if self.direct_inference and not self.expect_100_continue and not self.parser.should_upgrade():
+        if SHORTCUTS["direct_inference"] and not self.expect_100_continue and not self.parser.should_upgrade():
             direct = app.direct_request(method.decode("ascii"), self._path(), self.headers)
             if direct is not None and self._try(self._take, direct, flag="direct_inference"):
                 return
@@ -252,7 +257,7 @@ class SheddingHttpToolsProtocol(HttpToolsProtocol):
             step(*args)
         except UVICORN_INTERNALS:
             logger.warning("this uvicorn release does not allow %s at the HTTP parser; using ASGI instead", flag)
-            setattr(type(self), flag, False)
+            SHORTCUTS[flag] = False
             return False
         return True
 

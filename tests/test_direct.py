@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from asyncserve import Service, Settings
-from asyncserve.protocol import PARSE_BUDGET_S, ParseBudget, SheddingHttpToolsProtocol
+from asyncserve import Service, Settings, protocol
+from asyncserve.protocol import PARSE_BUDGET_S, ParseBudget
 from tests.conftest import RunningServer
 from tests.models import Adder, Sleeper
 from tests.test_shedding import connect, read_response, request
@@ -156,18 +156,19 @@ async def test_a_client_that_goes_away_withdraws_its_rows(running: RunningServer
 async def test_requests_go_through_asgi_when_uvicorn_internals_differ(
     running: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def changed(self: SheddingHttpToolsProtocol, keep_alive: bool) -> None:
-        raise AttributeError("RequestResponseCycle has no attribute 'on_response'")
+    def changed_cycle(**kwargs: object) -> None:  # a release whose cycle no longer takes on_response
+        raise TypeError("RequestResponseCycle.__init__() got an unexpected keyword argument 'on_response'")
 
-    monkeypatch.setattr(SheddingHttpToolsProtocol, "_new_cycle", changed)
-    monkeypatch.setattr(SheddingHttpToolsProtocol, "direct_inference", True)
+    # Patched where the protocol looks it up: uvicorn's own requests, through ASGI, keep the real one.
+    monkeypatch.setattr(protocol, "RequestResponseCycle", changed_cycle)
+    monkeypatch.setitem(protocol.SHORTCUTS, "direct_inference", True)
     reader, writer = await connect(running)
     with caplog.at_level(logging.WARNING, logger="asyncserve.protocol"):
         for _ in range(2):
             writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
             status, _, body = await read_response(reader)
             assert (status, orjson.loads(body)["sum"]) == (200, [2.0, 3.0, 4.0])
-    assert SheddingHttpToolsProtocol.direct_inference is False
+    assert protocol.SHORTCUTS["direct_inference"] is False
     assert [r.message for r in caplog.records].count(
         "this uvicorn release does not allow direct_inference at the HTTP parser; using ASGI instead"
     ) == 1

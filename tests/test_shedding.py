@@ -126,10 +126,10 @@ async def test_with_a_uvicorn_whose_internals_differ_refusals_go_through_asgi(
         raise TypeError("RequestResponseCycle() got an unexpected keyword argument 'flow'")
 
     monkeypatch.setattr(protocol, "RequestResponseCycle", incompatible)
-    monkeypatch.setattr(protocol.SheddingHttpToolsProtocol, "fast_refusals", True)
+    monkeypatch.setitem(protocol.SHORTCUTS, "fast_refusals", True)
     async with lagging.client() as client:
         first = await client.post("/v1/models/adder/predict", json=ROW, headers={"X-Request-Timeout": "0.2"})
         second = await client.post("/v1/models/adder/predict", json=ROW, headers={"X-Request-Timeout": "0.2"})
     assert [first.status_code, second.status_code] == [503, 503]
     assert first.json()["code"] == "overloaded"
-    assert protocol.SheddingHttpToolsProtocol.fast_refusals is False
+    assert protocol.SHORTCUTS["fast_refusals"] is False
