@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.machinery
+import importlib.util
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +23,29 @@ from asyncserve.service import Service
 
 # Fixtures for the real PostgreSQL and Redis servers live in tests/backends.py.
 pytest_plugins = ["tests.backends"]
+
+
+def compiled_request_path() -> bool:
+    """Whether the asyncserve imported here is the compiled build: its batcher is a C extension."""
+    spec = importlib.util.find_spec("asyncserve.batching")
+    origin = spec.origin if spec is not None else None
+    return origin is not None and origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `make test` runs the suite on the .py files, then the request-path tests on build/compiled:
+    # make sure each run gets the build it means to test.
+    expect_compiled = os.environ.get("ASYNCSERVE_EXPECT_COMPILED") == "1"
+    if expect_compiled and not compiled_request_path():
+        raise pytest.UsageError(
+            "ASYNCSERVE_EXPECT_COMPILED=1 but the asyncserve imported is not compiled: run `make compiled` and put "
+            "build/compiled first on PYTHONPATH with pytest --import-mode=append"
+        )
+    if not expect_compiled and compiled_request_path():
+        raise pytest.UsageError(
+            "compiled modules shadow asyncserve's .py files (a compiled build left them in the source tree): remove "
+            "them (rm -f asyncserve/*.so *__mypyc.*.so), or set ASYNCSERVE_EXPECT_COMPILED=1 to test them on purpose"
+        )
 
 
 @dataclass
