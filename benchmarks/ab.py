@@ -9,6 +9,7 @@ the other threads (the executor: the model), the mean batch and the loop's lag; 
 
     git worktree add /tmp/base HEAD~1
     python -m benchmarks.ab --concurrency 64 --repeats 4 base=/tmp/base new=.
+    python -m benchmarks.ab interpreted=. compiled=build/compiled   # after `make compiled`
 
 On this two-core shared machine a difference under about 5% in one A/B is noise: repeat it.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -48,8 +50,10 @@ def variant(argument: str) -> ServerSpec:
     checkout = Path(path).resolve()
     if not label or not (checkout / "asyncserve" / "__init__.py").exists():
         raise argparse.ArgumentTypeError(f"{argument!r}: give label=PATH, PATH a checkout holding asyncserve/")
-    # `env` replaces the PYTHONPATH the harness sets: this checkout's packages come first.
-    return ServerSpec(label, ("env", f"PYTHONPATH={checkout}", *batching.served_command()))
+    # `env` replaces the PYTHONPATH the harness sets: this checkout's packages come first, then this
+    # repository's (a compiled build, build/compiled, holds asyncserve but not benchmarks).
+    pythonpath = os.pathsep.join(dict.fromkeys([str(checkout), str(harness.REPO)]))
+    return ServerSpec(label, ("env", f"PYTHONPATH={pythonpath}", *batching.served_command()))
 
 
 def measure(server: Server, script: Path, concurrency: int, duration_s: int, load_cpu: int) -> Sample:
@@ -103,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stack.enter_context(harness.running_server(spec, args.server_cpu, Path(workdir)))
                 for spec in args.variants
             ]
+            for server in servers:
+                build = "compiled" if scrape.compiled(scrape.scrape(server.port)) else "interpreted"
+                print(f"{server.spec.label}: asyncserve {build}", flush=True)
             for server in servers:  # warm up
                 wrk.run_wrk(server.port, batching.INFER_PATH, script, args.concurrency, 2, args.load_cpu)
             for _ in range(args.repeats):

@@ -7,15 +7,18 @@ In one run, with every server pinned to one core and wrk on another:
 - H, the throughput of a bare ASGI app that decodes the same request and answers a same-sized
   output without the model (``benchmarks.bare_mlp``), so the limit of one core that pays for
   HTTP, JSON and the model is L = 1 / (1/R32 + 1/H);
-- ``asyncserve serve benchmarks.mlp:service --executor-workers 1`` and a FastAPI service that runs
-  the model per request in its thread pool (``benchmarks.fastapi_mlp``) at several concurrencies,
-  interleaved; asyncserve's ``/metrics`` around each run give its batch sizes and close reasons;
-- an overload run on asyncserve (1024 connections, ``X-Request-Timeout: 0.05``; ``benchmarks.overload``).
+- ``asyncserve serve benchmarks.mlp:service --executor-workers 1`` in both builds, compiled (``make
+  compiled``: the wheel a release ships, its request path compiled with mypyc) and interpreted (the
+  same sources as .py files), and a FastAPI service that runs the model per request in its thread
+  pool (``benchmarks.fastapi_mlp``) at several concurrencies, interleaved; the compiled build's
+  ``/metrics`` around each run give its batch sizes and close reasons;
+- an overload run on the compiled build (1024 connections, ``X-Request-Timeout: 0.05``; ``benchmarks.overload``).
 
 Results go to ``benchmarks/results/batching.{json,md,png}``; ``benchmarks/BATCHING.md`` explains them.
 
 Usage::
 
+    make compiled
     .venv/bin/pip install -r benchmarks/requirements.txt -r benchmarks/requirements-plot.txt
     .venv/bin/python -m benchmarks.batching            # ~12 min: 10 s runs, 3 repeats, c = 1 8 64 256
     .venv/bin/python -m benchmarks.batching --quick    # ~2 min: 2 s runs, 1 repeat
@@ -46,7 +49,9 @@ from benchmarks.measure import Measurements, Settings
 from benchmarks.overload import OverloadSettings, run_overload
 from benchmarks.wrk import WrkResult
 
-BARE, SERVED, FASTAPI = "bare", "asyncserve", "fastapi"
+BARE, SERVED, INTERPRETED, FASTAPI = "bare", "asyncserve", "asyncserve-py", "fastapi"
+"""SERVED is the compiled build; INTERPRETED runs the same sources as .py files."""
+COMPILED_BUILD = REPO / "build" / "compiled"
 CONCURRENCIES = (1, 8, 64, 256)
 TARGET_CONCURRENCY = 64
 RAW_BATCH_SIZES = (1, 8, 32, 64)
@@ -100,9 +105,15 @@ def served_command() -> tuple[str, ...]:
     )  # fmt: skip
 
 
+def compiled_command() -> tuple[str, ...]:
+    """:func:`served_command` with the compiled build (``make compiled``) first on the import path."""
+    return ("env", f"PYTHONPATH={COMPILED_BUILD}{os.pathsep}{REPO}", *served_command())
+
+
 SPECS = (
     ServerSpec(BARE, uvicorn_command("benchmarks.bare_mlp:app")),
-    ServerSpec(SERVED, served_command()),
+    ServerSpec(SERVED, compiled_command()),
+    ServerSpec(INTERPRETED, served_command()),
     ServerSpec(FASTAPI, uvicorn_command("benchmarks.fastapi_mlp:app")),
 )
 
@@ -151,6 +162,13 @@ def check_answers(server: Server) -> None:
         raise BenchmarkError(f"{server.spec.label} answered {status} {body[:300]!r}, not the MLP's output")
 
 
+def check_build(server: Server, *, compiled: bool) -> None:
+    """Refuse to measure an asyncserve whose build is not the one its label says."""
+    if scrape.compiled(scrape.scrape(server.port)) != compiled:
+        wanted = "compiled (run `make compiled`)" if compiled else "interpreted"
+        raise BenchmarkError(f"{server.spec.label} should run the {wanted} build of asyncserve, and does not")
+
+
 def run_all(settings: Settings, overload: OverloadSettings, raw: RawSettings) -> Run:
     """Raw timing, the interleaved rounds, the overload run, raw timing again."""
     harness.require_tool("wrk")
@@ -181,6 +199,8 @@ def _measure(servers: list[Server], workdir: Path, settings: Settings, run: Run)
     for server in servers:
         if server.spec.label != BARE:
             check_answers(server)
+        if server.spec.label in (SERVED, INTERPRETED):
+            check_build(server, compiled=server.spec.label == SERVED)
     script = wrk.write_script(ENDPOINT, workdir)
     for server in servers:
         _log(f"warm-up {server.spec.label}")
@@ -280,13 +300,15 @@ def results(run: Run, settings: Settings, overload: OverloadSettings, facts: dic
 
 def _row(run: Run, concurrency: int, limit: float, limit_cpu: float) -> dict[str, Any]:
     summaries = {spec.label: run.measurements.summary(spec.label, ENDPOINT.label, concurrency) for spec in SPECS}
-    served, fastapi = summaries[SERVED], summaries[FASTAPI]
+    served, interpreted, fastapi = summaries[SERVED], summaries[INTERPRETED], summaries[FASTAPI]
     metrics = run.metrics.get(concurrency, {})
     return {
         "concurrency": concurrency,
         **{label: summary.as_dict() for label, summary in summaries.items()},
         "served_to_L": round(served.rps / limit, 3),
         "served_to_L_per_cpu_s": round(served.requests_per_cpu_s / limit_cpu, 3),
+        "interpreted_to_L": round(interpreted.rps / limit, 3),
+        "interpreted_to_L_per_cpu_s": round(interpreted.requests_per_cpu_s / limit_cpu, 3),
         "served_cpu_us_per_request": _cpu_per_request(run, concurrency),
         "served_to_fastapi": round(served.rps / fastapi.rps, 2) if fastapi.rps > 0 else None,
         "batching": scrape.batching_summary(metrics, mlp.MLP.name, run.metrics_seconds.get(concurrency, 0.0)),
@@ -310,8 +332,12 @@ def targets(data: dict[str, Any], r1: float) -> list[dict[str, Any]]:
     rows = {row["concurrency"]: row for row in data["rows"]}
     found: list[dict[str, Any]] = []
     if TARGET_CONCURRENCY in rows:
-        served, fastapi_c64 = rows[TARGET_CONCURRENCY][SERVED]["rps"], rows[TARGET_CONCURRENCY][FASTAPI]["rps"]
-        found.append(_target("c=64 throughput >= 0.85 x L", served, 0.85 * data["L"], served >= 0.85 * data["L"]))
+        row = rows[TARGET_CONCURRENCY]
+        served, interpreted, fastapi_c64 = row[SERVED]["rps"], row[INTERPRETED]["rps"], row[FASTAPI]["rps"]
+        bound = 0.85 * data["L"]
+        found.append(_target("c=64 throughput >= 0.85 x L", served, bound, served >= bound))
+        interpreted_name = "(interpreted build) c=64 throughput >= 0.85 x L"
+        found.append(_target(interpreted_name, interpreted, bound, interpreted >= bound))
         found.append(_target("c=64 throughput >= 3 x FastAPI", served, 3 * fastapi_c64, served >= 3 * fastapi_c64))
     if 1 in rows:
         bound_ms = 1000 / r1 + 1
@@ -355,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [name for name in ("fastapi", "pydantic") if importlib.util.find_spec(name) is None]
     if missing:
         print(f"{', '.join(missing)} not installed; run: .venv/bin/pip install -r benchmarks/requirements.txt")
+        return 2
+    if not (COMPILED_BUILD / ".built").exists():
+        print(f"no compiled build in {COMPILED_BUILD.relative_to(REPO)}; run: make compiled")
         return 2
     os.environ.update(THREAD_ENV)  # the servers inherit it
     facts = report.machine_facts(settings.server_cpu, settings.load_cpu)

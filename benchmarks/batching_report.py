@@ -13,12 +13,18 @@ from typing import Any
 from benchmarks import measure, report
 from benchmarks.overload import RSS_SETTLE_S
 
-SERVERS = (("asyncserve", "asyncserve"), ("fastapi", "FastAPI, model per request"), ("bare", "bare ASGI, no model (H)"))
+SERVERS = (
+    ("asyncserve", "asyncserve (compiled)"),
+    ("fastapi", "FastAPI, model per request"),
+    ("asyncserve-py", "asyncserve (interpreted)"),
+    ("bare", "bare ASGI, no model (H)"),
+)
 
 
 def markdown(data: dict[str, Any]) -> str:
     parts = [
         "# Dynamic batching: asyncserve vs FastAPI on a NumPy MLP, one core",
+        _builds_text(),
         report.facts_markdown(data["machine"]),
         _method(data),
         "## Targets\n\n" + _targets_table(data["targets"]),
@@ -38,6 +44,15 @@ def _method(data: dict[str, Any]) -> str:
     return (
         measure.method_markdown(settings) + f" Every server has `{env}`; each request is one V2 row of 256 FP32 values "
         f"({settings['request_bytes']} bytes of JSON).\n\n{servers}"
+    )
+
+
+def _builds_text() -> str:
+    return (
+        "asyncserve runs in both of its builds, from the same sources: **compiled** (`make compiled`: the wheel "
+        "built with `HATCH_BUILD_HOOKS_ENABLE=1`, its request-path modules compiled with mypyc, as a release ships "
+        "it) and **interpreted** (`asyncserve-py`: the .py files, as an editable install runs them). Unlabelled "
+        "asyncserve figures are the compiled build's."
     )
 
 
@@ -79,12 +94,12 @@ def _limit_text(data: dict[str, Any]) -> str:
 
 
 def _served_table(data: dict[str, Any]) -> str:
-    headers = ["c", "asyncserve req/s", "p50 ms", "p99 ms", "÷ L", "÷ L per CPU-s", "mean batch", "FastAPI req/s"]
-    headers += ["p50 ms", "p99 ms"]
-    headers += ["asyncserve ÷ FastAPI", "bare req/s", "server CPU a / f / b", "errors a / f / b"]
+    headers = ["c", "asyncserve req/s", "p50 ms", "p99 ms", "÷ L", "÷ L per CPU-s", "mean batch"]
+    headers += ["interpreted req/s", "p50 ms", "÷ L", "FastAPI req/s", "p50 ms", "p99 ms"]
+    headers += ["asyncserve ÷ FastAPI", "bare req/s", "server CPU a / i / f / b", "errors a / i / f / b"]
     rows = []
     for row in data["rows"]:
-        served, fastapi, bare = row["asyncserve"], row["fastapi"], row["bare"]
+        served, interpreted, fastapi, bare = row["asyncserve"], row["asyncserve-py"], row["fastapi"], row["bare"]
         mean_batch = row["batching"]["mean_batch_rows"]
         rows.append(
             [
@@ -95,13 +110,16 @@ def _served_table(data: dict[str, Any]) -> str:
                 f"{row['served_to_L']:.2f}",
                 f"{row['served_to_L_per_cpu_s']:.2f}",
                 "-" if mean_batch is None else f"{mean_batch:.1f}",
+                f"{interpreted['rps']:,.0f}",
+                report.ms(interpreted["p50_ms"]),
+                f"{row['interpreted_to_L']:.2f}",
                 f"{fastapi['rps']:,.0f}",
                 report.ms(fastapi["p50_ms"]),
                 report.ms(fastapi["p99_ms"]),
                 "-" if row["served_to_fastapi"] is None else f"{row['served_to_fastapi']:.2f}",
                 f"{bare['rps']:,.0f}",
-                f"{served['cpu_share']:.2f} / {fastapi['cpu_share']:.2f} / {bare['cpu_share']:.2f}",
-                f"{served['errors']} / {fastapi['errors']} / {bare['errors']}",
+                " / ".join(f"{server['cpu_share']:.2f}" for server in (served, interpreted, fastapi, bare)),
+                " / ".join(str(server["errors"]) for server in (served, interpreted, fastapi, bare)),
             ]
         )
     return report.markdown_table(headers, rows)
@@ -114,7 +132,8 @@ def _served_legend() -> str:
         "where the two differ, a neighbour took part of a server's core. mean batch is rows per predict call over "
         "the row's runs. "
         "bare req/s is the HTTP-only ceiling at that concurrency (its c=64 value is H). server CPU is the share of "
-        "its core each server used (a = asyncserve, f = FastAPI, b = bare); below about 0.95 at c >= 8 means a "
+        "its core each server used (a = asyncserve compiled, i = interpreted, f = FastAPI, b = bare); below about "
+        "0.95 at c >= 8 means a "
         "neighbour took part of the core during that row."
     )
 
@@ -242,7 +261,7 @@ def write_plot(data: dict[str, Any], path: Path) -> Path | None:
 def _throughput_axes(axes: Any, data: dict[str, Any]) -> None:
     concurrencies = [row["concurrency"] for row in data["rows"]]
     for key, label in SERVERS:
-        style = ":" if key == "bare" else "-"
+        style = {"bare": ":", "asyncserve-py": "-."}.get(key, "-")
         axes.plot(concurrencies, [row[key]["rps"] for row in data["rows"]], style, marker="o", label=label)
     axes.axhline(data["L"], color="black", linestyle="--", linewidth=1, label=f"L = {data['L']:,.0f}")
     axes.axhline(0.85 * data["L"], color="gray", linestyle="--", linewidth=1, label="0.85 x L")
@@ -255,7 +274,7 @@ def _throughput_axes(axes: Any, data: dict[str, Any]) -> None:
 
 def _latency_axes(axes: Any, data: dict[str, Any]) -> None:
     concurrencies = [row["concurrency"] for row in data["rows"]]
-    for (key, label), color in zip(SERVERS[:2], ("tab:blue", "tab:orange"), strict=True):
+    for (key, label), color in zip(SERVERS[:3], ("tab:blue", "tab:orange", "tab:green"), strict=True):
         rows = data["rows"]
         axes.plot(concurrencies, [r[key]["p50_ms"] for r in rows], "-", marker="o", color=color, label=f"{label} p50")
         axes.plot(concurrencies, [r[key]["p99_ms"] for r in rows], "--", marker="x", color=color, label=f"{label} p99")

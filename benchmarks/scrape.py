@@ -32,6 +32,11 @@ def scrape(port: int) -> Samples:
     }
 
 
+def compiled(samples: Samples) -> bool:
+    """Whether the server that gave ``samples`` runs the compiled build (``asyncserve_build_info``)."""
+    return any(dict(labels).get("compiled") == "true" for labels in select(samples, "asyncserve_build_info"))
+
+
 def delta(before: Samples, after: Samples) -> Samples:
     """What a run added to each sample (gauges too, which then read as a change)."""
     return {key: value - before.get(key, 0.0) for key, value in after.items()}
