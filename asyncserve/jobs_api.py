@@ -23,7 +23,9 @@ from asyncserve.pipeline import Pipeline
 from asyncserve.registry import ModelEntry, ModelRegistry
 from asyncserve.routing import Request, Response, StreamingResponse
 
-_SUBMIT_FIELDS = {"model", "version", "inputs", "webhook", "priority", "ttl_s", "max_attempts", "queue_timeout_s"}
+_SUBMIT_FIELDS = {
+    "model", "version", "inputs", "webhook", "priority", "ttl_s", "max_attempts", "queue_timeout_s", "idempotency_key",
+}  # fmt: skip
 _JSON_LINES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
 
 
@@ -88,6 +90,7 @@ class JobsAPI:
         webhook = document.get("webhook")
         if webhook is not None:
             await validate_webhook_url(str(webhook), self.webhooks)
+        idempotency_key = _one_idempotency_key(document.get("idempotency_key"), idempotency_key, path)
         options = {
             name: document[name]
             for name in ("priority", "ttl_s", "max_attempts", "queue_timeout_s")
@@ -171,6 +174,14 @@ def _parse(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def _one_idempotency_key(in_body: Any, in_header: str | None, path: str) -> Any:
+    """The job's key: the ``Idempotency-Key`` header or the body's ``idempotency_key`` (a batch's only way)."""
+    if in_header is not None and in_body is not None and in_body != in_header:
+        where = f"{path}.idempotency_key".lstrip(".")
+        raise SchemaViolation(where, "differs from the Idempotency-Key header; send one of them")
+    return in_header if in_header is not None else in_body
 
 
 def _parse_batch(body: bytes, content_type: str) -> list[Any]:

@@ -13,16 +13,19 @@ off to one poll a second) and each finished job becomes one line of ``--out`` as
 ``line`` is the row's line in the input file (a CSV header is line 1). A progress line on stderr
 counts submitted and finished jobs; the exit status is 0 if every job succeeded, 1 otherwise.
 
-Resuming: the batch endpoint takes no idempotency keys, so each accepted chunk's ids go to a
-journal, ``OUT.jobs``, before they are followed; a finished run deletes it. ``--resume`` keeps the
-lines already in ``--out``, follows the journal's other jobs, and submits only rows in neither
-file: only a chunk accepted but not yet journaled when the client died is submitted twice.
+Resuming: a run keeps a journal, ``OUT.jobs``: first the run's id, ``{"run": "<hex>"}``, then each
+accepted chunk's job ids before they are followed; a finished run deletes it. ``--resume`` keeps the
+lines already in ``--out``, follows the journal's other jobs, and submits only rows in neither file.
+Every job carries the idempotency key ``<run>:<line>``, so a chunk the server accepted but the
+client died before journaling is found again when resubmitted, not run twice (while the server
+still has its jobs: a job's key goes with it when its ``ttl_s`` ends).
 Needs ``asyncserve[client]`` (httpx).
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -94,6 +97,8 @@ class Plan:
     todo: list[Row]
     follow: list[tuple[int, str]]
     done: dict[int, str]
+    run: str | None = None
+    """The interrupted run's id, from its journal; None for a new run (or a journal that lost it)."""
 
 
 def plan(options: SubmitOptions, rows: Sequence[Row]) -> Plan:
@@ -103,10 +108,12 @@ def plan(options: SubmitOptions, rows: Sequence[Row]) -> Plan:
                               "or delete the file to start again")  # fmt: skip
         return Plan(list(rows), [], {})
     done = {record["line"]: record["status"] for record in _read_lines(options.out) if "status" in record}
-    journal = {record["line"]: record["id"] for record in _read_lines(options.journal)}
+    records = _read_lines(options.journal)
+    journal = {record["line"]: record["id"] for record in records if "line" in record}
+    runs = [record["run"] for record in records if "run" in record]
     follow = [(line, job_id) for line, job_id in journal.items() if line not in done]
     todo = [row for row in rows if row.line not in done and row.line not in journal]
-    return Plan(todo, follow, done)
+    return Plan(todo, follow, done, runs[-1] if runs else None)
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -202,8 +209,12 @@ def _import_httpx() -> Any:
 class Submission:
     """One run: submits chunks and follows jobs over one HTTP client, writing results as they finish."""
 
-    def __init__(self, options: SubmitOptions, client: httpx.AsyncClient, progress: Progress) -> None:
+    def __init__(self, options: SubmitOptions, client: httpx.AsyncClient, progress: Progress, run: str | None) -> None:
         self.options, self.client, self.progress = options, client, progress
+        self.run_id = run or secrets.token_hex(8)
+        """The run's id, part of every job's idempotency key."""
+        self._journal_run = run is None
+        """Whether the id is new: it goes to the journal before any chunk is submitted."""
         self.httpx = _import_httpx()
         self.results = LineWriter(options.out, append=options.resume)
         self.journal = LineWriter(options.journal, append=options.resume)
@@ -213,6 +224,8 @@ class Submission:
         await self.check_model()
         await self.results.open()
         await self.journal.open()
+        if self._journal_run:
+            await self.journal.write({"run": self.run_id})
         try:
             for job in follow:
                 self.to_follow.put_nowait(job)
@@ -260,6 +273,7 @@ class Submission:
         return {
             "model": self.options.model,
             "inputs": row.inputs,
+            "idempotency_key": f"{self.run_id}:{row.line}",
             **{k: v for k, v in options.items() if v is not None},
         }
 
@@ -320,8 +334,8 @@ class Submission:
                                   "submitted, run again with --resume once it is back") from None  # fmt: skip
             return None
         except self.httpx.TransportError as exc:
-            raise SubmitError(f"{method} {path} broke off ({exc!r}), so whether the server took it is unknown; "
-                              "run again with --resume (its rows may be submitted twice)") from None  # fmt: skip
+            raise SubmitError(f"{method} {path} broke off ({exc!r}), so whether the server took it is unknown: "
+                              "run again with --resume, which will not run its jobs twice") from None  # fmt: skip
         return response
 
 
@@ -361,7 +375,7 @@ async def submit_file(options: SubmitOptions, *, stream: IO[str] | None = None) 
     limits = httpx.Limits(max_connections=2 * options.concurrency)
     try:
         async with httpx.AsyncClient(base_url=options.url, timeout=30.0, limits=limits) as client:
-            await Submission(options, client, progress).run(left.todo, left.follow)
+            await Submission(options, client, progress, left.run).run(left.todo, left.follow)
     except BaseExceptionGroup as group:  # from the task groups: report the first error as it was raised
         error: BaseException = group
         while isinstance(error, BaseExceptionGroup):

@@ -76,6 +76,32 @@ async def test_an_idempotency_key_returns_the_same_job() -> None:
     assert first.json()["id"] == again.json()["id"]
 
 
+async def test_idempotency_keys_in_a_batch_return_the_same_jobs_when_it_is_sent_again() -> None:
+    batch = [{"model": "adder", "inputs": ROW, "idempotency_key": f"run-1:{n}"} for n in range(3)]
+    async with serving(SERVICE, SETTINGS) as running, running.client() as client:
+        first = await client.post("/v1/jobs/batch", json=batch)
+        # Sent again with one more job, and a key twice: the known keys give back their jobs.
+        again = await client.post("/v1/jobs/batch", json=[*batch, {**batch[0], "idempotency_key": "run-1:3"}, batch[1]])
+        single = await client.post(
+            "/v1/jobs", json={"model": "adder", "inputs": ROW}, headers={"Idempotency-Key": "run-1:2"}
+        )
+        conflict = await client.post(
+            "/v1/jobs", json={"model": "adder", "inputs": ROW, "idempotency_key": "a"}, headers={"Idempotency-Key": "b"}
+        )
+        not_text = await client.post("/v1/jobs/batch", json=[{"model": "adder", "inputs": ROW, "idempotency_key": 7}])
+    ids = [job["id"] for job in first.json()["jobs"]]
+    ids_again = [job["id"] for job in again.json()["jobs"]]
+    assert (first.status_code, again.status_code, single.status_code) == (202, 202, 200)
+    assert ids_again[:3] == ids
+    assert ids_again[3] not in ids
+    assert ids_again[4] == ids[1]
+    assert single.json()["id"] == ids[2]
+    assert conflict.status_code == 422
+    assert conflict.json()["error"] == "idempotency_key: differs from the Idempotency-Key header; send one of them"
+    assert not_text.status_code == 400
+    assert "idempotency_key must be a printable string" in not_text.json()["error"]
+
+
 async def test_bad_submissions_are_refused_at_once() -> None:
     async with serving(SERVICE, SETTINGS) as running, running.client() as client:
         unknown = await client.post("/v1/jobs", json={"model": "nope", "inputs": ROW})

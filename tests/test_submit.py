@@ -124,6 +124,27 @@ async def test_an_interrupted_run_resumes_without_submitting_twice(server: Runni
     assert sorted(job["id"] for job in jobs) == sorted(record["id"] for record in written.values())
 
 
+async def test_a_chunk_accepted_but_not_journaled_is_found_again_on_resume(server: Running, tmp_path: Path) -> None:
+    rows = [{"n": n, "seconds": 0.0} for n in range(12)]
+    source = await write(tmp_path / "inputs.jsonl", "".join(orjson.dumps(row).decode() + "\n" for row in rows))
+    out = tmp_path / "results.jsonl"
+    # What a client leaves when it dies between the server's 202 for its first chunk and writing
+    # that chunk's ids to the journal: the run's id in the journal, and the jobs on the server.
+    run = "5eed0fc0ffee1234"
+    await write(out.with_name(out.name + ".jobs"), orjson.dumps({"run": run}).decode() + "\n")
+    first = enumerate(rows[:5], 1)
+    chunk = [{"model": "pid", "inputs": row, "idempotency_key": f"{run}:{line}"} for line, row in first]
+    async with httpx.AsyncClient(base_url=server.url or "") as client:
+        accepted = await client.post("/v1/jobs/batch", json=chunk)
+    assert accepted.status_code == 202
+    status, stderr = await submit(server, source, "--model", "pid", "--out", out, "--resume", "--batch-size", "4")
+    written = await results(out)
+    assert status == 0, stderr
+    assert [written[line]["id"] for line in range(1, 6)] == [job["id"] for job in accepted.json()["jobs"]]
+    assert len({record["id"] for record in written.values()}) == 12
+    assert [written[line]["result"]["n"] for line in range(1, 13)] == list(range(12))
+
+
 async def _has_lines(path: Path, count: int) -> bool:
     if not await asyncio.to_thread(path.exists):
         return False
