@@ -191,6 +191,12 @@ def open_pinned_client(policy: AddressPolicy) -> httpx.AsyncClient:
     transport = httpx.AsyncHTTPTransport(trust_env=False)
     # httpx has no public way to give its transport a network backend, so its pool is replaced
     # by an equivalent one that has ours (httpx 0.27 and 0.28 both keep the pool in ``_pool``).
+    # A release that keeps it elsewhere would connect without the address checks: refuse it.
+    if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
+        raise ConfigurationError(
+            f"httpx {httpx.__version__} keeps its connection pool elsewhere, so webhooks could not check the "
+            "addresses they connect to; install the release asyncserve declares: pip install 'asyncserve[client]'"
+        )
     transport._pool = httpcore.AsyncConnectionPool(
         ssl_context=httpx.create_ssl_context(trust_env=False),
         max_connections=100,

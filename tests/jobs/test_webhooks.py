@@ -480,3 +480,21 @@ def test_settings_from_env() -> None:
     assert loaded == dataclasses.replace(expected, backoff_s=0.5)
     with pytest.raises(ConfigurationError, match="ASYNCSERVE_WEBHOOK_ALLOW_PRIVATE='sure' is not a valid bool"):
         WebhookSettings.from_env({"ASYNCSERVE_WEBHOOK_ALLOW_PRIVATE": "sure"})
+
+
+async def test_an_httpx_that_keeps_its_pool_elsewhere_is_refused_not_used_unchecked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import httpx
+
+    class PoolElsewhere(httpx.AsyncHTTPTransport):
+        """A release whose transport no longer reads ``_pool``: ours would go unused."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._connections = self.__dict__.pop("_pool")
+
+    monkeypatch.setattr(httpx, "AsyncHTTPTransport", PoolElsewhere)
+    with pytest.raises(ConfigurationError, match=r"keeps its connection pool elsewhere.*asyncserve\[client\]"):
+        async with WebhookDelivery(settings()):
+            pass
