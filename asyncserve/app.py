@@ -43,6 +43,7 @@ from asyncserve.lazy import (
     RedisPredictionCache,
 )
 from asyncserve.metrics import COMPILED, CONTENT_TYPE, LoopLagProbe, Metrics
+from asyncserve.peers import MetricsPeers, WorkerGroup
 from asyncserve.pipeline import Pipeline
 from asyncserve.predlog import InputPolicy, PredictionLogger, open_sink
 from asyncserve.registry import ModelRegistry
@@ -114,10 +115,14 @@ class AsyncServeApp:
         # uvicorn.run(app) or asyncserve.serve(service)
     """
 
-    def __init__(self, service: Service, settings: Settings | None = None) -> None:
+    def __init__(
+        self, service: Service, settings: Settings | None = None, *, worker_group: WorkerGroup | None = None
+    ) -> None:
         self.service = service
         self.settings = settings or Settings()
         self.metrics = Metrics()
+        self.peers = None if worker_group is None else MetricsPeers(worker_group, self.metrics.exposition)
+        """With ``--workers N``: how ``/metrics`` gathers every worker's."""
         self.metrics.build_info.labels(asyncserve.__version__, "true" if COMPILED else "false").set(1)
         self.executor = make_executor(self.settings)
         self.disconnects = DisconnectWatch()
@@ -388,6 +393,8 @@ class AsyncServeApp:
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         self.loop_lag.start()
+        if self.peers is not None:
+            await self.peers.start()
         self.registry.start()
         await self.webhooks.__aenter__()
         if self.broker is not None:
@@ -459,6 +466,8 @@ class AsyncServeApp:
         await self.pipeline.aclose()
         await self.executor.aclose()
         await self.webhooks.aclose(timeout_s=self.settings.grace_period_s)
+        if self.peers is not None:
+            await self.peers.aclose()
         if self.broker is not None:
             await self.broker.aclose()
         await self.loop_lag.aclose()
@@ -524,7 +533,8 @@ class AsyncServeApp:
     # Operations
 
     async def prometheus(self, request: Request) -> Response:
-        return Response(200, self.metrics.exposition(), content_type=CONTENT_TYPE)
+        body = self.metrics.exposition() if self.peers is None else await self.peers.exposition()
+        return Response(200, body, content_type=CONTENT_TYPE)
 
     async def openapi_json(self, request: Request) -> Response:
         if self._openapi_json is None:

@@ -16,11 +16,14 @@ import contextlib
 import gc
 import logging
 import multiprocessing
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Generator
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -30,6 +33,7 @@ from asyncserve._utils import import_string
 from asyncserve.app import AsyncServeApp
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
+from asyncserve.peers import WorkerGroup
 from asyncserve.protocol import SheddingHttpToolsProtocol
 from asyncserve.service import Service
 
@@ -138,9 +142,11 @@ def serve(target: Service | str, settings: Settings | None = None, *, sock: sock
     Supervisor(target, settings, sock).run()
 
 
-def _serve_one(target: Service | str, settings: Settings, sock: socket.socket) -> None:
+def _serve_one(
+    target: Service | str, settings: Settings, sock: socket.socket, group: WorkerGroup | None = None
+) -> None:
     service = load_service(target) if isinstance(target, str) else target
-    server = make_server(AsyncServeApp(service, settings), tune_gc=True)
+    server = make_server(AsyncServeApp(service, settings, worker_group=group), tune_gc=True)
     server.run(sockets=[sock])
 
 
@@ -151,35 +157,46 @@ def load_service(target: str) -> Service:
     return service
 
 
-def _worker_main(target: str, settings: Settings, sock: socket.socket) -> None:
-    _serve_one(target, settings, sock)
+def _worker_main(target: str, settings: Settings, sock: socket.socket, group: WorkerGroup) -> None:
+    _serve_one(target, settings, sock, group)
 
 
 class Supervisor:
-    """Runs ``workers`` server processes on one shared socket, restarts any that dies, stops them all on a signal."""
+    """Runs ``workers`` server processes on one shared socket, restarts any that dies, stops them all on a signal.
+
+    Worker i keeps its index when it is replaced; the workers find each other's metrics in a
+    directory the supervisor makes, and removes, for the group (``asyncserve.peers``).
+    """
 
     def __init__(self, target: str, settings: Settings, sock: socket.socket) -> None:
         self.target, self.settings, self.sock = target, settings, sock
         self._context = multiprocessing.get_context("spawn")
         self._children: list[BaseProcess] = []
         self._stop = threading.Event()
+        self._directory: Path | None = None
 
     def run(self) -> None:
         load_service(self.target)  # fail here, once, rather than in every worker
         for sig in _STOP_SIGNALS:
             signal.signal(sig, lambda *_: self._stop.set())
-        self._children = [self._spawn() for _ in range(self.settings.workers)]
-        while not self._stop.wait(0.5):
-            self._replace_dead()
-        for child in self._children:
-            if child.pid is not None and child.is_alive():
-                child.terminate()  # SIGTERM: each worker drains on its own
-        for child in self._children:
-            child.join()
+        self._directory = Path(tempfile.mkdtemp(prefix="asyncserve-workers-"))
+        try:
+            self._children = [self._spawn(index) for index in range(self.settings.workers)]
+            while not self._stop.wait(0.5):
+                self._replace_dead()
+            for child in self._children:
+                if child.pid is not None and child.is_alive():
+                    child.terminate()  # SIGTERM: each worker drains on its own
+            for child in self._children:
+                child.join()
+        finally:
+            shutil.rmtree(self._directory, ignore_errors=True)
         logger.info("all %d workers stopped", len(self._children))
 
-    def _spawn(self) -> BaseProcess:
-        process = self._context.Process(target=_worker_main, args=(self.target, self.settings, self.sock))
+    def _spawn(self, index: int) -> BaseProcess:
+        assert self._directory is not None
+        group = WorkerGroup(self._directory, index, self.settings.workers)
+        process = self._context.Process(target=_worker_main, args=(self.target, self.settings, self.sock, group))
         process.start()
         return process
 
@@ -187,7 +204,7 @@ class Supervisor:
         for index, child in enumerate(self._children):
             if not child.is_alive() and not self._stop.is_set():
                 logger.error("worker %s exited with %s; starting another", child.pid, child.exitcode)
-                self._children[index] = self._spawn()
+                self._children[index] = self._spawn(index)
 
 
 def run_worker(target: Service | str, settings: Settings) -> None:

@@ -13,7 +13,7 @@ PACKAGE = Path(asyncserve.__file__).parent
 
 LAYERS = {
     "exceptions": 0, "tensors": 0, "config": 0, "metrics": 0, "_utils": 0, "cache": 0, "calls": 0,
-    "features": 1, "predlog": 1, "jobs": 1, "ensemble": 1, "lazy": 1,
+    "features": 1, "predlog": 1, "jobs": 1, "ensemble": 1, "lazy": 1, "peers": 1,
     "model": 1, "executor": 1, "batching": 1, "cost": 1,
     "registry": 2,
     "service": 3, "pipeline": 3,

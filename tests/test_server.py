@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import free_port
 
@@ -209,3 +210,53 @@ async def test_liveness_stays_fast_while_a_cpu_bound_model_is_saturated() -> Non
     assert percentile(latencies, 99) < 0.05, (
         f"p99 {percentile(latencies, 99) * 1000:.1f} ms over {len(latencies)} probes"
     )
+
+
+async def test_with_several_workers_metrics_hold_every_worker_and_survive_a_dead_one() -> None:
+    async with cli("serve", "tests.services:service", "--workers", "2") as (process, url):
+        answered: dict[int, int] = {}  # pid -> 200s
+        for _ in range(500):
+            if len(answered) == 2 and min(answered.values()) >= 3:
+                break
+            async with httpx.AsyncClient(base_url=url) as client:  # a fresh connection: either worker may take it
+                response = await client.post("/v1/models/sleeper/predict", json={"seconds": 0})
+            if response.status_code == 503:  # that worker is still loading its models
+                assert response.json()["code"] == "model_not_ready", response.text
+                await asyncio.sleep(0.05)
+                continue
+            assert response.status_code == 200, response.text
+            pid = response.json()["pid"]
+            answered[pid] = answered.get(pid, 0) + 1
+        assert len(answered) == 2, "the kernel gave every connection to one worker"
+        for _ in range(4):  # whichever worker takes the scrape, it holds both
+            async with httpx.AsyncClient(base_url=url) as client:
+                text = (await client.get("/metrics")).text
+            served = samples(text, "asyncserve_requests_total", route="v1_predict", model="sleeper", status="200")
+            assert set(served) == {"0", "1"}
+            assert sum(served.values()) == sum(answered.values())
+            assert samples(text, "asyncserve_metrics_workers_missing") == {"": 0.0}
+        os.kill(next(iter(answered)), signal.SIGKILL)
+        async with httpx.AsyncClient(base_url=url) as client:
+            started = time.monotonic()
+            text = (await client.get("/metrics")).text
+        assert time.monotonic() - started < 2.0
+        assert samples(text, "asyncserve_metrics_workers_missing") == {"": 1.0}
+        for _ in range(200):  # the supervisor starts a worker in its place, on the same socket path
+            async with httpx.AsyncClient(base_url=url) as client:
+                text = (await client.get("/metrics")).text
+            if samples(text, "asyncserve_metrics_workers_missing") == {"": 0.0}:
+                break
+            await asyncio.sleep(0.1)
+        assert set(samples(text, "asyncserve_build_info")) == {"0", "1"}
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+
+
+def samples(text: str, name: str, **labels: str) -> dict[str, float]:
+    """The values of ``name``'s samples whose labels include ``labels``, by their worker label."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                found[sample.labels.get("worker", "")] = sample.value
+    return found
