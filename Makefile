@@ -38,7 +38,10 @@ check: $(STAMP)  ## ruff (lint + format) and mypy --strict
 
 test: check $(COMPILED)/.built  ## create the venv, install, run the checks and the whole test suite
 	$(BIN)/pytest
-	ASYNCSERVE_EXPECT_COMPILED=1 PYTHONPATH=$(COMPILED) $(BIN)/pytest --import-mode=append $(COMPILED_TESTS)
+	# PYTHONSAFEPATH: the servers the tests start with `python -m asyncserve` must not find the .py
+	# files of the current directory before build/compiled.
+	ASYNCSERVE_EXPECT_COMPILED=1 PYTHONSAFEPATH=1 PYTHONPATH=$(COMPILED):$(CURDIR) \
+		$(BIN)/pytest --import-mode=append $(COMPILED_TESTS)
 
 compiled: $(COMPILED)/.built  ## build the mypyc-compiled wheel into build/ (what `make test` also tests)
 

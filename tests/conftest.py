@@ -25,6 +25,15 @@ from asyncserve.service import Service
 pytest_plugins = ["tests.backends"]
 
 
+EXPECT_COMPILED = os.environ.get("ASYNCSERVE_EXPECT_COMPILED") == "1"
+"""Whether this run tests the compiled build (`make test`'s second run), in this process and the servers it starts."""
+
+
+def served_build_is_expected(metrics_text: str) -> bool:
+    """Whether a server's ``/metrics`` says it runs the build this run tests."""
+    return f'asyncserve_build_info{{compiled="{"true" if EXPECT_COMPILED else "false"}"' in metrics_text
+
+
 def compiled_request_path() -> bool:
     """Whether the asyncserve imported here is the compiled build: its batcher is a C extension."""
     spec = importlib.util.find_spec("asyncserve.batching")
@@ -35,13 +44,12 @@ def compiled_request_path() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     # `make test` runs the suite on the .py files, then the request-path tests on build/compiled:
     # make sure each run gets the build it means to test.
-    expect_compiled = os.environ.get("ASYNCSERVE_EXPECT_COMPILED") == "1"
-    if expect_compiled and not compiled_request_path():
+    if EXPECT_COMPILED and not compiled_request_path():
         raise pytest.UsageError(
             "ASYNCSERVE_EXPECT_COMPILED=1 but the asyncserve imported is not compiled: run `make compiled` and put "
             "build/compiled first on PYTHONPATH with pytest --import-mode=append"
         )
-    if not expect_compiled and compiled_request_path():
+    if not EXPECT_COMPILED and compiled_request_path():
         raise pytest.UsageError(
             "compiled modules shadow asyncserve's .py files (a compiled build left them in the source tree): remove "
             "them (rm -f asyncserve/*.so *__mypyc.*.so), or set ASYNCSERVE_EXPECT_COMPILED=1 to test them on purpose"

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import served_build_is_expected
 from tests.processes import free_port
 
 pytestmark = pytest.mark.e2e
@@ -61,6 +62,8 @@ def wait_until_ready(process: subprocess.Popen[bytes], url: str, timeout_s: floa
             raise AssertionError(f"the server exited with {process.returncode}:\n{output}")
         try:
             if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                metrics = httpx.get(f"{url}/metrics", timeout=5).text
+                assert served_build_is_expected(metrics), "the server does not run the build this test run is for"
                 return
         except httpx.TransportError:
             pass
