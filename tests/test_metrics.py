@@ -1,12 +1,15 @@
-"""The event loop's lock-free metrics expose exactly what prometheus_client's own would."""
+"""The event loop's lock-free metrics expose what prometheus_client's own would; merging workers' loses nothing."""
 
 from __future__ import annotations
 
 import random
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from asyncserve.metrics import LATENCY_BUCKETS_S, LoopCounter, LoopHistogram
+from asyncserve.peers import merge
 
 
 def exposition_lines(registry: CollectorRegistry) -> list[str]:
@@ -30,3 +33,28 @@ def test_loop_histogram_and_counter_match_prometheus_client() -> None:
         counter.labels(route, "200").inc()
         reference_counter.labels(route, "200").inc()
     assert exposition_lines(ours) == exposition_lines(theirs)
+
+
+def test_merging_workers_expositions_keeps_every_sample_and_labels_it_with_its_worker() -> None:
+    workers = [CollectorRegistry(), CollectorRegistry()]
+    for index, registry in enumerate(workers):
+        histogram = LoopHistogram("h_seconds", "A histogram.", ["route"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        counter = LoopCounter("c", "A counter.", ["route"], registry=registry)
+        for value in (0.001, 0.2, 3.0)[: index + 2]:
+            histogram.labels("a").observe(value)
+            counter.labels("a").inc()
+    texts = {index: generate_latest(registry) for index, registry in enumerate(workers)}
+    merged = families_by_name(merge(texts, missing=1))
+    for index, text in texts.items():
+        for name, family in families_by_name(text).items():
+            assert merged[name].type == family.type
+            assert merged[name].documentation == family.documentation
+            ours = [s for s in merged[name].samples if s.labels["worker"] == str(index)]
+            assert [s._replace(labels={**s.labels, "worker": ""}) for s in ours] == [
+                s._replace(labels={**s.labels, "worker": ""}) for s in family.samples
+            ]
+    assert [s.value for s in merged["asyncserve_metrics_workers_missing"].samples] == [1.0]
+
+
+def families_by_name(text: bytes) -> dict[str, Metric]:
+    return {family.name: family for family in text_string_to_metric_families(text.decode())}
