@@ -49,16 +49,20 @@ class MetricsPeers:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
+        """Listen for the other workers' scrapes; a failure costs them this worker's metrics, not the worker."""
         path = self.group.socket_path(self.group.index)
-        path.unlink(missing_ok=True)  # left by the worker this one replaces
-        self._server = await asyncio.start_unix_server(self._answer, path)
+        try:
+            await asyncio.to_thread(path.unlink, missing_ok=True)  # left by the worker this one replaces
+            self._server = await asyncio.start_unix_server(self._answer, path)
+        except OSError as exc:  # a path too long for a Unix socket (a deep TMPDIR), a full disk
+            logger.warning("worker %d cannot give its metrics to the others at %s: %s", self.group.index, path, exc)
 
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-            self.group.socket_path(self.group.index).unlink(missing_ok=True)
+            await asyncio.to_thread(self.group.socket_path(self.group.index).unlink, missing_ok=True)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from asyncserve.metrics import LATENCY_BUCKETS_S, LoopCounter, LoopHistogram
-from asyncserve.peers import merge
+from asyncserve.peers import MetricsPeers, WorkerGroup, merge
 
 
 def exposition_lines(registry: CollectorRegistry) -> list[str]:
@@ -58,3 +61,19 @@ def test_merging_workers_expositions_keeps_every_sample_and_labels_it_with_its_w
 
 def families_by_name(text: bytes) -> dict[str, Metric]:
     return {family.name: family for family in text_string_to_metric_families(text.decode())}
+
+
+async def test_a_worker_that_cannot_listen_for_its_peers_still_serves_its_own_metrics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    deep = tmp_path / ("d" * 120)  # longer than a Unix socket path may be
+    await asyncio.to_thread(deep.mkdir)
+    peers = MetricsPeers(WorkerGroup(deep, index=0, size=2), lambda: b"# TYPE up gauge\nup 1.0\n")
+    await peers.start()
+    try:
+        text = (await peers.exposition()).decode()
+    finally:
+        await peers.aclose()
+    assert 'up{worker="0"} 1.0' in text
+    assert "asyncserve_metrics_workers_missing 1.0" in text
+    assert "worker 0 cannot give its metrics to the others" in caplog.text
