@@ -19,6 +19,7 @@ logger = logging.getLogger("asyncserve")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncserve", description="Serve ML models without blocking.")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a Service given as MODULE:ATTR")
     serve.add_argument("target", metavar="MODULE:ATTR", help="the service to serve, like mypackage.models:service")
@@ -35,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     _add_jobs_commands(commands.add_parser("jobs", help="use the jobs API of a running server"))
     return parser
+
+
+def _version() -> str:
+    """The version, and which build is installed (the request path compiled with mypyc, or .py files)."""
+    import asyncserve
+    from asyncserve.metrics import COMPILED
+
+    return f"asyncserve {asyncserve.__version__} ({'compiled' if COMPILED else 'interpreted'})"
 
 
 def _add_jobs_commands(jobs: argparse.ArgumentParser) -> None:

@@ -17,7 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import served_build_is_expected
+import asyncserve
+from tests.conftest import EXPECT_COMPILED, served_build_is_expected
 from tests.processes import free_port
 
 pytestmark = pytest.mark.e2e
@@ -263,3 +264,10 @@ def samples(text: str, name: str, **labels: str) -> dict[str, float]:
             if sample.name == name and labels.items() <= sample.labels.items():
                 found[sample.labels.get("worker", "")] = sample.value
     return found
+
+
+def test_version_names_the_build() -> None:
+    command = [sys.executable, "-m", "asyncserve", "--version"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    build = "compiled" if EXPECT_COMPILED else "interpreted"
+    assert result.stdout.strip() == f"asyncserve {asyncserve.__version__} ({build})"
