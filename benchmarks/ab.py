@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for spec in args.variants
             ]
             for server in servers:
-                build = "compiled" if scrape.compiled(scrape.scrape(server.port)) else "interpreted"
+                build = "compiled" if scrape.is_compiled(scrape.scrape(server.port)) else "interpreted"
                 print(f"{server.spec.label}: asyncserve {build}", flush=True)
             for server in servers:  # warm up
                 wrk.run_wrk(server.port, batching.INFER_PATH, script, args.concurrency, 2, args.load_cpu)

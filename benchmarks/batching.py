@@ -44,14 +44,23 @@ import numpy as np
 import orjson
 
 from benchmarks import batching_report, harness, measure, mlp, procstat, report, scrape, wrk
-from benchmarks.harness import HOST, REPO, BenchmarkError, Endpoint, Server, ServerSpec, uvicorn_command
+from benchmarks.harness import (
+    COMPILED_BUILD,
+    HOST,
+    REPO,
+    BenchmarkError,
+    Endpoint,
+    Server,
+    ServerSpec,
+    compiled_command,
+    uvicorn_command,
+)
 from benchmarks.measure import Measurements, Settings
 from benchmarks.overload import OverloadSettings, run_overload
 from benchmarks.wrk import WrkResult
 
 BARE, SERVED, INTERPRETED, FASTAPI = "bare", "asyncserve", "asyncserve-py", "fastapi"
 """SERVED is the compiled build; INTERPRETED runs the same sources as .py files."""
-COMPILED_BUILD = REPO / "build" / "compiled"
 CONCURRENCIES = (1, 8, 64, 256)
 TARGET_CONCURRENCY = 64
 RAW_BATCH_SIZES = (1, 8, 32, 64)
@@ -105,14 +114,9 @@ def served_command() -> tuple[str, ...]:
     )  # fmt: skip
 
 
-def compiled_command() -> tuple[str, ...]:
-    """:func:`served_command` with the compiled build (``make compiled``) first on the import path."""
-    return ("env", f"PYTHONPATH={COMPILED_BUILD}{os.pathsep}{REPO}", *served_command())
-
-
 SPECS = (
     ServerSpec(BARE, uvicorn_command("benchmarks.bare_mlp:app")),
-    ServerSpec(SERVED, compiled_command()),
+    ServerSpec(SERVED, compiled_command(served_command())),
     ServerSpec(INTERPRETED, served_command()),
     ServerSpec(FASTAPI, uvicorn_command("benchmarks.fastapi_mlp:app")),
 )
@@ -162,13 +166,6 @@ def check_answers(server: Server) -> None:
         raise BenchmarkError(f"{server.spec.label} answered {status} {body[:300]!r}, not the MLP's output")
 
 
-def check_build(server: Server, *, compiled: bool) -> None:
-    """Refuse to measure an asyncserve whose build is not the one its label says."""
-    if scrape.compiled(scrape.scrape(server.port)) != compiled:
-        wanted = "compiled (run `make compiled`)" if compiled else "interpreted"
-        raise BenchmarkError(f"{server.spec.label} should run the {wanted} build of asyncserve, and does not")
-
-
 def run_all(settings: Settings, overload: OverloadSettings, raw: RawSettings) -> Run:
     """Raw timing, the interleaved rounds, the overload run, raw timing again."""
     harness.require_tool("wrk")
@@ -200,7 +197,7 @@ def _measure(servers: list[Server], workdir: Path, settings: Settings, run: Run)
         if server.spec.label != BARE:
             check_answers(server)
         if server.spec.label in (SERVED, INTERPRETED):
-            check_build(server, compiled=server.spec.label == SERVED)
+            scrape.check_build(server, compiled=server.spec.label == SERVED)
     script = wrk.write_script(ENDPOINT, workdir)
     for server in servers:
         _log(f"warm-up {server.spec.label}")

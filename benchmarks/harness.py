@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+COMPILED_BUILD = REPO / "build" / "compiled"
+"""asyncserve's compiled build, as ``make compiled`` leaves it."""
 HOST = "127.0.0.1"
 READY_PATH = "/v2/health/ready"
 # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal, so the clean exit of a
@@ -113,6 +115,11 @@ def running_server(spec: ServerSpec, cpu: int, log_dir: Path, ready_timeout_s: f
         _stop(process, server, timeout_s=30.0)
         if server.exit_code not in CLEAN_EXIT_CODES:
             raise BenchmarkError(f"{spec.label} exited with {server.exit_code} after SIGTERM{_log_tail(log_path)}")
+
+
+def compiled_command(command: Sequence[str]) -> tuple[str, ...]:
+    """``command`` (an asyncserve server) with the compiled build first on the import path."""
+    return ("env", f"PYTHONPATH={COMPILED_BUILD}{os.pathsep}{REPO}", *command)
 
 
 def _server_env() -> dict[str, str]:

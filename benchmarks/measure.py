@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,8 +124,13 @@ def _positive(text: str) -> int:
     return value
 
 
-def measure(specs: Sequence[ServerSpec], endpoints: Sequence[Endpoint], settings: Settings) -> Measurements:
-    """Start every server, check its answers, warm it up, then run the interleaved rounds."""
+def measure(
+    specs: Sequence[ServerSpec],
+    endpoints: Sequence[Endpoint],
+    settings: Settings,
+    check: Callable[[Server], None] | None = None,
+) -> Measurements:
+    """Start every server, check its answers (and ``check`` it), warm it up, then run the interleaved rounds."""
     harness.require_tool("wrk")
     harness.require_tool("taskset")
     harness.check_cpus(settings.server_cpu, settings.load_cpu)
@@ -138,6 +143,9 @@ def measure(specs: Sequence[ServerSpec], endpoints: Sequence[Endpoint], settings
         ]
         measurements.servers = servers
         harness.check_all(servers, endpoints)
+        if check is not None:
+            for server in servers:
+                check(server)
         scripts = {endpoint.label: wrk.write_script(endpoint, workdir) for endpoint in endpoints}
         _warm_up(servers, endpoints, scripts, settings)
         for repeat in range(settings.repeats):

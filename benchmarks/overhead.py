@@ -11,6 +11,7 @@ Usage::
     .venv/bin/python -m benchmarks.overhead                    # 10 s runs, 3 repeats, c = 1 16 64 256
     .venv/bin/python -m benchmarks.overhead --quick            # a 2 s smoke run at c = 1 and 64
     .venv/bin/python -m benchmarks.overhead --concurrency 64 --duration-s 5
+    .venv/bin/python -m benchmarks.overhead --build compiled   # after `make compiled`: results/overhead-compiled.*
 """
 
 from __future__ import annotations
@@ -22,8 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import endpoints, measure, report
-from benchmarks.harness import HOST, BenchmarkError, ServerSpec, uvicorn_command
+from benchmarks import endpoints, measure, report, scrape
+from benchmarks.harness import (
+    COMPILED_BUILD,
+    HOST,
+    BenchmarkError,
+    Server,
+    ServerSpec,
+    compiled_command,
+    uvicorn_command,
+)
 from benchmarks.measure import Measurements, Settings
 
 BASELINE = "bare"
@@ -47,17 +56,29 @@ def served_command(extra_args: Sequence[str], uvicorn_app: str | None) -> tuple[
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = measure.resolve(args, CONCURRENCIES, QUICK_CONCURRENCIES)
+    compiled = args.build == "compiled"
+    if compiled and (args.served_uvicorn_app or not (COMPILED_BUILD / ".built").exists()):
+        print("--build compiled needs asyncserve in place (no --served-uvicorn-app) and `make compiled` first")
+        return 2
     command = served_command(shlex.split(args.served_args), args.served_uvicorn_app)
+    command = compiled_command(command) if compiled else command
     specs = (ServerSpec(BASELINE, uvicorn_command("benchmarks.bare_asgi:app")), ServerSpec(SERVED, command))
     facts = report.machine_facts(settings.server_cpu, settings.load_cpu)
+
+    def check_build(server: Server) -> None:
+        if server.spec.label == SERVED and not args.served_uvicorn_app:
+            scrape.check_build(server, compiled=compiled)
+
     try:
-        measurements = measure.measure(specs, ENDPOINTS, settings)
+        measurements = measure.measure(specs, ENDPOINTS, settings, check_build)
     except BenchmarkError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
     report.record_end(facts)
     data = results(measurements, settings, facts, command)
-    paths = report.write_results("overhead", data, markdown(data), settings.output_dir)
+    data["settings"]["build"] = args.build
+    name = "overhead-compiled" if compiled else "overhead"
+    paths = report.write_results(name, data, markdown(data), settings.output_dir)
     print(markdown(data))
     print("written: " + ", ".join(str(path) for path in paths))
     return 0
@@ -67,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=(__doc__ or "").split("\n\n")[0])
     measure.add_arguments(parser, CONCURRENCIES)
     parser.add_argument("--served-args", default="", help="extra arguments for `asyncserve serve`, as one string")
+    parser.add_argument(
+        "--build", choices=["interpreted", "compiled"], default="interpreted",
+        help="asyncserve's .py files (default), or the compiled build of `make compiled`",
+    )  # fmt: skip
     parser.add_argument(
         "--served-uvicorn-app",
         metavar="MODULE:APP",
@@ -118,7 +143,7 @@ def markdown(data: dict[str, Any]) -> str:
     headers += ["errors bare / served"]
     settings = data["settings"]
     parts = [
-        "# Full-stack overhead: asyncserve vs a bare ASGI app",
+        f"# Full-stack overhead: asyncserve ({settings.get('build', 'interpreted')} build) vs a bare ASGI app",
         report.facts_markdown(data["machine"]),
         measure.method_markdown(settings) + f"\n\n- bare: `{settings['bare']}`\n- served: `{settings['served']}`",
         report.markdown_table(headers, [_row(row) for row in data["rows"]]),
