@@ -10,7 +10,7 @@ import pytest
 
 import asyncserve
 from asyncserve import Service, Settings
-from tests.conftest import RunningServer, compiled_request_path
+from tests.conftest import RunningServer, compiled_request_path, serving
 from tests.models import DATATYPE_SAMPLES, Adder, AdderV1, AdderV2, AllTypes, Echo, Faulty, Sleeper, WrongRows
 
 SLEEPER = Sleeper()
@@ -201,21 +201,25 @@ async def test_bad_timeout_header_is_400(client: httpx.AsyncClient) -> None:
     assert "X-Request-Timeout" in response.json()["error"]
 
 
-async def test_deadline_gives_504_and_queued_work_never_runs(client: httpx.AsyncClient) -> None:
+async def test_deadline_gives_504_and_queued_work_never_runs() -> None:
     # One executor thread: the first request occupies it, the second waits in the queue past its deadline.
-    SLEEPER.started.clear()
-    before = SLEEPER.calls
-    blocker = asyncio.create_task(client.post("/v1/models/sleeper/predict", json={"seconds": 0.5}))
-    await asyncio.to_thread(SLEEPER.started.wait, 5)
-    started = time.perf_counter()
-    late = await client.post("/v1/models/sleeper/predict", json={"seconds": 0}, headers={"X-Request-Timeout": "0.1"})
-    elapsed = time.perf_counter() - started
-    assert late.status_code == 504
-    assert late.json()["code"] == "deadline_exceeded"
-    assert elapsed < 0.45
-    assert (await blocker).status_code == 200
-    await asyncio.sleep(0.05)
-    assert SLEEPER.calls == before + 1  # the expired request never reached the model
+    # A fresh server: with the sleeper's cost learned from earlier calls, the batcher would refuse the
+    # second request at admission (503, deadline_unreachable: tests/test_batching.py) instead of queueing it.
+    sleeper = Sleeper()
+    async with serving(Service(sleeper), SETTINGS) as running, running.client() as client:
+        blocker = asyncio.create_task(client.post("/v1/models/sleeper/predict", json={"seconds": 0.5}))
+        await asyncio.to_thread(sleeper.started.wait, 5)
+        started = time.perf_counter()
+        late = await client.post(
+            "/v1/models/sleeper/predict", json={"seconds": 0}, headers={"X-Request-Timeout": "0.1"}
+        )
+        elapsed = time.perf_counter() - started
+        assert late.status_code == 504
+        assert late.json()["code"] == "deadline_exceeded"
+        assert elapsed < 0.45
+        assert (await blocker).status_code == 200
+        await asyncio.sleep(0.05)
+    assert sleeper.calls == 1  # the expired request never reached the model
 
 
 async def test_client_disconnect_cancels_queued_work(running: RunningServer, client: httpx.AsyncClient) -> None:
