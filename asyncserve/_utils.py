@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 from asyncserve.exceptions import ConfigurationError
@@ -23,3 +25,18 @@ def import_string(target: str) -> Any:
         return getattr(module, attribute)
     except AttributeError:
         raise ConfigurationError(f"module {module_name!r} has no attribute {attribute!r}") from None
+
+
+def settle(
+    target: asyncio.Future[Any], source: asyncio.Future[Any], result: Callable[[Any], Any] | None = None
+) -> None:
+    """Give ``target`` the outcome of the done ``source`` (its result through ``result``), unless ``target``
+    is done already: a done callback, as ``source.add_done_callback(functools.partial(settle, target))``."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (error := source.exception()) is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result() if result is None else result(source.result()))

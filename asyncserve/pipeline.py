@@ -7,12 +7,14 @@ inputs) in flight share one computation, and answers may come from the predictio
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from asyncserve._utils import settle
 from asyncserve.features import FeatureSource, fetch_features
 from asyncserve.lazy import Coalescer, PredictionCache, request_key
 from asyncserve.metrics import Metrics
@@ -21,6 +23,8 @@ from asyncserve.registry import ModelEntry, ModelRegistry
 from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,7 +83,7 @@ class Pipeline:
         priority: int = 0,
         request_id: str = "",
     ) -> Prediction:
-        if _needs_a_task(entry):
+        if self._needs_a_task(entry):
             return await self._run_stages(entry, columns, rows, deadline, priority, request_id)
         outputs, finish = self.start(entry, columns, rows, deadline, priority=priority, request_id=request_id)
         return finish(await outputs)
@@ -97,24 +101,46 @@ class Pipeline:
         """Start a request's prediction: its future (cancel it to withdraw the request) and what
         turns the future's result into the Prediction. Refusals raise at once.
 
-        A model with no features and no sharing of identical requests runs without a task: the
-        future is the batcher's own, and ``finish`` makes the Prediction and logs it.
+        A model with no features runs without a task, unless identical requests share a cache: the
+        future is the batcher's own (or, for a deterministic model, a share of the computation of
+        identical requests in flight), and ``finish`` makes the Prediction and logs it. Without a
+        task, the request reaches the batcher in the turn of the loop that parsed it, with the
+        requests parsed beside it, so they batch together.
         """
-        if _needs_a_task(entry):
+        if self._needs_a_task(entry):
             stages = self._run_stages(entry, columns, rows, deadline, priority, request_id)
             return asyncio.get_running_loop().create_task(stages), _as_is
         if self.predlog is not None:
             # With overflow="refuse", a full log turns the prediction away before any work (503).
             self.predlog.check_room()
+        if entry.spec.deterministic:
+            return self._start_shared(entry, columns, rows, deadline, priority, request_id)
         started = time.perf_counter()
 
         def finish(outputs: Columns) -> Prediction:
-            model_ms = (time.perf_counter() - started) * 1000
-            prediction = Prediction(outputs, stages_ms={"features": 0.0, "model": model_ms})
+            prediction = Prediction(outputs, stages_ms=_model_ms(started))
             self._log(entry, columns, prediction, request_id)
             return prediction
 
         return self.registry.enqueue(entry, columns, rows, deadline, priority), finish
+
+    def _start_shared(
+        self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int, request_id: str
+    ) -> Pending:
+        def lead() -> asyncio.Future[Prediction]:
+            started = time.perf_counter()
+            outputs = self.registry.enqueue(entry, columns, rows, deadline, priority)
+            return _mapped(outputs, lambda result: Prediction(result, stages_ms=_model_ms(started)))
+
+        shared, leads = self.coalescer.join(request_key(entry.spec.label, columns), lead)
+
+        def finish(prediction: Prediction) -> Prediction:
+            if not leads:
+                prediction = Prediction(prediction.outputs, prediction.degraded, source="coalesced")
+            self._log(entry, columns, prediction, request_id)
+            return prediction
+
+        return shared, finish
 
     async def _run_stages(
         self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int, request_id: str
@@ -169,6 +195,10 @@ class Pipeline:
         stages = {"features": (fetched_at - started) * 1000, "model": (done_at - fetched_at) * 1000}
         return Prediction(outputs, fetched.degraded, stages, fetched.columns)
 
+    def _needs_a_task(self, entry: ModelEntry) -> bool:
+        """Whether a request's way to the model has steps to await: feature lookups, or a shared cache."""
+        return bool(entry.spec.features) or (entry.spec.deterministic and self.cache is not None)
+
     def _log(self, entry: ModelEntry, columns: Columns, prediction: Prediction, request_id: str) -> None:
         if self.predlog is None:
             return
@@ -185,9 +215,16 @@ def _as_is(prediction: Prediction) -> Prediction:
     return prediction
 
 
-def _needs_a_task(entry: ModelEntry) -> bool:
-    """Whether a request's way to the model has steps to await: feature lookups, or sharing with identical requests."""
-    return bool(entry.spec.features) or entry.spec.deterministic
+def _model_ms(started: float) -> dict[str, float]:
+    return {"features": 0.0, "model": (time.perf_counter() - started) * 1000}
+
+
+def _mapped(source: asyncio.Future[Any], result: Callable[[Any], T]) -> asyncio.Future[T]:
+    """A future of ``result(source's result)``; cancelling it cancels ``source`` (withdrawing the rows)."""
+    mapped: asyncio.Future[T] = source.get_loop().create_future()
+    source.add_done_callback(functools.partial(settle, mapped, result=result))
+    mapped.add_done_callback(lambda future: source.cancel() if future.cancelled() else None)
+    return mapped
 
 
 def _unique_sources(registry: ModelRegistry) -> list[FeatureSource]:

@@ -17,6 +17,7 @@ import pytest
 from asyncserve import Model, Service, Settings, Tensor
 from asyncserve.ensemble import Ensemble, Member
 from tests.conftest import serving
+from tests.test_server import cli
 
 Array = npt.NDArray[Any]
 SETTINGS = Settings(executor_workers=2, loop_lag_interval_s=0.01)
@@ -118,8 +119,6 @@ async def test_a_thousand_identical_requests_run_the_model_once() -> None:
 
 
 async def test_the_redis_cache_is_shared_by_two_server_processes(redis_url: str) -> None:
-    from tests.test_server import cli
-
     env = {"ASYNCSERVE_PREDICTION_CACHE": redis_url, "ASYNCSERVE_PREDICTION_CACHE_TTL_S": "30"}
     value = int(uuid.uuid4().int % 1_000_000)
     async with (

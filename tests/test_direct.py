@@ -30,8 +30,16 @@ class PatientAdder(Adder):
     max_wait_s = 0.05
 
 
+class SharedSleeper(Sleeper):
+    """Identical requests in flight share one computation."""
+
+    name = "shared-sleeper"
+    deterministic = True
+
+
 SLEEPER = Sleeper()
-SERVICE = Service(Adder(), PatientAdder(), SLEEPER, name="direct")
+SHARED = SharedSleeper()
+SERVICE = Service(Adder(), PatientAdder(), SLEEPER, SHARED, name="direct")
 SETTINGS = Settings(executor_workers=1, max_body_bytes=4096, loop_lag_interval_s=0.01)
 
 ROW = {"a": [1.0, 2.0, 3.0], "b": [1.0, 1.0, 1.0]}
@@ -151,6 +159,36 @@ async def test_a_client_that_goes_away_withdraws_its_rows(running: RunningServer
     await asyncio.sleep(0.1)
     assert SLEEPER.calls == before + 1  # the withdrawn row never reached the model
     blocker.close()
+
+
+async def test_identical_requests_share_one_row_without_a_task_and_the_last_to_leave_withdraws_it(
+    running: RunningServer,
+) -> None:
+    body = orjson.dumps({"seconds": 0.0})
+    for leave in (True, False):
+        SHARED.started.clear()
+        before = SHARED.calls
+        blocker_reader, blocker = await connect(running)  # the model's one batch slot is busy meanwhile
+        blocker.write(request("/v1/models/shared-sleeper/predict", orjson.dumps({"seconds": 0.3})))
+        await asyncio.to_thread(SHARED.started.wait, 5)
+        clients = [await connect(running) for _ in range(3)]
+        for _, writer in clients:
+            writer.write(request("/v1/models/shared-sleeper/predict", body))
+            await writer.drain()
+        await asyncio.sleep(0.05)
+        assert not running.server.server_state.tasks  # joined at the parser: no ASGI task, no pipeline task
+        if leave:
+            for _, writer in clients:
+                writer.close()
+        assert (await read_response(blocker_reader))[0] == 200
+        if not leave:
+            answers = [await read_response(reader) for reader, _ in clients]
+            assert [status for status, _, _ in answers] == [200, 200, 200]
+            for _, writer in clients:
+                writer.close()
+        await asyncio.sleep(0.1)
+        assert SHARED.calls == before + (1 if leave else 2)  # the blocker, and the shared row: withdrawn or run once
+        blocker.close()
 
 
 async def test_requests_go_through_asgi_when_uvicorn_internals_differ(
