@@ -14,8 +14,9 @@ with ``ASYNCSERVE_PREDICTION_CACHE=memory``, its answers cached):
 ``ensembles``: three ``async def`` members that sleep 10, 20 and 50 ms (an I/O-bound model: a
 remote call) and answer ``x``, ``2x`` and ``3x``; ``trio``, their mean (``2x``); and two quorum
 ensembles (``min_members=2``) whose slowest member has a timeout below its 50 ms: 30 ms
-(``quorum_30ms``: the timeout is the last outcome) and 15 ms (``quorum_15ms``: the 20 ms member is).
-Both answer ``(x + 2x) / 2 = 1.5x``, degraded.
+(``quorum_30ms``) and 15 ms (``quorum_15ms``). Once the slow member's batcher has learned its cost,
+it drops that member's row at once (it could not finish in time), so both answer when the 20 ms
+member has: ``(x + 2x) / 2 = 1.5x``, degraded.
 """
 
 from __future__ import annotations
