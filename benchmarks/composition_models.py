@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from asyncserve.ensemble import Ensemble, Member
+from asyncserve.composition.ensemble import Ensemble, Member
 from asyncserve.model import Model
 from asyncserve.service import Service
 from asyncserve.tensors import Tensor

@@ -1,66 +1,36 @@
-"""Shared fixtures: a real uvicorn server on an ephemeral port, in its own thread and event loop."""
+"""Shared fixtures: a real asyncserve server on an ephemeral port, in its own thread and event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.machinery
-import importlib.util
-import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
 import uvicorn
+import uvloop
 from blockbuster import BlockBuster, blockbuster_ctx
 
-from asyncserve.app import AsyncServeApp
+from asyncserve.app import App
 from asyncserve.config import Settings
-from asyncserve.server import Server, bind_socket, make_server
+from asyncserve.http.server import HttpServer
+from asyncserve.server import bind_socket, http_server_for, run_app
 from asyncserve.service import Service
 
 # Fixtures for the real PostgreSQL and Redis servers live in tests/backends.py.
 pytest_plugins = ["tests.backends"]
 
 
-EXPECT_COMPILED = os.environ.get("ASYNCSERVE_EXPECT_COMPILED") == "1"
-"""Whether this run tests the compiled build (`make test`'s second run), in this process and the servers it starts."""
-
-
-def served_build_is_expected(metrics_text: str) -> bool:
-    """Whether a server's ``/metrics`` says it runs the build this run tests."""
-    return f'asyncserve_build_info{{compiled="{"true" if EXPECT_COMPILED else "false"}"' in metrics_text
-
-
-def compiled_request_path() -> bool:
-    """Whether the asyncserve imported here is the compiled build: its batcher is a C extension."""
-    spec = importlib.util.find_spec("asyncserve.batching")
-    origin = spec.origin if spec is not None else None
-    return origin is not None and origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # `make test` runs the suite on the .py files, then the request-path tests on build/compiled:
-    # make sure each run gets the build it means to test.
-    if EXPECT_COMPILED and not compiled_request_path():
-        raise pytest.UsageError(
-            "ASYNCSERVE_EXPECT_COMPILED=1 but the asyncserve imported is not compiled: run `make compiled` and put "
-            "build/compiled first on PYTHONPATH with pytest --import-mode=append"
-        )
-    if not EXPECT_COMPILED and compiled_request_path():
-        raise pytest.UsageError(
-            "compiled modules shadow asyncserve's .py files (a compiled build left them in the source tree): remove "
-            "them (rm -f asyncserve/*.so *__mypyc.*.so), or set ASYNCSERVE_EXPECT_COMPILED=1 to test them on purpose"
-        )
-
-
 @dataclass
 class RunningServer:
-    app: AsyncServeApp
-    server: Server
+    app: App
+    server: HttpServer
     url: str
+    loop: asyncio.AbstractEventLoop
+    stop: asyncio.Event = field(repr=False)
 
     def client(self, **kwargs: object) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, timeout=30.0, **kwargs)  # type: ignore[arg-type]
@@ -70,21 +40,45 @@ class RunningServer:
 def serve_in_thread(
     service: Service, settings: Settings | None = None, *, wait_ready: bool = True
 ) -> Iterator[RunningServer]:
-    """Run the real server (uvicorn, uvloop, httptools) on 127.0.0.1:0 until the block ends."""
+    """Run the real server (asyncserve's protocol on uvloop) on 127.0.0.1:0 until the block ends."""
     settings = settings or Settings(executor_workers=2, loop_lag_interval_s=0.01, jobs="memory://")
     sock = bind_socket("127.0.0.1", 0)
-    app = AsyncServeApp(service, settings)
-    server = make_server(app)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    app = App(service, settings)
+    started: list[RunningServer] = []
+    failed: list[BaseException] = []
+    ready = threading.Event()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        server = http_server_for(app)
+        host, port = sock.getsockname()[:2]
+        started.append(RunningServer(app, server, f"http://{host}:{port}", asyncio.get_running_loop(), stop))
+        ready.set()
+        await run_app(app, [sock], stop, server=server)
+
+    def run() -> None:
+        try:
+            uvloop.run(main())
+        except BaseException as exc:
+            failed.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        _wait(lambda: server.started, "the server to start")
+        ready.wait(30)
+        if failed:
+            raise failed[0]
+        running = started[0]
+        _wait(lambda: bool(running.server.urls) or bool(failed), "the server to start")
         if wait_ready:
-            _wait(lambda: app._loading is not None and app._loading.done(), "the models to load")
-        host, port = sock.getsockname()[:2]
-        yield RunningServer(app, server, f"http://{host}:{port}")
+            _wait(lambda: app.loaded or bool(failed), "the models to load")
+        if failed:
+            raise failed[0]
+        yield running
     finally:
-        server.should_exit = True
+        if started:
+            started[0].loop.call_soon_threadsafe(started[0].stop.set)
         thread.join(timeout=30)
         sock.close()
 
@@ -103,10 +97,13 @@ async def serving(
 
 
 @contextlib.asynccontextmanager
-async def serving_asgi(app: object) -> AsyncIterator[str]:
+async def serving_asgi(app: object, *, lifespan: bool = False) -> AsyncIterator[str]:
     """Any ASGI app (a fake feature service, say) on uvicorn at 127.0.0.1:0, in its own thread; yields its URL."""
     sock = bind_socket("127.0.0.1", 0)
-    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="off", log_level="warning")  # type: ignore[arg-type]
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        loop="uvloop", http="httptools", lifespan="on" if lifespan else "off", log_level="warning",
+    )  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

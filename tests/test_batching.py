@@ -84,7 +84,9 @@ async def until(condition: Callable[[], bool]) -> None:
 
 
 def queued_rows(running: RunningServer) -> int:
-    return running.app.registry.find("recorder").batcher._queue.rows
+    """The rows in the model's batcher's queue, as its metric reports them."""
+    value = running.app.metrics.registry.get_sample_value("asyncserve_batch_queue_rows", {"model": "recorder"})
+    return int(value or 0)
 
 
 async def test_two_concurrent_requests_reach_the_model_as_one_batch() -> None:
@@ -211,7 +213,7 @@ async def test_more_rows_than_the_batch_limit_is_a_clear_400() -> None:
 
 
 def test_cost_model_fits_a_line() -> None:
-    from asyncserve.cost import CostModel
+    from asyncserve.runtime.cost import CostModel
 
     cost = CostModel()
     for rows in (1, 8, 32, 64, 8, 1):
@@ -238,8 +240,8 @@ class _Runs:
 
 
 def _batcher(runs: _Runs, **settings: Any) -> Any:
-    from asyncserve.batching import Batcher, BatchSettings
     from asyncserve.metrics import Metrics
+    from asyncserve.runtime.batching import Batcher, BatchSettings
 
     return Batcher("direct", runs, BatchSettings(**settings), Metrics().for_batcher("direct"))
 

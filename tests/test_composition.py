@@ -15,7 +15,7 @@ import numpy.typing as npt
 import pytest
 
 from asyncserve import Model, Service, Settings, Tensor
-from asyncserve.ensemble import Ensemble, Member
+from asyncserve.composition.ensemble import Ensemble, Member
 from tests.conftest import serving
 from tests.test_server import cli
 
@@ -172,7 +172,7 @@ async def test_with_deferred_when_idle_an_idle_server_computes_unread_handles_be
 
 
 def test_stacking_inputs_are_named_after_members() -> None:
-    from asyncserve.ensemble import stacking_inputs
+    from asyncserve.composition.ensemble import stacking_inputs
 
     outputs = {Member("a"): {"score": np.array([1.0])}}
     assert set(stacking_inputs(outputs)) == {"a_score"}

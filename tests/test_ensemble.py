@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from asyncserve.calls import deadline_scope, remaining_s, request_deadline
-from asyncserve.ensemble import (
+from asyncserve.composition.ensemble import (
     Ensemble,
     Member,
     majority,

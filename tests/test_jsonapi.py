@@ -13,9 +13,9 @@ import numpy.typing as npt
 import orjson
 import pytest
 
-from asyncserve import jsonapi
 from asyncserve.exceptions import InvalidRequest, ModelError, SchemaViolation
-from asyncserve.jsonapi import STRUCT_CODES, decode_rows, encode_rows, may_hold_booleans, pack_numbers, per_spec
+from asyncserve.http import jsonapi
+from asyncserve.http.jsonapi import STRUCT_CODES, decode_rows, encode_rows, may_hold_booleans, pack_numbers, per_spec
 from asyncserve.model import Model, ModelSpec, describe
 from asyncserve.tensors import INTEGER_RANGES, Datatype, Tensor
 

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from asyncserve.exceptions import ConfigurationError, NotFound, Unavailable
-from asyncserve.lazy import (
+from asyncserve.composition.lazy import (
     Coalescer,
     DeferredPredictions,
     MemoryPredictionCache,
@@ -22,6 +21,7 @@ from asyncserve.lazy import (
     encode_columns,
     request_key,
 )
+from asyncserve.exceptions import ConfigurationError, NotFound, Unavailable
 from asyncserve.tensors import Columns
 
 

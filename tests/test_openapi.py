@@ -11,9 +11,9 @@ import numpy.typing as npt
 import orjson
 import pytest
 
-from asyncserve.jsonapi import decode_rows
+from asyncserve.http.jsonapi import decode_rows
+from asyncserve.http.openapi import docs_html, openapi_document, row_schema, tensor_schema
 from asyncserve.model import Model, describe
-from asyncserve.openapi import docs_html, openapi_document, row_schema, tensor_schema
 from asyncserve.tensors import Datatype, Tensor
 
 

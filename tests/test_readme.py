@@ -24,7 +24,7 @@ def test_readme_names_the_two_setup_commands() -> None:
 
 
 async def test_the_readme_service_answers_the_readme_curl() -> None:
-    (code,) = python_blocks()
+    code = next(block for block in python_blocks() if "class Scaler" in block)
     module = types.ModuleType("readme_service")
     exec(compile(code, "README.md", "exec"), module.__dict__)
     service = module.__dict__["service"]
@@ -39,3 +39,14 @@ def _curl_and_answer(model: str) -> tuple[bytes, str]:
     match = re.search(rf"/v1/models/{model}/predict .*?-d '(.*?)'\n# (.*?)\n", README)
     assert match, f"the README has no curl for {model}"
     return match.group(1).encode(), match.group(2)
+
+
+def test_the_readme_ways_to_serve_from_python_name_what_exists() -> None:
+    import asyncserve
+    import asyncserve.asgi
+
+    (code,) = [block for block in python_blocks() if "asyncserve.serve(" in block]
+    compile(code, "README.md", "exec")  # it serves forever: checked for what it names, not run
+    assert callable(asyncserve.serve)
+    assert callable(asyncserve.asgi.app)
+    assert "from asyncserve.asgi import app" in code

@@ -18,7 +18,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import asyncserve
-from tests.conftest import EXPECT_COMPILED, served_build_is_expected
 from tests.processes import free_port
 
 pytestmark = pytest.mark.e2e
@@ -63,8 +62,6 @@ def wait_until_ready(process: subprocess.Popen[bytes], url: str, timeout_s: floa
             raise AssertionError(f"the server exited with {process.returncode}:\n{output}")
         try:
             if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                metrics = httpx.get(f"{url}/metrics", timeout=5).text
-                assert served_build_is_expected(metrics), "the server does not run the build this test run is for"
                 return
         except httpx.TransportError:
             pass
@@ -266,8 +263,7 @@ def samples(text: str, name: str, **labels: str) -> dict[str, float]:
     return found
 
 
-def test_version_names_the_build() -> None:
+def test_version_is_printed() -> None:
     command = [sys.executable, "-m", "asyncserve", "--version"]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
-    build = "compiled" if EXPECT_COMPILED else "interpreted"
-    assert result.stdout.strip() == f"asyncserve {asyncserve.__version__} ({build})"
+    assert result.stdout.strip() == f"asyncserve {asyncserve.__version__}"

@@ -115,21 +115,3 @@ async def test_without_a_timeout_header_the_grace_period_is_the_budget(lagging: 
     assert served.status_code == 200
     assert refused.status_code == 503
     assert refused.json()["code"] == "overloaded"
-
-
-async def test_with_a_uvicorn_whose_internals_differ_refusals_go_through_asgi(
-    lagging: RunningServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from asyncserve import protocol
-
-    def incompatible(**kwargs: object) -> None:
-        raise TypeError("RequestResponseCycle() got an unexpected keyword argument 'flow'")
-
-    monkeypatch.setattr(protocol, "RequestResponseCycle", incompatible)
-    monkeypatch.setitem(protocol.SHORTCUTS, "fast_refusals", True)
-    async with lagging.client() as client:
-        first = await client.post("/v1/models/adder/predict", json=ROW, headers={"X-Request-Timeout": "0.2"})
-        second = await client.post("/v1/models/adder/predict", json=ROW, headers={"X-Request-Timeout": "0.2"})
-    assert [first.status_code, second.status_code] == [503, 503]
-    assert first.json()["code"] == "overloaded"
-    assert protocol.SHORTCUTS["fast_refusals"] is False

@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from asyncserve.inputfiles import parse_cell
+from asyncserve.cli.inputfiles import parse_cell
 from tests.processes import REPO, SERVICE, Running, eventually, launch
 
 pytestmark = pytest.mark.e2e

@@ -13,18 +13,18 @@ import pytest
 from tritonclient.http import InferInput, InferRequestedOutput, InferResult
 from tritonclient.http._utils import _get_inference_request
 
-from asyncserve import v2
 from asyncserve.exceptions import InvalidRequest, SchemaViolation
-from asyncserve.jsonapi import may_hold_booleans
-from asyncserve.model import Model, ModelSpec, describe
-from asyncserve.tensors import Columns, Datatype, Tensor
-from asyncserve.v2 import (
+from asyncserve.http import v2
+from asyncserve.http.jsonapi import may_hold_booleans
+from asyncserve.http.v2 import (
     InferRequest,
     RequestedOutput,
     decode_infer_request,
     encode_infer_response,
     model_metadata,
 )
+from asyncserve.model import Model, ModelSpec, describe
+from asyncserve.tensors import Columns, Datatype, Tensor
 
 # Two values per datatype, including each type's extremes, so a round trip proves no precision is lost.
 SAMPLES: dict[Datatype, list[Any]] = {

@@ -106,7 +106,7 @@ def encode_columns(columns: Columns) -> bytes:
 def decode_columns(data: bytes) -> Columns:
     """The columns :func:`encode_columns` encoded (numeric ones read-only); ``ValueError`` if ``data`` is not."""
     if not data.startswith(_MAGIC):
-        raise ValueError("not a batch of columns encoded by asyncserve.lazy.encode_columns")
+        raise ValueError("not a batch of columns encoded by asyncserve.composition.lazy.encode_columns")
     try:
         (count,) = struct.unpack_from("<I", data, len(_MAGIC))
         fields = _fields(data, len(_MAGIC) + 4)

@@ -1,18 +1,17 @@
-"""Running the app: uvicorn (uvloop + httptools) on a pre-bound socket, one or several processes.
+"""Running a service: asyncserve's HTTP server on a pre-bound socket, in one process or several.
 
 Shutdown on SIGTERM or SIGINT, in order:
-1. readiness turns false and new predictions get 503 (the app's ``begin_shutdown``);
-2. uvicorn stops accepting connections and waits up to ``grace_period_s`` for in-flight requests,
-   then cancels what is left;
-3. the lifespan shutdown releases the executor (running predictions finish, queued ones are
-   dropped) and background tasks;
+1. readiness turns false and new predictions get 503 (``App.begin_shutdown``);
+2. the HTTP server stops accepting, closes idle connections, and waits up to ``grace_period_s``
+   for in-flight requests (each connection closes after its response), then cancels what is left;
+3. the app closes its components in reverse order of start-up (job workers hand back their
+   jobs, batchers finish, the prediction log is flushed, pools close);
 4. the process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import multiprocessing
@@ -21,20 +20,18 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Generator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from types import FrameType
 
-import uvicorn
 import uvloop
 
 from asyncserve._utils import import_string
-from asyncserve.app import AsyncServeApp
+from asyncserve.app import App
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
-from asyncserve.peers import WorkerGroup
-from asyncserve.protocol import SheddingHttpToolsProtocol
+from asyncserve.http.protocol import Limits
+from asyncserve.http.server import HttpServer, tls_context
+from asyncserve.runtime.peers import WorkerGroup
 from asyncserve.service import Service
 
 logger = logging.getLogger(__name__)
@@ -51,48 +48,67 @@ heap frozen once the models are loaded, the I/O benchmark's batched service at c
 """
 
 
-class Server(uvicorn.Server):
-    """uvicorn's server that tells the app when shutdown starts and exits cleanly after draining.
-
-    uvicorn re-raises the signal after its graceful shutdown, which makes the process die *by*
-    SIGTERM (status 143); a drained server has done its job and exits 0 instead.
-    """
-
-    def __init__(self, config: uvicorn.Config, app: AsyncServeApp, *, tune_gc: bool = False) -> None:
-        super().__init__(config)
-        self.asyncserve_app = app
-        self.tune_gc = tune_gc
-        self._freezing: asyncio.Task[None] | None = None
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        if self.tune_gc:
-            gc.set_threshold(*GC_THRESHOLDS)
-        await super().startup(sockets)
-        if self.tune_gc:
-            self._freezing = asyncio.get_running_loop().create_task(_freeze_when_loaded(self.asyncserve_app))
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in _STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.asyncserve_app.begin_shutdown()
-        super().handle_exit(sig, frame)
+def limits_of(settings: Settings) -> Limits:
+    return Limits(
+        max_body_bytes=settings.max_body_bytes, max_url_bytes=settings.max_url_bytes,
+        max_header_count=settings.max_header_count, max_header_bytes=settings.max_header_bytes,
+        keep_alive_s=settings.keep_alive_s, head_timeout_s=settings.head_timeout_s, access_log=settings.access_log,
+    )  # fmt: skip
 
 
-async def _freeze_when_loaded(app: AsyncServeApp) -> None:
+def http_server_for(app: App) -> HttpServer:
+    """The HTTP server of ``app``, with its settings' limits and TLS; the app learns what the server holds back."""
+    settings = app.settings
+    context = tls_context(settings.ssl_certfile, settings.ssl_keyfile) if settings.ssl_certfile else None
+    server = HttpServer(app.http, limits_of(settings), ssl_context=context)
+    app.input_pending = server.input_pending  # the batcher waits for the requests the server holds back
+    return server
+
+
+async def run_app(
+    app: App,
+    sockets: list[socket.socket],
+    stop: asyncio.Event,
+    *,
+    tune_gc: bool = False,
+    server: HttpServer | None = None,
+) -> int:
+    """Serve ``app`` on ``sockets`` until ``stop`` is set, then drain and close. Returns the connections cut."""
+    server = server or http_server_for(app)
+    async with app:
+        await server.start(sockets)
+        for url in server.urls:
+            logger.info("asyncserve %s serving %s on %s", asyncserve_version(), app.service.name, url)
+        if tune_gc:
+            freezing = asyncio.get_running_loop().create_task(_freeze_when_loaded(app))
+        await stop.wait()
+        app.begin_shutdown()
+        server.close()
+        cut = await server.drain(app.settings.grace_period_s)
+        if tune_gc:
+            freezing.cancel()
+    return cut
+
+
+def asyncserve_version() -> str:
+    import asyncserve
+
+    return asyncserve.__version__
+
+
+async def _freeze_when_loaded(app: App) -> None:
     """Exclude what start-up built (modules, models, pools) from every later collection: it lives as
     long as the process, and a full collection would otherwise traverse all of it each time."""
     await app.wait_ready()
     gc.freeze()
+
+
+async def _serve_until_signal(app: App, sockets: list[socket.socket]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    await run_app(app, sockets, stop, tune_gc=True)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -108,29 +124,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app: AsyncServeApp, *, tune_gc: bool = False) -> Server:
-    settings = app.settings
-    config = uvicorn.Config(
-        app,
-        loop="uvloop",
-        http=SheddingHttpToolsProtocol,
-        lifespan="on",
-        access_log=False,
-        # X-Forwarded-* rewriting costs time on every request; behind a proxy, turn it on with care.
-        proxy_headers=settings.proxy_headers,
-        server_header=False,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.grace_period_s),
-        log_config=None,
-    )
-    return Server(config, app, tune_gc=tune_gc)
-
-
 def serve(target: Service | str, settings: Settings | None = None, *, sock: socket.socket | None = None) -> None:
     """Serve a service (or its ``module:attribute`` import string) until SIGTERM or SIGINT.
 
     With ``settings.workers > 1`` the service must be given as an import string: each worker
     process imports it anew.
+
+    Example::
+
+        asyncserve.serve(service, asyncserve.Settings(port=8000))
     """
     settings = settings or Settings.from_env()
     sock = sock or bind_socket(settings.host, settings.port)
@@ -146,8 +148,9 @@ def _serve_one(
     target: Service | str, settings: Settings, sock: socket.socket, group: WorkerGroup | None = None
 ) -> None:
     service = load_service(target) if isinstance(target, str) else target
-    server = make_server(AsyncServeApp(service, settings, worker_group=group), tune_gc=True)
-    server.run(sockets=[sock])
+    app = App(service, settings, worker_group=group)
+    gc.set_threshold(*GC_THRESHOLDS)
+    uvloop.run(_serve_until_signal(app, [sock]))
 
 
 def load_service(target: str) -> Service:
@@ -165,7 +168,7 @@ class Supervisor:
     """Runs ``workers`` server processes on one shared socket, restarts any that dies, stops them all on a signal.
 
     Worker i keeps its index when it is replaced; the workers find each other's metrics in a
-    directory the supervisor makes, and removes, for the group (``asyncserve.peers``).
+    directory the supervisor makes, and removes, for the group (``asyncserve.runtime.peers``).
     """
 
     def __init__(self, target: str, settings: Settings, sock: socket.socket) -> None:
@@ -217,32 +220,19 @@ def run_worker(target: Service | str, settings: Settings) -> None:
     service = load_service(target) if isinstance(target, str) else target
     if not settings.jobs or settings.job_workers < 1:
         raise ConfigurationError("a worker needs a broker (--broker URL) and at least one job worker")
-    app = AsyncServeApp(service, settings)
+    app = App(service, settings)
     gc.set_threshold(*GC_THRESHOLDS)
-    uvloop.run(_lifespan_until_signal(app))
+    uvloop.run(_work_until_signal(app))
 
 
-async def _lifespan_until_signal(app: AsyncServeApp) -> None:
+async def _work_until_signal(app: App) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
-    started = asyncio.Event()
-
-    async def receive() -> dict[str, str]:
-        message = next(messages)
-        if message["type"] == "lifespan.shutdown":
-            await stop.wait()
-            app.begin_shutdown()
-        return message
-
-    freezing: list[asyncio.Task[None]] = []
-
-    async def send(message: dict[str, object]) -> None:
-        if message["type"] == "lifespan.startup.complete":
-            started.set()
-            freezing.append(loop.create_task(_freeze_when_loaded(app)))
-            logger.info("worker ready: %s, broker %s", app.service, app.settings.jobs)
-
-    await app({"type": "lifespan"}, receive, send)
+    async with app:
+        freezing = loop.create_task(_freeze_when_loaded(app))
+        logger.info("worker ready: %s, broker %s", app.service, app.settings.jobs)
+        await stop.wait()
+        app.begin_shutdown()
+        freezing.cancel()

@@ -34,13 +34,24 @@ class Settings:
     executor_workers: int = 0
     """Threads or processes in the pool; 0 means one per CPU core."""
     max_body_bytes: int = 64 * 1024 * 1024
+    max_url_bytes: int = 8 * 1024
+    max_header_count: int = 100
+    max_header_bytes: int = 16 * 1024
+    """The size of a request's header names and values together."""
+    keep_alive_s: float = 5.0
+    """How long an idle connection stays open."""
+    head_timeout_s: float = 10.0
+    """How long a request's head may take to arrive once it has begun (a slow client gets 408)."""
+    access_log: bool = False
+    """Log one line per request on the ``asyncserve.access`` logger."""
+    ssl_certfile: str = ""
+    """A PEM certificate chain: with ``ssl_keyfile``, the server speaks HTTPS."""
+    ssl_keyfile: str = ""
     grace_period_s: float = 30.0
     """How long SIGTERM waits for in-flight requests before cancelling them."""
     loop_lag_interval_s: float = 0.05
     """How often the event-loop lag probe wakes up."""
     log_level: str = "info"
-    proxy_headers: bool = False
-    """Trust X-Forwarded-For/-Proto from the peer (only behind a proxy you control)."""
     prediction_log: str = ""
     """Where every prediction is logged: ``jsonl:///path``, ``sqlite:///path.db``, ``postgresql://...``,
     ``redis://...?stream=name``; empty turns logging off."""
@@ -81,6 +92,12 @@ class Settings:
         _require(self.executor in _EXECUTORS, "executor", "'thread' or 'process'", self.executor)
         _require(self.executor_workers >= 0, "executor_workers", "an integer >= 0", self.executor_workers)
         _require(self.max_body_bytes >= 1024, "max_body_bytes", "an integer >= 1024", self.max_body_bytes)
+        for name in ("max_url_bytes", "max_header_count", "max_header_bytes"):
+            _require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        _require(self.keep_alive_s > 0, "keep_alive_s", "a number of seconds > 0", self.keep_alive_s)
+        _require(self.head_timeout_s > 0, "head_timeout_s", "a number of seconds > 0", self.head_timeout_s)
+        _require(bool(self.ssl_certfile) == bool(self.ssl_keyfile), "ssl_certfile and ssl_keyfile",
+                 "both given or both empty", (self.ssl_certfile, self.ssl_keyfile))  # fmt: skip
         _require(self.grace_period_s >= 0, "grace_period_s", "a number of seconds >= 0", self.grace_period_s)
         _require(
             self.loop_lag_interval_s > 0, "loop_lag_interval_s", "a number of seconds > 0", self.loop_lag_interval_s

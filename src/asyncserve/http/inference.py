@@ -1,9 +1,8 @@
 """The inference routes: V2 inference, the JSON API's predict, deferred (lazy) predictions.
 
-Each route has two faces that share their code: an ASGI handler (``infer``, ``predict``), and a
-starter for asyncserve's own HTTP protocol (``infer_now``, ``predict_now``; see
-``asyncserve/protocol.py``), which starts the prediction from the parser's callback and returns
-its future with the function that turns the result into the response.
+``infer`` and ``predict`` start the prediction in the turn of the loop that parsed the request and
+return it :class:`Pending`: the pipeline's future, and how its result becomes the response. A model
+without feature lookups so costs no task: the batcher's future calls back.
 """
 
 from __future__ import annotations
@@ -11,24 +10,20 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from asyncserve import jsonapi, v2
-from asyncserve.batching import PRIORITY_LEVELS
+from asyncserve.composition.lazy import DeferredPredictions, Handle, LazyPrediction
 from asyncserve.config import Settings
 from asyncserve.exceptions import InvalidRequest, NotFound, SchemaViolation, ShuttingDown, UnsupportedMediaType
-from asyncserve.jobs_api import JobsAPI
-from asyncserve.lazy import DeferredPredictions, Handle, LazyPrediction
-from asyncserve.pipeline import Pipeline, Prediction
-from asyncserve.registry import ModelEntry, ModelRegistry
-from asyncserve.routing import JSON_TYPE, Request, Response, new_request_id
+from asyncserve.http import jsonapi, v2
+from asyncserve.http.jobs import JobsAPI
+from asyncserve.http.routing import JSON_TYPE, Pending, Reply, Request, Response, new_request_id
+from asyncserve.runtime.batching import PRIORITY_LEVELS
+from asyncserve.runtime.pipeline import Pipeline, Prediction
+from asyncserve.runtime.registry import ModelEntry, ModelRegistry
 from asyncserve.tensors import Columns
-
-Started = tuple["asyncio.Future[Any]", Callable[[Any], Response]]
-"""A prediction under way, and how its result becomes the response."""
 
 
 class InferenceRoutes:
@@ -51,15 +46,14 @@ class InferenceRoutes:
         """Set when shutdown begins: new predictions are refused (503), in-flight ones go on."""
         self._deferred_as_list: dict[str, bool] = {}
 
-    async def infer(self, request: Request) -> Response:
+    def infer(self, request: Request) -> Reply:
         entry, deadline = self._admit(request)
-        body = await request.body()
         if self.jobs_api is not None and _prefers(request, "respond-async"):
-            return await self.jobs_api.submit_v2(request, entry, body)
-        prediction, answer = self._start_infer(request, entry, deadline, body)
-        return answer(await prediction)
+            submitted = self.jobs_api.submit_v2(request, entry, request.body)
+            return Pending(asyncio.get_running_loop().create_task(submitted), _as_is)
+        return self._start_infer(request, entry, deadline, request.body)
 
-    def _start_infer(self, request: Request, entry: ModelEntry, deadline: float, body: bytes) -> Started:
+    def _start_infer(self, request: Request, entry: ModelEntry, deadline: float, body: bytes) -> Pending:
         header_length = _binary_header_length(request)
         # Any V2 body may say application/octet-stream: tritonclient's aio client always does.
         _require_json(request, also="application/octet-stream")
@@ -75,18 +69,16 @@ class InferenceRoutes:
             content_type = headers.pop("content-type", JSON_TYPE)
             return Response(200, payload, {**headers, **_degraded_header(prediction)}, content_type)
 
-        return work, answer
+        return Pending(work, answer)
 
-    async def predict(self, request: Request) -> Response:
+    def predict(self, request: Request) -> Reply:
         entry, deadline = self._admit(request)
-        body = await request.body()
         if _prefers(request, "lazy"):
-            columns, rows, as_list, priority = self._decode_rows(request, entry, body)
+            columns, rows, as_list, priority = self._decode_rows(request, entry, request.body)
             return self._defer(request, entry, columns, rows, as_list, priority)
-        prediction, answer = self._start_predict(request, entry, deadline, body)
-        return answer(await prediction)
+        return self._start_predict(request, entry, deadline, request.body)
 
-    def _start_predict(self, request: Request, entry: ModelEntry, deadline: float, body: bytes) -> Started:
+    def _start_predict(self, request: Request, entry: ModelEntry, deadline: float, body: bytes) -> Pending:
         columns, rows, as_list, priority = self._decode_rows(request, entry, body)
         work, to_prediction = self.pipeline.start(
             entry, columns, rows, deadline, priority=priority, request_id=request.request_id
@@ -97,7 +89,7 @@ class InferenceRoutes:
             body = jsonapi.encode_rows(entry.spec, prediction.outputs, as_list)
             return Response(200, body, _degraded_header(prediction))
 
-        return work, answer
+        return Pending(work, answer)
 
     def _decode_rows(self, request: Request, entry: ModelEntry, body: bytes) -> tuple[Columns, int, bool, int]:
         _require_json(request)
@@ -173,16 +165,6 @@ class InferenceRoutes:
             timeout_s = min(timeout_s, parse_timeout(asked))
         return entry, request.arrived + timeout_s
 
-    # Starting from the HTTP parser (asyncserve's protocol)
-
-    def infer_now(self, request: Request, body: bytes) -> Started:
-        entry, deadline = self._admit(request)
-        return self._start_infer(request, entry, deadline, body)
-
-    def predict_now(self, request: Request, body: bytes) -> Started:
-        entry, deadline = self._admit(request)
-        return self._start_predict(request, entry, deadline, body)
-
 
 def parse_timeout(value: str) -> float:
     try:
@@ -192,6 +174,10 @@ def parse_timeout(value: str) -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise InvalidRequest(f"X-Request-Timeout must be a number of seconds > 0, got {value!r}")
     return seconds
+
+
+def _as_is(response: Response) -> Response:
+    return response
 
 
 def _alive(deferred: DeferredPredictions, handle_id: str) -> bool:

@@ -1,13 +1,15 @@
 """asyncserve: serve machine-learning predictions from an asyncio event loop that never blocks.
 
-Layout and import rules (checked by tests/test_exports.py):
-- leaves import nothing from the package but other leaves: exceptions, tensors, config, metrics, _utils;
-- engines import leaves and each other: model, executor, batching, cost;
-- domain: registry; composition: service;
-- edges import anything above: v2, jsonapi, openapi, routing, app, server, cli, demo, minilm.
+The layout tells the architecture (checked by tests/test_layout.py, drawn in docs/architecture.md):
+leaves (exceptions, tensors, config, metrics, cache, calls) import nothing above them; then the
+backend families (features/, predlog/, jobs/); the Model API (model); composition/ (ensembles,
+coalescing, caches, deferred predictions); runtime/ (registry, batching, executor, pipeline); the
+Service; http/ (the protocol, server, routes and wire formats); and the entry points (app, server,
+asgi, cli/, demo/). A module imports only from its own layer or below.
 Importing asyncserve loads no model library, opens no socket and configures no logging.
 """
 
+from asyncserve.composition.lazy import LazyPrediction
 from asyncserve.config import Settings
 from asyncserve.exceptions import (
     AsyncServeError,
@@ -26,12 +28,25 @@ from asyncserve.exceptions import (
     UnsupportedMediaType,
 )
 from asyncserve.features import Feature
-from asyncserve.lazy import LazyPrediction
 from asyncserve.model import Model
 from asyncserve.service import Service
 from asyncserve.tensors import Datatype, Tensor
 
 __version__ = "0.1.0"
+
+
+def serve(service: Service | str, settings: Settings | None = None) -> None:
+    """Serve ``service`` (or its ``"module:attribute"``) over HTTP until SIGTERM or SIGINT, then drain and exit.
+
+    Example::
+
+        import asyncserve
+        asyncserve.serve(service, asyncserve.Settings(port=8000))
+    """
+    from asyncserve.server import serve as serve_service  # the server's imports are not paid on import
+
+    serve_service(service, settings)
+
 
 __all__ = [
     "AsyncServeError",
@@ -56,4 +71,5 @@ __all__ = [
     "Unavailable",
     "UnsupportedMediaType",
     "__version__",
+    "serve",
 ]

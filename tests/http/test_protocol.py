@@ -1,14 +1,11 @@
-"""Inference requests served straight from the HTTP parser (no ASGI task), over real sockets.
-
-The direct path must behave exactly as the ASGI path: the same answers and errors, keep-alive,
-pipelining, HTTP/1.0, a client that goes away, and uvicorn's own bookkeeping (drain on shutdown).
-"""
+"""asyncserve's HTTP protocol over real sockets: inference served from the parser's callbacks with no
+task, keep-alive, pipelining, HTTP/1.0, errors, a client that goes away, and the parse budget."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -16,8 +13,8 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from asyncserve import Service, Settings, protocol
-from asyncserve.protocol import PARSE_BUDGET_S, ParseBudget
+from asyncserve import Service, Settings
+from asyncserve.http.protocol import PARSE_BUDGET_S, ParseBudget
 from tests.conftest import RunningServer
 from tests.models import Adder, Sleeper
 from tests.test_shedding import connect, read_response, request
@@ -40,22 +37,42 @@ class SharedSleeper(Sleeper):
 SLEEPER = Sleeper()
 SHARED = SharedSleeper()
 SERVICE = Service(Adder(), PatientAdder(), SLEEPER, SHARED, name="direct")
-SETTINGS = Settings(executor_workers=1, max_body_bytes=4096, loop_lag_interval_s=0.01)
+SETTINGS = Settings(executor_workers=1, max_body_bytes=4096, loop_lag_interval_s=0.01, jobs="")
 
 ROW = {"a": [1.0, 2.0, 3.0], "b": [1.0, 1.0, 1.0]}
 V2_ROW = {"inputs": [{"name": n, "shape": [1, 3], "datatype": "FP32", "data": v} for n, v in ROW.items()]}
+
+
+async def until_queued(running: RunningServer, model: str, rows: int) -> None:
+    """Wait until the model's batcher holds ``rows`` rows, as ``/metrics`` reports them."""
+    line = f'asyncserve_batch_queue_rows{{model="{model}"}} {float(rows)}'
+    async with running.client() as client, asyncio.timeout(5):
+        while line not in (await client.get("/metrics")).text:  # noqa: ASYNC110 (a metric has no event to await)
+            await asyncio.sleep(0.005)
 
 
 def v2_outputs(body: bytes) -> dict[str, list[float]]:
     return {output["name"]: output["data"] for output in orjson.loads(body)["outputs"]}
 
 
-async def test_a_request_waiting_for_the_model_holds_no_asgi_task(running: RunningServer) -> None:
+async def tasks_on(running: RunningServer) -> set[str]:
+    """The names of the tasks alive on the server's event loop, read on that loop."""
+
+    async def names() -> set[str]:
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        return {f"{task.get_name()}:{getattr(task.get_coro(), '__qualname__', '?')}" for task in tasks}
+
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(names(), running.loop))
+
+
+async def test_a_request_waiting_for_the_model_holds_no_task(running: RunningServer) -> None:
     SLEEPER.started.clear()
+    idle = await tasks_on(running)
     reader, writer = await connect(running)
     writer.write(request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.3}), "X-Request-ID: direct-1"))
     await asyncio.to_thread(SLEEPER.started.wait, 5)
-    assert not running.server.server_state.tasks  # uvicorn runs no ASGI task for it
+    new = await tasks_on(running) - idle
+    assert all(name.endswith(":Batcher._execute") for name in new), new  # the batch's task; none for the request
     status, headers, body = await read_response(reader)
     assert (status, headers["x-request-id"]) == (200, "direct-1")
     assert orjson.loads(body)["pid"] > 0
@@ -78,7 +95,7 @@ async def test_pipelined_requests_are_answered_in_order(running: RunningServer) 
     reader, writer = await connect(running)
     slow = request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.2}))
     fast = request("/v1/models/adder/predict", orjson.dumps(ROW))
-    writer.write(slow + fast + fast)  # the second and third wait behind the first, through uvicorn
+    writer.write(slow + fast + fast)  # the second and third wait behind the first
     answers = [await read_response(reader) for _ in range(3)]
     assert [status for status, _, _ in answers] == [200, 200, 200]
     assert "pid" in orjson.loads(answers[0][2])
@@ -102,14 +119,14 @@ async def test_a_body_that_comes_in_pieces_is_gathered(running: RunningServer) -
     for start in range(0, len(whole), 40):
         writer.write(whole[start : start + 40])
         await writer.drain()
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.002)  # pieces that arrive apart (nothing waits on this)
     status, _, body = await read_response(reader)
     assert status == 200, body
     assert v2_outputs(body)["sum"] == [2.0, 3.0, 4.0]
     writer.close()
 
 
-async def test_a_chunked_body_goes_through_asgi_with_the_same_answer(running: RunningServer) -> None:
+async def test_a_chunked_body_gets_the_same_answer(running: RunningServer) -> None:
     reader, writer = await connect(running)
     body = orjson.dumps(ROW)
     head = "POST /v1/models/adder/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -153,11 +170,13 @@ async def test_a_client_that_goes_away_withdraws_its_rows(running: RunningServer
     _, impatient = await connect(running)
     impatient.write(request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.0})))
     await impatient.drain()
-    await asyncio.sleep(0.05)  # queued behind the blocker
+    await until_queued(running, "sleeper", 1)  # queued behind the blocker
     impatient.close()
     assert (await read_response(blocker_reader))[0] == 200
-    await asyncio.sleep(0.1)
-    assert SLEEPER.calls == before + 1  # the withdrawn row never reached the model
+    # A request sent now is answered after any batch that could still hold the withdrawn row.
+    blocker.write(request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.0})))
+    assert (await read_response(blocker_reader))[0] == 200
+    assert SLEEPER.calls == before + 2  # the blocker and the last one: the withdrawn row never reached the model
     blocker.close()
 
 
@@ -168,6 +187,7 @@ async def test_identical_requests_share_one_row_without_a_task_and_the_last_to_l
     for leave in (True, False):
         SHARED.started.clear()
         before = SHARED.calls
+        idle = await tasks_on(running)
         blocker_reader, blocker = await connect(running)  # the model's one batch slot is busy meanwhile
         blocker.write(request("/v1/models/shared-sleeper/predict", orjson.dumps({"seconds": 0.3})))
         await asyncio.to_thread(SHARED.started.wait, 5)
@@ -175,8 +195,9 @@ async def test_identical_requests_share_one_row_without_a_task_and_the_last_to_l
         for _, writer in clients:
             writer.write(request("/v1/models/shared-sleeper/predict", body))
             await writer.drain()
-        await asyncio.sleep(0.05)
-        assert not running.server.server_state.tasks  # joined at the parser: no ASGI task, no pipeline task
+        await until_queued(running, "shared-sleeper", 1)  # three identical requests: one row
+        new = await tasks_on(running) - idle
+        assert all(name.endswith(":Batcher._execute") for name in new), new  # joined at the parser: no task
         if leave:
             for _, writer in clients:
                 writer.close()
@@ -186,31 +207,10 @@ async def test_identical_requests_share_one_row_without_a_task_and_the_last_to_l
             assert [status for status, _, _ in answers] == [200, 200, 200]
             for _, writer in clients:
                 writer.close()
-        await asyncio.sleep(0.1)
-        assert SHARED.calls == before + (1 if leave else 2)  # the blocker, and the shared row: withdrawn or run once
+        blocker.write(request("/v1/models/shared-sleeper/predict", orjson.dumps({"seconds": 0.01})))
+        assert (await read_response(blocker_reader))[0] == 200  # after any batch that could hold the shared row
+        assert SHARED.calls == before + (2 if leave else 3)  # the shared row withdrawn, or run once
         blocker.close()
-
-
-async def test_requests_go_through_asgi_when_uvicorn_internals_differ(
-    running: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def changed_cycle(**kwargs: object) -> None:  # a release whose cycle no longer takes on_response
-        raise TypeError("RequestResponseCycle.__init__() got an unexpected keyword argument 'on_response'")
-
-    # Patched where the protocol looks it up: uvicorn's own requests, through ASGI, keep the real one.
-    monkeypatch.setattr(protocol, "RequestResponseCycle", changed_cycle)
-    monkeypatch.setitem(protocol.SHORTCUTS, "direct_inference", True)
-    reader, writer = await connect(running)
-    with caplog.at_level(logging.WARNING, logger="asyncserve.protocol"):
-        for _ in range(2):
-            writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
-            status, _, body = await read_response(reader)
-            assert (status, orjson.loads(body)["sum"]) == (200, [2.0, 3.0, 4.0])
-    assert protocol.SHORTCUTS["direct_inference"] is False
-    assert [r.message for r in caplog.records].count(
-        "this uvicorn release does not allow direct_inference at the HTTP parser; using ASGI instead"
-    ) == 1
-    writer.close()
 
 
 async def test_bytes_past_the_parse_budget_wait_their_turn_and_every_request_is_answered(
@@ -220,7 +220,7 @@ async def test_bytes_past_the_parse_budget_wait_their_turn_and_every_request_is_
     writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW)))
     assert (await read_response(reader))[0] == 200
     writer.close()
-    budget: ParseBudget = running.server.server_state.asyncserve_parse_budget  # type: ignore[attr-defined]
+    budget = running.server.budget
     before, budget.budget_s = budget.deferred, 0.0  # every connection but the first of a turn waits
 
     async def client(n: int) -> list[list[float]]:
@@ -244,7 +244,7 @@ async def test_bytes_past_the_parse_budget_wait_their_turn_and_every_request_is_
 
 @contextlib.contextmanager
 def parse_budget_of(running: RunningServer, budget_s: float) -> Iterator[ParseBudget]:
-    budget: ParseBudget = running.server.server_state.asyncserve_parse_budget  # type: ignore[attr-defined]
+    budget = running.server.budget
     budget.budget_s = budget_s
     try:
         yield budget
@@ -304,7 +304,7 @@ async def test_a_batch_waits_for_requests_already_received_that_the_loop_has_yet
     # With no parse budget the server parses one connection per turn: requests that are all in reach
     # the batcher turn after turn, and without waiting for them they would leave in small batches.
     clients = [await connect(running) for _ in range(16)]
-    server_loop = next(iter(running.server.server_state.connections)).loop
+    server_loop = running.loop
     try:
         async with running.client() as client:
             with parse_budget_of(running, 0.0):
@@ -325,13 +325,14 @@ async def test_a_batch_waits_for_requests_already_received_that_the_loop_has_yet
 
 @contextlib.contextmanager
 def keep_alive_timeout(running: RunningServer, seconds: float) -> Iterator[None]:
-    """Connections made inside the block close after ``seconds`` idle (uvicorn reads it per connection)."""
-    config = running.server.config
-    before, config.timeout_keep_alive = config.timeout_keep_alive, seconds  # type: ignore[assignment]
+    """Connections made inside the block close after ``seconds`` idle (a connection reads it when accepted)."""
+    server = running.server
+    before = server.limits
+    server.limits = dataclasses.replace(before, keep_alive_s=seconds)
     try:
         yield
     finally:
-        config.timeout_keep_alive = before
+        server.limits = before
 
 
 async def test_an_idle_connection_closes_after_the_keep_alive_timeout_and_a_busy_one_stays(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from asyncserve.composition.lazy import LazyPrediction, LazyPredictor
 from asyncserve.exceptions import ConfigurationError
-from asyncserve.lazy import LazyPrediction, LazyPredictor
 from asyncserve.model import Model, ModelSpec, describe
 
 

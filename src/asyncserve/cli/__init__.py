@@ -39,11 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    """The version, and which build is installed (the request path compiled with mypyc, or .py files)."""
     import asyncserve
-    from asyncserve.metrics import COMPILED
 
-    return f"asyncserve {asyncserve.__version__} ({'compiled' if COMPILED else 'interpreted'})"
+    return f"asyncserve {asyncserve.__version__}"
 
 
 def _add_jobs_commands(jobs: argparse.ArgumentParser) -> None:
@@ -79,6 +77,9 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=["thread", "process"], help="where CPU-bound predict runs")
     parser.add_argument("--executor-workers", type=int, help="threads or processes in the executor pool")
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--ssl-certfile", help="PEM certificate chain: serve HTTPS (with --ssl-keyfile)")
+    parser.add_argument("--ssl-keyfile", help="PEM private key of --ssl-certfile")
+    parser.add_argument("--access-log", action="store_true", default=None, help="log one line per request")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -98,6 +99,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         executor=args.executor,
         executor_workers=args.executor_workers,
         log_level=args.log_level,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        access_log=args.access_log,
     )
 
 
@@ -129,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from asyncserve import submit
+    from asyncserve.cli import submit
 
     options = submit.SubmitOptions(
         file=args.file, model=args.model, out=args.out, url=args.url, version=args.version,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import importlib.machinery
 import itertools
 import logging
 import math
@@ -27,10 +26,6 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LOOP_LAG_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-
-COMPILED = __file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-"""Whether this is the compiled build: this module, like the rest of the request path, is a C extension
-(``HATCH_BUILD_HOOKS_ENABLE=1 pip wheel .``; ``make compiled``)."""
 
 
 class Metrics:
@@ -65,8 +60,8 @@ class Metrics:
         )  # fmt: skip
         self.inference_rows = LoopCounter("asyncserve_inference_rows", "Rows predicted.", ["model"], registry=r)
         self.build_info = Gauge(
-            "asyncserve_build_info", "Always 1; the labels tell the version and whether the request path is compiled.",
-            ["version", "compiled"], registry=r,
+            "asyncserve_build_info", "Always 1; the label tells the version.",
+            ["version"], registry=r,
         )  # fmt: skip
         self.model_ready = Gauge(
             "asyncserve_model_ready", "1 when the model is loaded and warm, else 0.", ["model", "version"], registry=r

@@ -14,9 +14,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from asyncserve.batching import Batcher, BatchSettings, Runner
 from asyncserve.calls import deadline_scope, request_deadline
-from asyncserve.ensemble import Ensemble
+from asyncserve.composition.ensemble import Ensemble
 from asyncserve.exceptions import (
     AsyncServeError,
     ConfigurationError,
@@ -25,9 +24,10 @@ from asyncserve.exceptions import (
     ModelNotFound,
     ModelNotReady,
 )
-from asyncserve.executor import Executor, Prediction, load_and_warm
 from asyncserve.metrics import Metrics
 from asyncserve.model import ModelSpec, call_predict, check_outputs
+from asyncserve.runtime.batching import Batcher, BatchSettings, Runner
+from asyncserve.runtime.executor import Executor, Prediction, load_and_warm
 from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """``asyncserve jobs submit FILE --model M --out FILE``: a file of inputs in, one result line per job out.
 
 The input is JSON Lines (one inputs object per line, as the JSON API takes it) or, for a ``.csv``
-file, CSV whose header row names the inputs (see :mod:`asyncserve.inputfiles`). Rows go to ``POST /v1/jobs/batch`` in
+file, CSV whose header row names the inputs (see :mod:`asyncserve.cli.inputfiles`). Rows go to
+``POST /v1/jobs/batch`` in
 chunks of ``--batch-size``, ``--concurrency`` chunks at a time; a chunk the server refuses (a bad
 row fails its whole chunk) is sent again row by row, so that only the bad rows are ``rejected``.
 ``--concurrency`` pollers then follow the jobs in submission order (``GET /v1/jobs/{id}``, backing
@@ -35,8 +36,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from asyncserve.cli.inputfiles import Row, read_rows
 from asyncserve.exceptions import ConfigurationError
-from asyncserve.inputfiles import Row, read_rows
 
 if TYPE_CHECKING:
     import httpx

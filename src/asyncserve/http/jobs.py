@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
 
-from asyncserve import jsonapi, v2
 from asyncserve.exceptions import InvalidRequest, NotFound, SchemaViolation
+from asyncserve.http import jsonapi, v2
+from asyncserve.http.routing import Request, Response, Router, StreamingResponse
 from asyncserve.jobs import Broker, Job, JobRequest
 from asyncserve.jobs.webhooks import WebhookSettings, validate_webhook_url
-from asyncserve.pipeline import Pipeline
-from asyncserve.registry import ModelEntry, ModelRegistry
-from asyncserve.routing import Request, Response, StreamingResponse
+from asyncserve.runtime.pipeline import Pipeline
+from asyncserve.runtime.registry import ModelEntry, ModelRegistry
 
 _SUBMIT_FIELDS = {
     "model", "version", "inputs", "webhook", "priority", "ttl_s", "max_attempts", "queue_timeout_s", "idempotency_key",
@@ -41,17 +42,25 @@ class JobsAPI:
         self.webhooks = webhooks
         self.max_batch = max_batch
 
+    def add_routes(self, router: Router) -> None:
+        router.add("POST", "/v1/jobs", self.submit, "jobs_submit")
+        router.add("POST", "/v1/jobs/batch", self.submit_batch, "jobs_batch")
+        router.add("GET", "/v1/jobs", self.list, "jobs_list")
+        router.add("GET", "/v1/jobs/{job}", self.get, "jobs_get")
+        router.add("GET", "/v1/jobs/{job}/events", self.events, "jobs_events")
+        router.add("DELETE", "/v1/jobs/{job}", self.cancel, "jobs_cancel")
+
     # Submitting
 
     async def submit(self, request: Request) -> Response:
-        document = _parse(await request.body())
+        document = _parse(request.body)
         job_request = await self._job_request(document, "", request.headers.get("idempotency-key"))
         job, created = await self.broker.enqueue(job_request)
         return _accepted(job, 202 if created else 200)
 
     async def submit_batch(self, request: Request) -> Response:
         """Many jobs at once: a JSON array of job objects, or JSON Lines (one job object per line)."""
-        items = _parse_batch(await request.body(), request.headers.get("content-type", ""))
+        items = _parse_batch(request.body, request.headers.get("content-type", ""))
         if len(items) > self.max_batch:
             raise InvalidRequest(f"a batch holds at most {self.max_batch} jobs, got {len(items)}; split it")
         requests = [await self._job_request(item, f"[{index}]", None) for index, item in enumerate(items)]
@@ -194,10 +203,7 @@ def _parse_batch(body: bytes, content_type: str) -> list[Any]:
 
 
 def _query(request: Request) -> dict[str, str]:
-    from urllib.parse import parse_qsl
-
-    raw: bytes = request.scope.get("query_string", b"")
-    return dict(parse_qsl(raw.decode("latin-1")))
+    return dict(urllib.parse.parse_qsl(request.query))
 
 
 def _limit(value: str) -> int:

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from asyncserve.cost import CostModel
 from asyncserve.exceptions import DeadlineExceeded, InvalidRequest, Overloaded, ShuttingDown
 from asyncserve.metrics import BatchMetrics
+from asyncserve.runtime.cost import CostModel
 from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,280 @@
+"""The HTTP app: routes of the Open Inference Protocol (V2), the JSON API, jobs and operations, and the
+one way every request is served (``handle``), whatever carried it (asyncserve's protocol or ASGI)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncserve
+from asyncserve.composition.lazy import DeferredPredictions
+from asyncserve.config import Settings
+from asyncserve.exceptions import AsyncServeError, ModelError, ModelNotReady, Overloaded, ShuttingDown, Unavailable
+from asyncserve.http import openapi, v2
+from asyncserve.http.admin import RepositoryRoutes
+from asyncserve.http.inference import InferenceRoutes, parse_timeout
+from asyncserve.http.jobs import JobsAPI
+from asyncserve.http.protocol import Respond
+from asyncserve.http.routing import Pending, Request, Response, Router
+from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
+from asyncserve.runtime.batching import LOOP_HOPS
+from asyncserve.runtime.peers import MetricsPeers
+from asyncserve.runtime.pipeline import Pipeline
+from asyncserve.runtime.registry import ModelRegistry
+from asyncserve.service import Service
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+"""The protocol extensions this server implements, exactly as ``GET /v2`` reports them."""
+
+
+class HttpApp:
+    """Routes requests to handlers, renders every error as JSON, and counts each request in the metrics.
+
+    Example::
+
+        http_app = HttpApp(settings, service, registry, pipeline, deferred, metrics, loop_lag)
+        http_app.handle(request, respond)  # respond(response, request_id), now or later
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: Service,
+        registry: ModelRegistry,
+        pipeline: Pipeline,
+        deferred: DeferredPredictions,
+        metrics: Metrics,
+        loop_lag: LoopLagProbe,
+        *,
+        jobs: JobsAPI | None = None,
+        peers: MetricsPeers | None = None,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.registry = registry
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.loop_lag = loop_lag
+        self.peers = peers
+        self.inference = InferenceRoutes(settings, registry, pipeline, deferred, jobs)
+        self.repository = RepositoryRoutes(registry)
+        self.jobs = jobs
+        self.inferring = 0
+        """Inference requests in flight (the server is idle when there are none)."""
+        self._model_names = {spec.name for spec in service.specs}
+        self._openapi_json: bytes | None = None
+        self.router = self._build_router()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.inference.shutting_down
+
+    def _build_router(self) -> Router:
+        r = Router()
+        # The inference routes first: the router tries routes with parameters in order.
+        inference = self.inference
+        r.add("POST", "/v2/models/{model}/infer", inference.infer, "v2_infer", inference=True)
+        r.add("POST", "/v1/models/{model}/predict", inference.predict, "v1_predict", inference=True)
+        r.add("GET", "/v2/health/live", self.live, "live")
+        r.add("GET", "/v2/health/ready", self.ready, "ready")
+        r.add("GET", "/v2", self.server_metadata, "server_metadata")
+        r.add("GET", "/v2/models/{model}", self.model_metadata, "model_metadata")
+        r.add("GET", "/v2/models/{model}/versions/{version}", self.model_metadata, "model_metadata")
+        r.add("GET", "/v2/models/{model}/ready", self.model_ready, "model_ready")
+        r.add("GET", "/v2/models/{model}/versions/{version}/ready", self.model_ready, "model_ready")
+        r.add("POST", "/v2/models/{model}/versions/{version}/infer", inference.infer, "v2_infer", inference=True)
+        self.repository.add_routes(r)
+        r.add("GET", "/v1/predictions/{handle}", inference.deferred_result, "v1_deferred", inference=True)
+        if self.jobs is not None:
+            self.jobs.add_routes(r)
+        r.add("GET", "/metrics", self.prometheus, "metrics")
+        r.add("GET", "/openapi.json", self.openapi_json, "openapi")
+        r.add("GET", "/docs", self.docs, "docs")
+        return r
+
+    # Serving a request
+
+    def handle(self, request: Request, respond: Respond) -> asyncio.Future[Any] | None:
+        """Serve ``request``: ``respond`` gets its response (exactly once), now or when its work is done.
+
+        Returns the work under way; cancelling it (the client went away) withdraws the request, and
+        ``respond`` is then not called.
+        """
+        started = time.perf_counter()
+        try:
+            route, request.params = self.router.match(request.method, request.path)
+        except AsyncServeError as exc:
+            respond(self._error_response(exc, "unknown", ""), request.request_id)
+            self.metrics.observe_request("unknown", "", exc.status_code, time.perf_counter() - started)
+            return None
+        route_name, model = route.name, self._model_label(request.params.get("model", ""))
+        self.metrics.request_started(route_name)
+        if route.inference:
+            self.inferring += 1
+        finish = functools.partial(self._finish, request, route_name, model, route.inference, started, respond)
+        try:
+            reply = route.handler(request)
+            if route.is_async:
+                work: asyncio.Future[Any] = asyncio.get_running_loop().create_task(reply)  # type: ignore[arg-type]
+                answer: Callable[[Any], Response] = _as_is
+            elif isinstance(reply, Pending):
+                work, answer = reply.work, reply.answer
+            else:
+                finish(None, reply)  # type: ignore[arg-type]
+                return None
+        except Exception as exc:
+            finish(None, exc)
+            return None
+        work.add_done_callback(lambda done: finish(answer, done))
+        return work
+
+    def _finish(
+        self,
+        request: Request,
+        route_name: str,
+        model: str,
+        inference: bool,
+        started: float,
+        respond: Respond,
+        answer: Callable[[Any], Response] | None,
+        outcome: asyncio.Future[Any] | Response | Exception,
+    ) -> None:
+        if inference:
+            self.inferring -= 1
+        self.metrics.request_finished(route_name)
+        if isinstance(outcome, asyncio.Future) and outcome.cancelled():
+            self.metrics.disconnects.labels(route_name, model).inc()  # only a client that went cancels
+            return
+        if isinstance(outcome, Response):
+            response = outcome
+        else:
+            response = self._outcome_response(request, route_name, model, answer, outcome)
+        respond(response, request.request_id)
+        self.metrics.observe_request(route_name, model, response.status, time.perf_counter() - started)
+
+    def _outcome_response(
+        self,
+        request: Request,
+        route_name: str,
+        model: str,
+        answer: Callable[[Any], Response] | None,
+        outcome: asyncio.Future[Any] | Exception,
+    ) -> Response:
+        # The failure is read, not raised: raising it here would tie it, through its traceback, to
+        # this frame and so to itself, a cycle per failed request for the garbage collector to find.
+        failure = outcome if isinstance(outcome, BaseException) else outcome.exception()
+        if failure is None:
+            try:
+                return answer(outcome.result())  # type: ignore[misc,union-attr]
+            except Exception as exc:  # encoding the outputs failed: a bug, logged
+                failure = exc
+        if not isinstance(failure, Exception):
+            raise failure  # KeyboardInterrupt and the like are not a request's failure
+        if not isinstance(failure, AsyncServeError):
+            where = f"{request.method} {request.path}"
+            logger.error("request %s: unexpected error on %s", request.request_id, where, exc_info=failure)
+            failure = AsyncServeError(
+                f"internal server error; the server log has the details (request {request.request_id})"
+            )
+        if isinstance(failure, ModelError):
+            logger.error("request %s: %s", request.request_id, failure.message, exc_info=failure.__cause__ or failure)
+        return self._error_response(failure, route_name, model)
+
+    def _error_response(self, exc: AsyncServeError, route_name: str, model: str) -> Response:
+        self.metrics.errors.labels(route_name, model, exc.code).inc()
+        return Response.json(exc.to_dict(), exc.status_code, exc.headers())
+
+    def _model_label(self, name: str) -> str:
+        # Only names of served models become label values: a client must not be able to grow
+        # the metrics without bound by asking for made-up models.
+        return name if name in self._model_names else ""
+
+    # Refusing from the head alone
+
+    def early_response(self, method: str, path: str, headers: dict[str, str]) -> Response | None:
+        """The answer to give at once, from its head, to an inference request that the swamped event loop
+        cannot serve within its budget; None (almost always): serve the request.
+
+        Under overload refusing must cost far less than serving: this runs before the body is read
+        or decoded, from what the loop-lag probe measured a moment ago.
+        """
+        if self.loop_lag.current_lag_s() < 0.01 or method != "POST":
+            return None
+        try:
+            route, params = self.router.match(method, path)
+            overloaded = self._swamped(headers.get("x-request-timeout"))
+        except AsyncServeError:
+            return None  # the handler gives the precise error
+        if overloaded is None or not route.inference:
+            return None
+        model = self._model_label(params.get("model", ""))
+        self.metrics.observe_request(route.name, model, overloaded.status_code, 0.0)
+        return self._error_response(overloaded, route.name, model)
+
+    def _swamped(self, asked_timeout: str | None) -> Overloaded | None:
+        lag = self.loop_lag.current_lag_s()
+        if lag < 0.01:
+            return None
+        budget = parse_timeout(asked_timeout) if asked_timeout is not None else self.settings.grace_period_s
+        if LOOP_HOPS * lag < budget:
+            return None
+        return Overloaded(
+            f"the server is overloaded (its event loop runs {lag * 1000:.0f} ms late, too late for this request's "
+            f"{budget * 1000:.0f} ms); retry later",
+            retry_after_s=max(1.0, lag),
+        )
+
+    # Health and metadata
+
+    def live(self, request: Request) -> Response:
+        return Response.json({"live": True})
+
+    def ready(self, request: Request) -> Response:
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down")
+        if not self.registry.ready:
+            waiting = [e.index_row() for e in self.registry.entries if e.state.value != "READY"]
+            exc = ModelNotReady(f"not every model is ready: {waiting}", retry_after_s=2.0)
+            return Response.json({"ready": False, **exc.to_dict()}, 503, exc.headers())
+        failing = self.pipeline.unhealthy_sources()
+        if failing:
+            down = Unavailable(f"feature source(s) {failing} are failing and their models have no defaults")
+            return Response.json({"ready": False, **down.to_dict()}, 503, down.headers())
+        return Response.json({"ready": True})
+
+    def server_metadata(self, request: Request) -> Response:
+        return Response.json({"name": self.service.name, "version": asyncserve.__version__, "extensions": EXTENSIONS})
+
+    def model_metadata(self, request: Request) -> Response:
+        entry = self.registry.find(request.params["model"], request.params.get("version"))
+        return Response.json(v2.model_metadata(entry.spec))
+
+    def model_ready(self, request: Request) -> Response:
+        entry = self.registry.get_ready(request.params["model"], request.params.get("version"))
+        return Response.json({"name": entry.spec.name, "ready": True})
+
+    # Operations
+
+    async def prometheus(self, request: Request) -> Response:
+        body = self.metrics.exposition() if self.peers is None else await self.peers.exposition()
+        return Response(200, body, content_type=CONTENT_TYPE)
+
+    def openapi_json(self, request: Request) -> Response:
+        if self._openapi_json is None:
+            document = openapi.openapi_document(self.service.name, asyncserve.__version__, self.service.specs)
+            self._openapi_json = Response.json(document).body
+        return Response(200, self._openapi_json)
+
+    def docs(self, request: Request) -> Response:
+        html = openapi.docs_html("/openapi.json", f"{self.service.name} - asyncserve")
+        return Response(200, html.encode(), content_type="text/html; charset=utf-8")
+
+
+def _as_is(response: Response) -> Response:
+    return response

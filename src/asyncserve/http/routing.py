@@ -1,0 +1,163 @@
+"""Requests, responses and the router: what the protocol hands the app and what a handler gives back.
+
+A handler takes a :class:`Request` (its body already read, within the server's limit) and returns a
+:class:`Response`, a :class:`Pending` response (a future and how its result becomes the response),
+or, for an ``async def`` handler, a coroutine of a Response, which the app runs as a task. So a
+request that must await (feature lookups, async models, job brokers) costs a task, and a request
+that only waits for its batch costs none.
+
+No web framework sits here on purpose: the server's own cost per request is paid on the same core
+as the models, and benchmarks/results/frameworks.md shows what Starlette and FastAPI add.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from asyncserve.exceptions import MethodNotAllowed, NotFound
+
+JSON_TYPE = "application/json"
+
+
+@dataclass(slots=True)
+class Request:
+    """One HTTP request, as the protocol (or the ASGI adapter) read it."""
+
+    method: str
+    path: str
+    """The path, percent-decoded, without the query."""
+    query: str
+    """The raw query string (without ``?``)."""
+    headers: dict[str, str]
+    """Header names in lower case; a repeated header keeps its last value."""
+    body: bytes
+    request_id: str
+    arrived: float
+    """``time.monotonic()`` when the request's head was parsed: deadlines count from here."""
+    params: dict[str, str] = field(default_factory=dict)
+    """The route's ``{param}`` values, set by the router."""
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = JSON_TYPE
+
+    @classmethod
+    def json(cls, content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        return cls(status, orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), headers or {})
+
+    def header_lines(self, request_id: str) -> list[tuple[bytes, bytes]]:
+        """The response's headers (without content-length or framing), as byte pairs."""
+        headers = [(b"content-type", self.content_type.encode()), (b"x-request-id", request_id.encode())]
+        headers.extend((name.encode(), value.encode("latin-1")) for name, value in self.headers.items())
+        return headers
+
+
+class StreamingResponse(Response):
+    """A response whose body is sent chunk by chunk as ``chunks`` yields them (Server-Sent Events, say).
+
+    The protocol writes each chunk as it comes and waits while the client reads slowly, so the
+    producer is paused rather than buffered without bound; a client that goes away stops it.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        chunks: AsyncIterator[bytes],
+        headers: dict[str, str] | None = None,
+        content_type: str = JSON_TYPE,
+    ) -> None:
+        super().__init__(status, b"", {"cache-control": "no-cache", **(headers or {})}, content_type)
+        self.chunks = chunks
+
+
+@dataclass(slots=True)
+class Pending:
+    """A response still being computed: ``work``'s result becomes the response through ``answer``.
+
+    Cancelling ``work`` withdraws the request (its rows leave the batcher's queue).
+    """
+
+    work: asyncio.Future[Any]
+    answer: Callable[[Any], Response]
+
+
+Reply = Response | Pending
+Handler = Callable[[Request], Reply] | Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: Handler
+    name: str
+    """A short label for metrics (never the raw path, whose values are unbounded)."""
+    is_async: bool
+    """Whether the handler is an ``async def``: its coroutine runs as a task."""
+    inference: bool = False
+    """Whether the route runs a model: it is refused early when the event loop is swamped."""
+
+
+class Router:
+    """Matches a method and path to a route; ``{param}`` in a path matches one segment.
+
+    Paths without parameters are found in a dict; the others are tried in the order they were
+    added, so the busiest (inference) routes should be added first.
+    """
+
+    def __init__(self) -> None:
+        self._routes: list[Route] = []
+        self._static: dict[tuple[str, str], Route] = {}
+        self._dynamic: list[Route] = []
+
+    def add(self, method: str, path: str, handler: Handler, name: str, *, inference: bool = False) -> None:
+        regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
+        is_async = inspect.iscoroutinefunction(handler)
+        route = Route(method, re.compile(f"^{regex}$"), handler, name, is_async, inference)
+        self._routes.append(route)
+        if "{" in path:
+            self._dynamic.append(route)
+        else:
+            self._static[(method, path)] = route
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        route = self._static.get((method, path))
+        if route is not None:
+            return route, {}
+        for route in self._dynamic:
+            if route.method == method:
+                found = route.pattern.match(path)
+                if found is not None:
+                    return route, found.groupdict()
+        return self._no_match(method, path)
+
+    def _no_match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        allowed = [route.method for route in self._routes if route.pattern.match(path) is not None]
+        if allowed:
+            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {' or '.join(allowed)}")
+        raise NotFound(f"no route {method} {path}; see /docs for the API")
+
+    @property
+    def routes(self) -> Iterable[Route]:
+        return iter(self._routes)
+
+
+def new_request_id() -> str:
+    """16 hex digits for a request that came without ``X-Request-ID``.
+
+    From the process's pseudo-random generator (reseeded in each forked worker), not os.urandom:
+    a system call per request would hand the GIL to the executor's threads on the busiest path.
+    """
+    return f"{random.getrandbits(64):016x}"

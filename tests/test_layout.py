@@ -1,0 +1,78 @@
+"""The public API is short, sorted and complete, and the modules keep to the import rules."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncserve
+
+PACKAGE = Path(asyncserve.__file__).parent
+
+LAYERS = {
+    "exceptions": 0, "tensors": 0, "config": 0, "metrics": 0, "_utils": 0, "cache": 0, "calls": 0,
+    "features": 1, "predlog": 1, "jobs": 1,
+    "model": 2,
+    "composition": 3,
+    "runtime": 4,
+    "service": 5,
+    "http": 6,
+    "app": 7, "server": 8, "asgi": 8, "cli": 8, "demo": 8, "__main__": 8,
+}  # fmt: skip
+"""What each module or folder may import: its own layer or below (docs/architecture.md draws them).
+
+0 leaves; 1 the backend families (feature sources, prediction-log sinks, job brokers); 2 the Model API;
+3 composition (ensembles, coalescing, caches, deferred predictions); 4 the runtime (registry, batching,
+executor, pipeline); 5 the Service; 6 the HTTP edge; 7 the composition root (App); 8 the entry points
+(server, ASGI, CLI, demo).
+A folder counts as one unit: its modules may import each other."""
+
+
+def unit_of(path: Path) -> str:
+    """The layer unit of a module file: its folder under the package, or its own name at the top."""
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def test_every_module_has_a_layer() -> None:
+    units = {unit_of(path) for path in PACKAGE.rglob("*.py")} - {"__init__"}
+    assert units == set(LAYERS)
+
+
+def imported_units(path: Path) -> set[str]:
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("asyncserve"):
+            parts = node.module.split(".")
+            if len(parts) > 1:
+                imported.add(parts[1])
+            else:
+                imported.update(alias.name for alias in node.names if alias.name in LAYERS)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[1] for a in node.names if a.name.startswith("asyncserve."))
+    return imported
+
+
+def test_import_rules() -> None:
+    broken = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        unit = unit_of(path)
+        if unit == "__init__":
+            continue  # the public API gathers names from every layer
+        for imported in imported_units(path) - {unit}:
+            if LAYERS[imported] > LAYERS[unit]:
+                where = path.relative_to(PACKAGE)
+                broken.append(f"{where} ({unit}, layer {LAYERS[unit]}) imports {imported} (layer {LAYERS[imported]})")
+    assert not broken
+
+
+def test_importing_asyncserve_loads_no_server_or_model_library() -> None:
+    code = (
+        "import sys, asyncserve; "
+        "heavy = [m for m in ('uvicorn', 'sklearn', 'tokenizers', 'httpx', 'prometheus_client') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
