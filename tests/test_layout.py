@@ -76,3 +76,68 @@ def test_importing_asyncserve_loads_no_server_or_model_library() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+PUBLIC_SUBMODULES = {
+    "numpy.typing", "prometheus_client.core", "prometheus_client.exposition", "prometheus_client.metrics_core",
+    "prometheus_client.parser", "prometheus_client.registry", "prometheus_client.utils", "redis.asyncio",
+    "redis.asyncio.retry", "redis.backoff", "safetensors.numpy", "sklearn.datasets", "sklearn.linear_model",
+    "sklearn.pipeline", "sklearn.preprocessing",
+}  # fmt: skip
+"""Submodules of dependencies that their documentation presents as public API. A module missing here (say
+uvicorn.protocols.http.httptools_impl) is an implementation detail: add it only if its library documents it."""
+
+
+def test_dependencies_are_used_through_their_documented_modules() -> None:
+    used: set[str] = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                used.add(node.module)
+            elif isinstance(node, ast.Import):
+                used.update(alias.name for alias in node.names)
+    submodules = {m for m in used if "." in m and m.split(".")[0] not in (*sys.stdlib_module_names, "asyncserve")}
+    assert submodules <= PUBLIC_SUBMODULES, submodules - PUBLIC_SUBMODULES
+
+
+def _is_private(name: str) -> bool:
+    return any(part.startswith("_") and not part.startswith("__") for part in name.split("."))
+
+
+def private_imports(tree: ast.AST) -> tuple[list[str], set[str]]:
+    """Imports of a dependency's private module or name, and the names its modules are bound to."""
+    found: list[str] = []
+    aliases: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            external = [alias for alias in node.names if not alias.name.startswith("asyncserve")]
+            aliases.update(alias.asname or alias.name.split(".")[0] for alias in external)
+            found.extend(f"import {alias.name}" for alias in external if _is_private(alias.name))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.split(".")[0] in ("asyncserve", "__future__"):
+                continue
+            if _is_private(node.module) or any(_is_private(alias.name) for alias in node.names):
+                found.append(f"from {node.module} import {', '.join(a.name for a in node.names)}")
+    return found, aliases
+
+
+def private_uses_of_dependencies(path: Path) -> list[str]:
+    """Imports of a dependency's private module or name, and ``module._name`` on an imported dependency."""
+    tree = ast.parse(path.read_text())
+    found, aliases = private_imports(tree)
+    for node in ast.walk(tree):
+        on_dependency = (
+            isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+        )
+        if on_dependency and _is_private(node.attr):  # type: ignore[attr-defined]
+            found.append(f"{node.value.id}.{node.attr}")  # type: ignore[attr-defined]
+    return found
+
+
+def test_no_module_uses_a_private_module_or_name_of_a_dependency() -> None:
+    used = {
+        str(path.relative_to(PACKAGE)): uses
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (uses := private_uses_of_dependencies(path))
+    }
+    assert not used

@@ -83,10 +83,9 @@ class Pipeline:
         priority: int = 0,
         request_id: str = "",
     ) -> Prediction:
-        if self._needs_a_task(entry):
-            return await self._run_stages(entry, columns, rows, deadline, priority, request_id)
-        outputs, finish = self.start(entry, columns, rows, deadline, priority=priority, request_id=request_id)
-        return finish(await outputs)
+        """A request's prediction, awaited (jobs, deferred predictions): ``start``, then its result."""
+        work, finish = self.start(entry, columns, rows, deadline, priority=priority, request_id=request_id)
+        return finish(await work)
 
     def start(
         self,
