@@ -146,6 +146,8 @@ class HttpProtocol(asyncio.Protocol):
         """Whether the connection stays open after the response being made."""
         self._work: asyncio.Future[Any] | None = None
         self._started = 0.0
+        self._request_line = ("-", "-")
+        """The method and path of the request being answered, for the access log."""
         self._broken: AsyncServeError | None = None
         """The error to answer once the requests ahead are answered; the connection then closes."""
         self._in_parser = False
@@ -225,7 +227,7 @@ class HttpProtocol(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._keep_alive_after = False  # no protocol upgrades: answer the request, then close
+            pass  # the request is answered as a plain one, and the connection closes (on_headers_complete)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, AsyncServeError):
@@ -237,8 +239,6 @@ class HttpProtocol(asyncio.Protocol):
             self._break(InvalidRequest(f"invalid HTTP request: {exc}"))
         finally:
             self._in_parser = False
-
-    _keep_alive_after = True
 
     # Parser callbacks
 
@@ -276,8 +276,13 @@ class HttpProtocol(asyncio.Protocol):
             raise InvalidRequest(f"invalid request target {self._url[:100]!r}") from None
         path = url.path.decode("latin-1")
         query = url.query.decode("latin-1") if url.query else ""
+        # No protocol upgrades: an Upgrade request is answered as a plain one, and the connection closes
+        # (the parser reads nothing after it).
         keep_alive = (
-            self._parser.get_http_version() == "1.1" and self._parser.should_keep_alive() and not self.server.closing
+            self._parser.get_http_version() == "1.1"
+            and self._parser.should_keep_alive()
+            and not self._parser.should_upgrade()
+            and not self.server.closing
         )
         head = _Head(
             self._parser.get_method().decode("ascii"), _unquote(path), query, headers, keep_alive, time.monotonic()
@@ -325,8 +330,9 @@ class HttpProtocol(asyncio.Protocol):
         self._keep_alive = head.keep_alive and "expect" not in head.headers
         self._busy = True
         self._started = time.perf_counter()
+        self._request_line = (head.method, head.path)
         request_id = head.headers.get("x-request-id") or new_request_id()
-        self.loop.call_soon(self._write, response, request_id, head)
+        self.loop.call_soon(self._write, response, request_id)
 
     def on_body(self, body: bytes) -> None:
         if self._discard_body:
@@ -358,9 +364,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _serve(self, request: Request, keep_alive: bool) -> None:
         self._busy = True
-        self._keep_alive = keep_alive and self._keep_alive_after
+        self._keep_alive = keep_alive
         self._started = time.perf_counter()
-        self._current = request
+        self._request_line = (request.method, request.path)
         try:
             self._work = self.app.handle(request, self._respond)
         except Exception:  # the app answers its own errors; this is a bug in it
@@ -374,11 +380,11 @@ class HttpProtocol(asyncio.Protocol):
             # then go on parsing and answering for seconds before any timer (deadlines, the lag
             # probe) or finished prediction got a turn. Answered on the next turn, each connection
             # brings at most one request per turn of the loop.
-            self.loop.call_soon(self._write, response, request_id, None)
+            self.loop.call_soon(self._write, response, request_id)
         else:
-            self._write(response, request_id, None)
+            self._write(response, request_id)
 
-    def _write(self, response: Response, request_id: str, head: _Head | None) -> None:
+    def _write(self, response: Response, request_id: str) -> None:
         if self.transport.is_closing():
             return  # the client went away meanwhile
         if isinstance(response, StreamingResponse):
@@ -391,7 +397,7 @@ class HttpProtocol(asyncio.Protocol):
         lines.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
         lines.append(response.body)
         self.transport.write(b"".join(lines))
-        self._log_access(response.status, len(response.body), head)
+        self._log_access(response.status, len(response.body))
         self._answered(keep_alive)
 
     async def _stream(self, response: StreamingResponse, request_id: str) -> None:
@@ -421,7 +427,7 @@ class HttpProtocol(asyncio.Protocol):
                 with contextlib.suppress(Exception):
                     await aclose()
         self._work = None
-        self._log_access(response.status, -1, None)
+        self._log_access(response.status, -1)
         self._answered(self._keep_alive and not self.server.closing)
 
     async def _wait_drained(self) -> None:
@@ -479,7 +485,8 @@ class HttpProtocol(asyncio.Protocol):
         if self._broken is None or self.transport.is_closing():
             return
         self._keep_alive = False
-        self._write(_error(self._broken), new_request_id(), None)
+        self._request_line = ("-", "(a request that could not be read)")
+        self._write(_error(self._broken), new_request_id())
 
     # Timeouts and shutdown (the server calls these)
 
@@ -507,17 +514,15 @@ class HttpProtocol(asyncio.Protocol):
     def busy(self) -> bool:
         return self._busy or bool(self._waiting)
 
-    def _log_access(self, status: int, size: int, head: _Head | None) -> None:
+    def _log_access(self, status: int, size: int) -> None:
         if not self.limits.access_log:
             return
-        request = self._current if head is None else head
+        method, path = self._request_line
         took_ms = (time.perf_counter() - self._started) * 1000
         access_logger.info(
-            '%s "%s %s" %d %s %.1fms', self.client, request.method, request.path, status,
+            '%s "%s %s" %d %s %.1fms', self.client, method, path, status,
             "-" if size < 0 else size, took_ms,
         )  # fmt: skip
-
-    _current: Request | _Head
 
 
 class ParseBudget:
