@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from asyncserve import ConfigurationError, Settings
+from asyncserve.config import WebhookSettings
 
 
 def test_from_env_reads_and_casts_variables() -> None:
@@ -38,3 +39,19 @@ def test_bad_values_say_what_is_expected(environ: dict[str, str], message: str) 
 def test_pool_size_defaults_to_the_cpu_count() -> None:
     assert Settings().pool_size >= 1
     assert Settings(executor_workers=3).pool_size == 3
+
+
+def test_webhook_settings_are_part_of_the_one_settings_object() -> None:
+    secret = "s" * 32
+    settings = Settings.from_env({"ASYNCSERVE_WEBHOOK_SECRET": secret, "ASYNCSERVE_WEBHOOK_MAX_ATTEMPTS": "2"})
+    assert (settings.webhooks.secret, settings.webhooks.max_attempts) == (secret, 2)
+    assert Settings(webhooks=WebhookSettings(allow_private=True)).webhooks.allow_private
+    with pytest.raises(ConfigurationError, match="webhook setting secret must be at least 16 characters"):
+        Settings.from_env({"ASYNCSERVE_WEBHOOK_SECRET": "short"})
+
+
+def test_http_limits_are_checked() -> None:
+    with pytest.raises(ConfigurationError, match="setting keep_alive_s must be a number of seconds > 0, got 0"):
+        Settings(keep_alive_s=0)
+    with pytest.raises(ConfigurationError, match="ssl_certfile and ssl_keyfile must be both given or both empty"):
+        Settings(ssl_certfile="cert.pem")

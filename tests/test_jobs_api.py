@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import orjson
-import pytest
 
 from asyncserve import Model, Service, Settings, Tensor
+from asyncserve.config import WebhookSettings
 from tests.conftest import serving
 from tests.models import Adder, Sleeper
 
@@ -32,13 +32,11 @@ class Poison(Model):
 
 SLEEPER = Sleeper()
 SERVICE = Service(Adder(), SLEEPER, Poison(), name="jobs")
-SETTINGS = Settings(executor_workers=2, loop_lag_interval_s=0.01, jobs="memory://", job_concurrency=8)
-
-
-@pytest.fixture(autouse=True)
-def webhook_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Webhooks are signed with the server's secret (by default there is none, and so no webhooks)."""
-    monkeypatch.setenv("ASYNCSERVE_WEBHOOK_SECRET", "test-secret-0123456789abcdef")
+SETTINGS = Settings(
+    executor_workers=2, loop_lag_interval_s=0.01, jobs="memory://", job_concurrency=8,
+    # Webhooks are signed with the server's secret (by default there is none, and so no webhooks).
+    webhooks=WebhookSettings(secret="test-secret-0123456789abcdef"),
+)  # fmt: skip
 
 
 ROW = {"a": [1, 2, 3], "b": [1, 1, 1]}

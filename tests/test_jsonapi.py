@@ -15,7 +15,8 @@ import pytest
 
 from asyncserve.exceptions import InvalidRequest, ModelError, SchemaViolation
 from asyncserve.http import jsonapi
-from asyncserve.http.jsonapi import STRUCT_CODES, decode_rows, encode_rows, may_hold_booleans, pack_numbers, per_spec
+from asyncserve.http.conversions import STRUCT_CODES, may_hold_booleans, pack_numbers, per_spec
+from asyncserve.http.jsonapi import decode_rows, encode_rows
 from asyncserve.model import Model, ModelSpec, describe
 from asyncserve.tensors import INTEGER_RANGES, Datatype, Tensor
 

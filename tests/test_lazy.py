@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from asyncserve.composition.lazy import (
-    Coalescer,
-    DeferredPredictions,
-    MemoryPredictionCache,
-    PredictionCache,
-    RedisPredictionCache,
-    decode_columns,
-    encode_columns,
-    request_key,
-)
+from asyncserve.composition.caches import MemoryPredictionCache, PredictionCache, RedisPredictionCache
+from asyncserve.composition.coalescing import Coalescer
+from asyncserve.composition.deferred import DeferredPredictions
+from asyncserve.composition.keys import decode_columns, encode_columns, request_key
 from asyncserve.exceptions import ConfigurationError, NotFound, Unavailable
 from asyncserve.tensors import Columns
 

@@ -15,7 +15,7 @@ from tritonclient.http._utils import _get_inference_request
 
 from asyncserve.exceptions import InvalidRequest, SchemaViolation
 from asyncserve.http import v2
-from asyncserve.http.jsonapi import may_hold_booleans
+from asyncserve.http.conversions import may_hold_booleans
 from asyncserve.http.v2 import (
     InferRequest,
     RequestedOutput,

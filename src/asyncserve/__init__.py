@@ -9,7 +9,7 @@ asgi, cli/, demo/). A module imports only from its own layer or below.
 Importing asyncserve loads no model library, opens no socket and configures no logging.
 """
 
-from asyncserve.composition.lazy import LazyPrediction
+from asyncserve.composition.deferred import LazyPrediction
 from asyncserve.config import Settings
 from asyncserve.exceptions import (
     AsyncServeError,

@@ -17,19 +17,14 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Self
 
 import asyncserve
-from asyncserve.composition.lazy import (
-    DeferredPredictions,
-    LazyPrediction,
-    MemoryPredictionCache,
-    PredictionCache,
-    RedisPredictionCache,
-)
+from asyncserve.composition.caches import MemoryPredictionCache, PredictionCache, RedisPredictionCache
+from asyncserve.composition.deferred import DeferredPredictions, LazyPrediction
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
 from asyncserve.http.app import HttpApp
 from asyncserve.http.jobs import JobsAPI
 from asyncserve.jobs import Broker, open_broker
-from asyncserve.jobs.webhooks import WebhookDelivery, WebhookSettings
+from asyncserve.jobs.webhooks import WebhookDelivery
 from asyncserve.jobs.worker import Worker
 from asyncserve.metrics import LoopLagProbe, Metrics
 from asyncserve.predlog import InputPolicy, PredictionLogger, open_sink
@@ -86,7 +81,7 @@ class App:
         )  # fmt: skip
         self.deferred = DeferredPredictions(max_handles=self.settings.max_deferred)
         self.broker: Broker | None = open_broker(self.settings.jobs) if self.settings.jobs else None
-        webhook_settings = WebhookSettings.from_env()
+        webhook_settings = self.settings.webhooks
         self.webhooks = WebhookDelivery(webhook_settings)
         self.jobs = None
         if self.broker is not None:

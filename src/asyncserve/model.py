@@ -59,10 +59,10 @@ class Model:
     example: ClassVar[Mapping[str, Any] | None] = None
     """One row of inputs as JSON values; used to warm the model up and in the API docs."""
     features: ClassVar[Sequence[Feature]] = ()
+    """Columns looked up per request in feature sources and passed to ``predict`` besides the inputs."""
     deterministic: ClassVar[bool] = False
     """The same inputs always give the same outputs: identical requests in flight then share one
     computation, and answers may be cached (``ASYNCSERVE_PREDICTION_CACHE``)."""
-    """Columns looked up per request in feature sources and passed to ``predict`` besides the inputs."""
 
     models: ModelCaller | None = None
     """The service's other models, for a model that calls them (``await self.models.predict("b", columns)``);

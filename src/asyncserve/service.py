@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from asyncserve.composition.lazy import LazyPrediction, LazyPredictor
+from asyncserve.composition.deferred import LazyPrediction, LazyPredictor
 from asyncserve.exceptions import ConfigurationError
 from asyncserve.model import Model, ModelSpec, describe
 

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+from asyncserve.config import WebhookSettings
 from asyncserve.exceptions import ConfigurationError, InvalidRequest
 from asyncserve.jobs.webhooks import (
     DELIVERY_HEADER,
@@ -23,7 +24,6 @@ from asyncserve.jobs.webhooks import (
     TIMESTAMP_HEADER,
     WebhookAttempt,
     WebhookDelivery,
-    WebhookSettings,
     sign,
     validate_webhook_url,
     verify,

@@ -18,9 +18,10 @@ from typing import Any
 import orjson
 import pytest
 
+from asyncserve.config import WebhookSettings
 from asyncserve.exceptions import InvalidRequest, ModelNotFound, SchemaViolation, Unavailable
 from asyncserve.jobs import Broker, Job, JobRequest, JobStatus, MemoryBroker
-from asyncserve.jobs.webhooks import WebhookDelivery, WebhookSettings, verify
+from asyncserve.jobs.webhooks import WebhookDelivery, verify
 from asyncserve.jobs.worker import JobHandler, Worker, WorkerState
 from tests.conftest import serving_asgi
 from tests.jobs.conftest import MakeBroker, Storage, let_pass

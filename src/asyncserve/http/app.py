@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncserve
-from asyncserve.composition.lazy import DeferredPredictions
+from asyncserve.composition.deferred import DeferredPredictions
 from asyncserve.config import Settings
 from asyncserve.exceptions import AsyncServeError, ModelError, ModelNotReady, Overloaded, ShuttingDown, Unavailable
 from asyncserve.http import openapi, v2

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from asyncserve.composition.lazy import DeferredPredictions, Handle, LazyPrediction
+from asyncserve.composition.deferred import DeferredPredictions, Handle, LazyPrediction
 from asyncserve.config import Settings
 from asyncserve.exceptions import InvalidRequest, NotFound, SchemaViolation, ShuttingDown, UnsupportedMediaType
 from asyncserve.http import jsonapi, v2

@@ -16,11 +16,12 @@ from typing import Any
 
 import orjson
 
+from asyncserve.config import WebhookSettings
 from asyncserve.exceptions import InvalidRequest, NotFound, SchemaViolation
 from asyncserve.http import jsonapi, v2
 from asyncserve.http.routing import Request, Response, Router, StreamingResponse
 from asyncserve.jobs import Broker, Job, JobRequest
-from asyncserve.jobs.webhooks import WebhookSettings, validate_webhook_url
+from asyncserve.jobs.webhooks import validate_webhook_url
 from asyncserve.runtime.pipeline import Pipeline
 from asyncserve.runtime.registry import ModelEntry, ModelRegistry
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import struct
-import weakref
 from collections.abc import Callable, KeysView, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +28,7 @@ import numpy.typing as npt
 import orjson
 
 from asyncserve.exceptions import InvalidRequest, ModelError, SchemaViolation
+from asyncserve.http.conversions import STRUCT_CODES, may_hold_booleans, pack_numbers, per_spec
 from asyncserve.model import ModelSpec
 from asyncserve.tensors import INTEGER_RANGES, Columns, Datatype, Tensor
 
@@ -41,23 +40,6 @@ _SHOWN_CHARS = 40
 _EXACT_FLOAT_INT = 2**53
 _FLOAT_MAX = {dtype: float(np.finfo(dtype.numpy_dtype).max) for dtype in (Datatype.FP16, Datatype.FP32, Datatype.FP64)}
 
-# struct's codes for the datatypes' standard sizes; "=" (native order, standard sizes) makes the
-# "e" and "f" codes refuse a float beyond the datatype's range, and every integer code a value out
-# of its range.
-STRUCT_CODES = {
-    Datatype.BOOL: "?",
-    Datatype.UINT8: "B",
-    Datatype.UINT16: "H",
-    Datatype.UINT32: "I",
-    Datatype.UINT64: "Q",
-    Datatype.INT8: "b",
-    Datatype.INT16: "h",
-    Datatype.INT32: "i",
-    Datatype.INT64: "q",
-    Datatype.FP16: "e",
-    Datatype.FP32: "f",
-    Datatype.FP64: "d",
-}
 # The element types the fast path takes per datatype (the exact path also takes integral floats
 # for integers): struct would also take booleans for numbers, and anything for BOOL.
 _ACCEPTED = {dt: frozenset({int, float}) for dt in (Datatype.FP16, Datatype.FP32, Datatype.FP64)}
@@ -66,9 +48,6 @@ _ACCEPTED |= {Datatype.BOOL: frozenset({bool})}
 _INT = frozenset({int})
 _LIST = frozenset({list})
 _STR = frozenset({str})
-# Below this length, a JSON body's values' types are found faster than "true" or "false" in its text.
-_SHORT_TEXT = 1024
-_PAIRS_LOOKED_AT = 16
 
 
 def decode_rows(body: bytes, spec: ModelSpec) -> tuple[Columns, bool]:
@@ -122,31 +101,6 @@ def encode_rows(spec: ModelSpec, outputs: Columns, as_list: bool) -> bytes:
 # -- the per-model plan --------------------------------------------------------------------------
 
 
-def per_spec(build: Callable[[ModelSpec], _T]) -> Callable[[ModelSpec], _T]:
-    """``build``, run once per model: its result is kept as long as the spec lives.
-
-    A ModelSpec is frozen but holds dicts, so it cannot be a dict key: the cache is keyed by its id,
-    and a weak reference both checks the id still names the same spec and drops the entry with it
-    (a cached plan must not keep an unloaded model's weights alive).
-    """
-    cache: dict[int, tuple[weakref.ref[ModelSpec], _T]] = {}
-
-    def cached(spec: ModelSpec) -> _T:
-        hit = cache.get(id(spec))
-        if hit is not None and hit[0]() is spec:
-            return hit[1]
-        key, value = id(spec), build(spec)
-
-        def forget(ref: weakref.ref[ModelSpec]) -> None:
-            if cache.get(key, (None,))[0] is ref:
-                del cache[key]
-
-        cache[key] = (weakref.ref(spec, forget), value)
-        return value
-
-    return cached
-
-
 @dataclass(frozen=True, slots=True)
 class _Reader:
     """How one declared input is read on the fast path."""
@@ -198,49 +152,6 @@ def _plan(spec: ModelSpec) -> _Plan:
         for name, tensor in spec.outputs.items()
     )
     return _Plan(spec.inputs.keys(), readers, writers)
-
-
-# -- conversions, shared with the V2 codec -------------------------------------------------------
-
-
-def pack_numbers(values: list[Any], shape: Sequence[int], dtype: np.dtype[Any], code: str) -> Array | None:
-    """``values`` as a new array of ``shape``, or None if one is no number for ``code`` or is out of range.
-
-    struct converts as ``np.array(values, dtype)`` does (the tests compare them): a float by C's
-    cast (round to nearest, ties to even), an int exactly or, for a float code, through a double.
-    With "=" (native order, standard sizes) it refuses what NumPy would wrap or make infinite,
-    without NumPy's per-call set-up. It takes booleans as 1 and 0: callers rule them out first.
-    """
-    column = np.empty(shape, dtype)
-    try:
-        # ndarray exports the buffer protocol; numpy's stubs declare it only for Python 3.12+.
-        struct.pack_into(f"={len(values)}{code}", column, 0, *values)  # type: ignore[arg-type]
-    except (struct.error, OverflowError):  # out of range (or an integer code given a float)
-        return None
-    return column
-
-
-def may_hold_booleans(text: bytes | memoryview) -> bool:
-    """False only if a JSON text holds no true or false: it has no "ue" and no "ls" in it.
-
-    A short text says True: looking at the values' types then costs less than this. The bytes are
-    found one at a time, with memchr (searching for the words is ten times slower on digits), and
-    a body of numbers has few u or l (one in "inputs"), so few are looked at.
-    """
-    if not isinstance(text, bytes) or len(text) < _SHORT_TEXT:
-        return True  # (a binary V2 request has its data in binary, rarely in JSON)
-    return _pair_in(text, b"u", b"e") or _pair_in(text, b"l", b"s")
-
-
-def _pair_in(text: bytes, first: bytes, second: bytes) -> bool:
-    at = text.find(first)
-    for _ in range(_PAIRS_LOOKED_AT):
-        if at == -1:
-            return False
-        if text[at + 1 : at + 2] == second:
-            return True
-        at = text.find(first, at + 1)
-    return True  # too many to look at: assume there is one
 
 
 # -- decoding: the document ----------------------------------------------------------------------

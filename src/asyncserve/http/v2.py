@@ -35,7 +35,7 @@ import numpy.typing as npt
 import orjson
 
 from asyncserve.exceptions import InvalidRequest, SchemaViolation
-from asyncserve.http.jsonapi import STRUCT_CODES, may_hold_booleans, pack_numbers, per_spec
+from asyncserve.http.conversions import STRUCT_CODES, may_hold_booleans, pack_numbers, per_spec
 from asyncserve.model import ModelSpec
 from asyncserve.tensors import INTEGER_RANGES, Columns, Datatype, Tensor
 

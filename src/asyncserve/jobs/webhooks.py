@@ -46,23 +46,22 @@ import dataclasses
 import hashlib
 import hmac
 import logging
-import os
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
 import orjson
 
+from asyncserve.config import WebhookSettings
 from asyncserve.exceptions import AsyncServeError, ConfigurationError, InvalidRequest
 from asyncserve.jobs.webhook_http import (
     Reply,
     checked_addresses,
     failed_reply,
-    normal_host,
     open_pinned_client,
     post,
     split_webhook_url,
@@ -79,87 +78,6 @@ ATTEMPT_HEADER = "X-Asyncserve-Attempt"
 TIMESTAMP_HEADER = "X-Asyncserve-Timestamp"
 SIGNATURE_HEADER = "X-Asyncserve-Signature"
 EVENT = "job.completed"
-
-_ENV_PREFIX = "ASYNCSERVE_WEBHOOK_"
-_MIN_SECRET_CHARS = 16
-
-
-@dataclass(frozen=True, kw_only=True)
-class WebhookSettings:
-    """How webhooks are signed, sent and retried, and where they may go.
-
-    Example::
-
-        WebhookSettings(secret=secrets.token_hex(32), max_attempts=3)
-        WebhookSettings.from_env()   # ASYNCSERVE_WEBHOOK_SECRET=... ASYNCSERVE_WEBHOOK_ALLOW_PRIVATE=true
-    """
-
-    secret: str = dataclasses.field(default="", repr=False)
-    """Shared with receivers to sign requests; empty means webhooks are refused at submission."""
-    timeout_s: float = 5.0
-    """Time limit of one attempt, from resolving the host to reading the answer."""
-    max_attempts: int = 5
-    backoff_s: float = 1.0
-    """Delay before the first retry; doubled for each later one, times a random factor in [0.5, 1]."""
-    max_backoff_s: float = 60.0
-    """Cap on any delay between attempts, a receiver's Retry-After included."""
-    allow_private: bool = False
-    """Allow URLs that resolve to loopback, private or link-local addresses (only on a network you trust)."""
-    allowed_hosts: frozenset[str] = frozenset()
-    """Host names (or IP literals) exempt from the address check; a string is read as comma-separated."""
-    max_body_bytes: int = 4 * 1024 * 1024
-    close_timeout_s: float = 10.0
-    """How long closing waits for running deliveries before cancelling them."""
-
-    def __post_init__(self) -> None:
-        hosts: Iterable[str] = self.allowed_hosts
-        if isinstance(hosts, str):
-            hosts = hosts.split(",")
-        object.__setattr__(self, "allowed_hosts", frozenset(normal_host(h) for h in hosts if h.strip()))
-        _require(not self.secret or len(self.secret) >= _MIN_SECRET_CHARS, "secret",
-                 f"at least {_MIN_SECRET_CHARS} characters (make one with: python -c "
-                 "'import secrets; print(secrets.token_hex(32))')", f"{len(self.secret)} characters")  # fmt: skip
-        _require(self.timeout_s > 0, "timeout_s", "a number of seconds > 0", self.timeout_s)
-        _require(self.max_attempts >= 1, "max_attempts", "an integer >= 1", self.max_attempts)
-        _require(self.backoff_s >= 0, "backoff_s", "a number of seconds >= 0", self.backoff_s)
-        _require(self.max_backoff_s >= self.backoff_s, "max_backoff_s", "a number of seconds >= backoff_s",
-                 self.max_backoff_s)  # fmt: skip
-        _require(self.max_body_bytes >= 1, "max_body_bytes", "an integer >= 1", self.max_body_bytes)
-        _require(self.close_timeout_s >= 0, "close_timeout_s", "a number of seconds >= 0", self.close_timeout_s)
-
-    @property
-    def enabled(self) -> bool:
-        """Whether webhooks can be sent at all (a secret is set)."""
-        return bool(self.secret)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WebhookSettings:
-        """Read ``ASYNCSERVE_WEBHOOK_{FIELD}`` variables; ``overrides`` win over them."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            variable = _ENV_PREFIX + field.name.upper()
-            if variable in environ:
-                values[field.name] = _cast(variable, environ[variable], field.default)
-        return cls(**{**values, **overrides})
-
-
-def _require(ok: bool, name: str, rule: str, value: object) -> None:
-    if not ok:
-        raise ConfigurationError(f"webhook setting {name} must be {rule}, got {value!r}")
-
-
-def _cast(variable: str, raw: str, default: object) -> object:
-    if isinstance(default, bool):
-        if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ConfigurationError(f"{variable}={raw!r} is not a valid bool; use true or false")
-        return raw.lower() in ("1", "true", "yes")
-    if isinstance(default, int | float):
-        try:
-            return type(default)(raw)
-        except ValueError:
-            raise ConfigurationError(f"{variable}={raw!r} is not a valid {type(default).__name__}") from None
-    return raw  # str, or the comma-separated allowed_hosts
 
 
 # --- signing -----------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from asyncserve._utils import settle
-from asyncserve.composition.lazy import Coalescer, PredictionCache, request_key
+from asyncserve.composition.caches import PredictionCache
+from asyncserve.composition.coalescing import Coalescer
+from asyncserve.composition.keys import request_key
 from asyncserve.features import FeatureSource, fetch_features
 from asyncserve.metrics import Metrics
 from asyncserve.predlog import PredictionLogger, prediction_record
