@@ -363,3 +363,29 @@ async def test_an_idle_connection_closes_after_the_keep_alive_timeout_and_a_busy
         finally:
             idle_writer.close()
             busy_writer.close()
+
+
+async def test_a_client_that_reads_slowly_pauses_the_server_and_gets_every_answer_in_order(
+    running: RunningServer,
+) -> None:
+    # 2,000 pipelined requests for a document of about 20 kB (40 MB of answers, more than the sockets'
+    # buffers hold), sent while the client reads slowly: the server stops reading while its answers
+    # wait, and resumes as the client reads, so every answer comes, in order.
+    reader, writer = await connect(running)
+    get = b"GET /openapi.json HTTP/1.1\r\nHost: test\r\nX-Request-ID: %d\r\n\r\n"
+
+    async def send() -> None:
+        for n in range(2000):
+            writer.write(get % n)
+            await writer.drain()
+
+    sending = asyncio.create_task(send())
+    answers = []
+    for _ in range(2000):
+        answers.append(await read_response(reader))
+        if len(answers) % 100 == 0:
+            await asyncio.sleep(0.005)  # a slow reader (nothing waits on this)
+    await sending
+    assert [(status, int(headers["x-request-id"])) for status, headers, _ in answers] == [(200, n) for n in range(2000)]
+    assert len({body for _, _, body in answers}) == 1
+    writer.close()

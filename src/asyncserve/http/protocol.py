@@ -55,7 +55,8 @@ PARSE_BUDGET_S = 0.001
 """How long one turn of the event loop may spend parsing (and so refusing or starting) requests."""
 
 MAX_PIPELINED = 16
-"""Requests parsed ahead of the one being answered on a connection; past that, reading pauses."""
+"""Requests parsed ahead of the one being answered on a connection; past that, reading pauses (the
+requests that one read brought in are parsed whatever their number)."""
 
 STATUS_LINES = {
     status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode()) for status in http.HTTPStatus
@@ -193,12 +194,19 @@ class HttpProtocol(asyncio.Protocol):
             self._drained.set_result(None)
 
     def pause_writing(self) -> None:
+        # The client reads slower than we answer: read no more requests until it catches up, so that
+        # answers do not pile up in the transport's buffer.
         self._writing_paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self._update_reading()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
+        if not self._busy and self._waiting:
+            self._busy = True
+            self.loop.call_soon(self._serve_next)
 
     # Reading
 
@@ -215,14 +223,14 @@ class HttpProtocol(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport.is_closing():
             return
-        if self.paused_by_budget or self._paused_by_pipeline:
+        if self.paused_by_budget or self._paused_by_pipeline or self._writing_paused:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
 
     def _feed(self, data: bytes) -> None:
-        if self._broken is not None:
-            return  # the connection will close once the requests ahead are answered
+        if self._broken is not None or self.lingering_since is not None:
+            return  # the connection closes once the requests ahead are answered, or is closing
         self._in_parser = True
         try:
             self._parser.feed_data(data)
@@ -442,11 +450,11 @@ class HttpProtocol(asyncio.Protocol):
             self._close_after_answer()
             return
         if self._waiting:
-            request, request_keep_alive = self._waiting.popleft()
-            if self._paused_by_pipeline and len(self._waiting) < MAX_PIPELINED // 2:
-                self._paused_by_pipeline = False
-                self._update_reading()
-            self._serve(request, request_keep_alive)
+            if not self._writing_paused:  # else resume_writing serves it
+                # On the next turn, not from here: answered at once one after the other, pipelined
+                # requests would otherwise nest a call per request.
+                self._busy = True
+                self.loop.call_soon(self._serve_next)
             return
         if self._broken is not None:
             self._write_broken()
@@ -470,6 +478,16 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.resume_reading()  # read (and drop) until the client closes
         else:
             self.transport.close()  # TLS cannot half-close
+
+    def _serve_next(self) -> None:
+        if self.transport.is_closing() or not self._waiting:
+            self._busy = False
+            return
+        request, keep_alive = self._waiting.popleft()
+        if self._paused_by_pipeline and len(self._waiting) < MAX_PIPELINED // 2 and self._broken is None:
+            self._paused_by_pipeline = False
+            self._update_reading()
+        self._serve(request, keep_alive)
 
     def _break(self, error: AsyncServeError) -> None:
         """The request cannot be read on: answer ``error`` once the requests ahead are answered, then close."""
