@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -118,10 +119,13 @@ class AsgiApp:
 
 
 def _route_path(scope: Scope) -> str:
-    """The path below where the app is mounted: ASGI servers and frameworks give the full path and the mount
-    point (``root_path``)."""
-    path: str = scope["path"]
+    """The path below where the app is mounted, as the client sent it (percent-encoded, ``raw_path``, which the
+    router wants), or decoded where the server gives no raw path; servers and frameworks give the full path
+    and the mount point (``root_path``)."""
+    raw: bytes | None = scope.get("raw_path")
+    path: str = raw.decode("latin-1") if raw else scope["path"]
     root: str = scope.get("root_path", "")
+    root = urllib.parse.quote(root) if raw else root
     return path[len(root) :] if root and path.startswith(root) else path
 
 

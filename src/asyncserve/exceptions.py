@@ -80,6 +80,13 @@ class MethodNotAllowed(AsyncServeError):
     status_code = 405
     code = "method_not_allowed"
 
+    def __init__(self, message: str, *, allowed: list[str]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"allow": ", ".join(self.allowed)}
+
 
 class RequestTimeout(AsyncServeError):
     status_code = 408

@@ -12,6 +12,7 @@ Shutdown on SIGTERM or SIGINT, in order:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import multiprocessing
@@ -49,11 +50,8 @@ heap frozen once the models are loaded, the I/O benchmark's batched service at c
 
 
 def limits_of(settings: Settings) -> Limits:
-    return Limits(
-        max_body_bytes=settings.max_body_bytes, max_url_bytes=settings.max_url_bytes,
-        max_header_count=settings.max_header_count, max_header_bytes=settings.max_header_bytes,
-        keep_alive_s=settings.keep_alive_s, head_timeout_s=settings.head_timeout_s, access_log=settings.access_log,
-    )  # fmt: skip
+    """The HTTP limits among the settings (each of Limits' fields is a setting of the same name)."""
+    return Limits(**{field.name: getattr(settings, field.name) for field in dataclasses.fields(Limits)})
 
 
 def http_server_for(app: App) -> HttpServer:

@@ -37,6 +37,7 @@ SETTINGS = Settings(
     max_header_bytes=2048,
     keep_alive_s=30.0,
     head_timeout_s=0.3,
+    body_timeout_s=0.4,
 )
 
 ROW = {"a": [1.0, 2.0, 3.0], "b": [1.0, 1.0, 1.0]}
@@ -190,6 +191,36 @@ async def test_a_head_that_arrives_in_time_in_pieces_is_served(running: RunningS
         writer.write(whole[20:])
         status, _, body = await read_response(reader)
     assert status == 200, body
+
+
+async def test_a_body_that_never_ends_gets_408_and_the_connection_closes(running: RunningServer) -> None:
+    async with connection(running) as (slow_reader, slow_writer):
+        started = time.monotonic()
+        slow_writer.write(request(PREDICT, orjson.dumps(ROW))[:-5])  # the head, and all but 5 bytes of the body
+        await slow_writer.drain()
+        await assert_serves(running)  # meanwhile, on another connection
+        answers = split_responses(await read_to_eof(slow_reader))
+        took = time.monotonic() - started
+    assert len(answers) == 1, answers
+    error = assert_error(answers[0], 408, "request_timeout")
+    assert "request body did not arrive within 0.4 s" in error["error"]
+    assert SETTINGS.body_timeout_s <= took < 2.0
+
+
+async def test_a_connection_over_the_limit_is_answered_503_and_closed() -> None:
+    settings = Settings(executor_workers=1, jobs="", max_connections=3, keep_alive_s=30.0)
+    async with serving(Service(Adder(), name="few"), settings) as running:
+        async with connection(running) as first, connection(running) as second, connection(running) as third:
+            for reader, writer in (first, second, third):
+                writer.write(request(PREDICT, orjson.dumps(ROW)))
+                assert (await read_response(reader))[0] == 200  # accepted, kept alive
+            async with connection(running) as (reader, _):
+                answers = split_responses(await read_to_eof(reader))
+            assert len(answers) == 1
+            error = assert_error(answers[0], 503, "unavailable")
+            assert "limit of 3 connections" in error["error"]
+            assert answers[0][1]["retry-after"] == "1"
+        await assert_serves(running)  # the three closed: room again
 
 
 # 3. Many idle connections

@@ -14,7 +14,11 @@ What the protocol guarantees a client:
 - a head that takes longer than ``head_timeout_s`` to arrive is answered 408 and closed;
 - a request with both ``Content-Length`` and ``Transfer-Encoding``, two lengths, or a transfer
   coding other than ``chunked`` is refused 400 and the connection closed (request smuggling);
-- a bug anywhere in the request's way answers 500 and logs its traceback.
+- a bug anywhere in the request's way answers 500 and logs its traceback;
+- the path is routed as sent: an encoded slash (``%2F``) never splits a segment.
+
+A client whose connection ends (or that closes its sending side: the two cannot be told apart) is
+gone: the work of its request is cancelled, which withdraws its rows from the batcher.
 
 Under overload, two rules keep every turn of the event loop short, so that deadlines, the lag
 probe and finished predictions get their turn: answers decided inside the parser's callbacks are
@@ -30,7 +34,6 @@ import contextlib
 import http
 import logging
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -44,6 +47,7 @@ from asyncserve.exceptions import (
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
+    Unavailable,
     URITooLong,
 )
 from asyncserve.http.routing import Request, Response, StreamingResponse, new_request_id
@@ -90,6 +94,8 @@ class Limits:
     max_header_bytes: int = 16 * 1024
     keep_alive_s: float = 5.0
     head_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 10_000
     access_log: bool = False
 
 
@@ -157,6 +163,8 @@ class HttpProtocol(asyncio.Protocol):
         """When the connection fell idle (``loop.time()``); None while a request is under way."""
         self.head_since: float | None = None
         """When the head being parsed began to arrive; None between requests."""
+        self.body_since: float | None = None
+        """When the body being read began to be expected (its head was parsed); None otherwise."""
         self.lingering_since: float | None = None
         """When the connection began closing after its last answer (``_close_after_answer``)."""
         # Reading and writing
@@ -174,7 +182,16 @@ class HttpProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         self.idle_since = self.loop.time()
+        over_limit = len(self.server.connections) >= self.limits.max_connections
         self.server.connections.add(self)
+        if over_limit:
+            # Refused politely: an answer the client can read, then the connection closes.
+            self._busy = True
+            self._keep_alive = False
+            self._request_line = ("-", "(a connection over the server's limit)")
+            limit = self.limits.max_connections
+            refusal = Unavailable(f"the server holds its limit of {limit} connections; retry later", retry_after_s=1.0)
+            self._write(_error(refusal), new_request_id())
 
     def data_received(self, data: bytes) -> None:
         if self.lingering_since is not None:
@@ -277,6 +294,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_since = None
+        self.body_since = self.loop.time()
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in self._raw_headers}
         try:
             url = httptools.parse_url(self._url)
@@ -292,9 +310,7 @@ class HttpProtocol(asyncio.Protocol):
             and not self._parser.should_upgrade()
             and not self.server.closing
         )
-        head = _Head(
-            self._parser.get_method().decode("ascii"), _unquote(path), query, headers, keep_alive, time.monotonic()
-        )
+        head = _Head(self._parser.get_method().decode("ascii"), path, query, headers, keep_alive, time.monotonic())
         too_large = self._check_framing(headers)
         self._head = head
         self._discard_body = False
@@ -351,6 +367,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self.body_since = None
         head, self._head = self._head, None
         if head is None or self._discard_body:
             self._discard_body = False
@@ -492,7 +509,7 @@ class HttpProtocol(asyncio.Protocol):
     def _break(self, error: AsyncServeError) -> None:
         """The request cannot be read on: answer ``error`` once the requests ahead are answered, then close."""
         self._broken = error
-        self.head_since = None
+        self.head_since = self.body_since = None
         self._paused_by_pipeline = True  # read nothing more
         self._update_reading()
         if not self._busy and not self._waiting:
@@ -514,6 +531,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.close()
         elif self.head_since is not None and now - self.head_since >= self.limits.head_timeout_s:
             self._break(RequestTimeout(f"the request head did not arrive within {self.limits.head_timeout_s:g} s"))
+        elif self.body_since is not None and now - self.body_since >= self.limits.body_timeout_s:
+            self._break(RequestTimeout(f"the request body did not arrive within {self.limits.body_timeout_s:g} s"))
         elif self.idle_since is not None and now - self.idle_since >= self.limits.keep_alive_s:
             self.transport.close()
 
@@ -605,10 +624,6 @@ class ParseBudget:
         if waiting:
             self._turn_pending = True
             self._loop.call_soon(self._next_turn)
-
-
-def _unquote(path: str) -> str:
-    return urllib.parse.unquote(path) if "%" in path else path
 
 
 def _too_large(size: int, limit: int) -> str:

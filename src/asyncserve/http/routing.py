@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import random
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,8 @@ class Request:
 
     method: str
     path: str
-    """The path, percent-decoded, without the query."""
+    """The path as the client sent it (percent-encoded), without the query; the router decodes the
+    ``{param}`` values it finds in it."""
     query: str
     """The raw query string (without ``?``)."""
     headers: dict[str, str]
@@ -133,6 +135,11 @@ class Router:
             self._static[(method, path)] = route
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        """The route of ``path`` as the client sent it (percent-encoded), and its parameters, decoded.
+
+        Matching the raw path means an encoded slash (``%2F``) never splits a segment: a path that a
+        proxy rule sees under one prefix reaches the route under that prefix.
+        """
         route = self._static.get((method, path))
         if route is not None:
             return route, {}
@@ -140,13 +147,16 @@ class Router:
             if route.method == method:
                 found = route.pattern.match(path)
                 if found is not None:
-                    return route, found.groupdict()
+                    params = found.groupdict()
+                    if "%" in path:
+                        params = {name: urllib.parse.unquote(value) for name, value in params.items()}
+                    return route, params
         return self._no_match(method, path)
 
     def _no_match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        allowed = [route.method for route in self._routes if route.pattern.match(path) is not None]
+        allowed = sorted({route.method for route in self._routes if route.pattern.match(path) is not None})
         if allowed:
-            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {' or '.join(allowed)}")
+            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {' or '.join(allowed)}", allowed=allowed)
         raise NotFound(f"no route {method} {path}; see /docs for the API")
 
     @property

@@ -87,7 +87,8 @@ class HttpServer:
         now = loop.time()
         for connection in list(self.connections):
             connection.check_timeouts(now)
-        interval = min(TICK_S, self.limits.keep_alive_s / 4, self.limits.head_timeout_s / 4)
+        limits = self.limits
+        interval = min(TICK_S, limits.keep_alive_s / 4, limits.head_timeout_s / 4, limits.body_timeout_s / 4)
         self._ticker = loop.call_later(interval, self._tick)
 
     def close(self) -> None:
