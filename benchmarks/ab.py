@@ -1,15 +1,16 @@
 """Interleaved A/B of asyncserve checkouts on the batching benchmark's MLP: where did a change move the cost?
 
-Each variant is ``label=PATH``: a checkout (a ``git worktree``, or a copy holding compiled modules)
-whose ``asyncserve`` and ``benchmarks`` packages are imported first. Every variant runs
+Each variant is ``label=PATH``: a checkout (a ``git worktree``) whose ``asyncserve`` package is
+imported first, ``PATH/src/asyncserve`` in the src layout or ``PATH/asyncserve`` in the older one
+(``benchmarks.checkouts``); the ``benchmarks`` package is this repository's. Every variant runs
 ``asyncserve serve benchmarks.mlp:service --executor-workers 1`` pinned to the server core, and
-wrk on the other core loads each in turn, run after run, so that the machine's drift falls on all
-of them alike. Per run it prints req/s, the CPU time per request of the event loop's thread and of
-the other threads (the executor: the model), the mean batch and the loop's lag; then the medians::
+wrk on the other core loads each in turn, round after round (the order rotating), so that the
+machine's drift falls on all of them alike. Per run it prints req/s, the CPU time per request of
+the event loop's thread and of the other threads (the executor: the model), the mean batch and the
+loop's lag; then the medians::
 
-    git worktree add /tmp/base HEAD~1
-    python -m benchmarks.ab --concurrency 64 --repeats 4 base=/tmp/base new=.
-    python -m benchmarks.ab interpreted=. compiled=build/compiled   # after `make compiled`
+    git worktree add ../base HEAD~1
+    python -m benchmarks.ab --concurrency 64 --repeats 4 base=../base new=.
 
 On this two-core shared machine a difference under about 5% in one A/B is noise: repeat it.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import tempfile
@@ -26,8 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import batching, harness, procstat, scrape, wrk
+from benchmarks import batching, harness, measure, procstat, scrape, wrk
+from benchmarks.checkouts import Checkout
 from benchmarks.harness import BenchmarkError, Server, ServerSpec
+from benchmarks.measure import Scenario
 
 
 @dataclass(frozen=True)
@@ -45,18 +47,11 @@ class Sample:
         )
 
 
-def variant(argument: str) -> ServerSpec:
-    label, _, path = argument.partition("=")
-    checkout = Path(path).resolve()
-    if not label or not (checkout / "asyncserve" / "__init__.py").exists():
-        raise argparse.ArgumentTypeError(f"{argument!r}: give label=PATH, PATH a checkout holding asyncserve/")
-    # `env` replaces the PYTHONPATH the harness sets: this checkout's packages come first, then this
-    # repository's (a compiled build, build/compiled, holds asyncserve but not benchmarks).
-    pythonpath = os.pathsep.join(dict.fromkeys([str(checkout), str(harness.REPO)]))
-    return ServerSpec(label, ("env", f"PYTHONPATH={pythonpath}", *batching.served_command()))
+def variant(checkout: Checkout) -> ServerSpec:
+    return ServerSpec(checkout.label, batching.served_command(checkout.launcher))
 
 
-def measure(server: Server, script: Path, concurrency: int, duration_s: int, load_cpu: int) -> Sample:
+def sample(server: Server, script: Path, concurrency: int, duration_s: int, load_cpu: int) -> Sample:
     cpu_before, metrics_before = procstat.thread_cpu_s(server.pid), scrape.scrape(server.port)
     result = wrk.run_wrk(server.port, batching.INFER_PATH, script, concurrency, duration_s, load_cpu)
     cpu = procstat.thread_cpu_delta(cpu_before, procstat.thread_cpu_s(server.pid))
@@ -90,40 +85,46 @@ def median(samples: Sequence[Sample]) -> Sample:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("variants", type=variant, nargs="+", metavar="label=PATH")
+    parser.add_argument("variants", type=Checkout.parse, nargs="+", metavar="label=PATH")
     parser.add_argument("--concurrency", type=int, default=64, help="open connections (default 64)")
     parser.add_argument("--duration-s", type=int, default=5, help="seconds per wrk run (default 5)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant (default 3)")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
     args = parser.parse_args(argv)
-    samples: dict[str, list[Sample]] = {spec.label: [] for spec in args.variants}
     try:
-        harness.check_cpus(args.server_cpu, args.load_cpu)
-        harness.require_tool("wrk")
-        with tempfile.TemporaryDirectory() as workdir, contextlib.ExitStack() as stack:
-            script = wrk.write_script(batching.ENDPOINT, Path(workdir))
-            servers = [
-                stack.enter_context(harness.running_server(spec, args.server_cpu, Path(workdir)))
-                for spec in args.variants
-            ]
-            for server in servers:
-                build = "compiled" if scrape.is_compiled(scrape.scrape(server.port)) else "interpreted"
-                print(f"{server.spec.label}: asyncserve {build}", flush=True)
-            for server in servers:  # warm up
-                wrk.run_wrk(server.port, batching.INFER_PATH, script, args.concurrency, 2, args.load_cpu)
-            for _ in range(args.repeats):
-                for server in servers:
-                    sample = measure(server, script, args.concurrency, args.duration_s, args.load_cpu)
-                    samples[server.spec.label].append(sample)
-                    print(sample.line(server.spec.label), flush=True)
+        samples = run(args)
     except BenchmarkError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
     print(f"medians of {args.repeats} runs at c={args.concurrency}:")
-    for label, runs in samples.items():
-        print(median(runs).line(label))
+    for key, runs in samples.items():
+        print(median(runs).line(key[0]))
     return 0
+
+
+def run(args: argparse.Namespace) -> dict[measure.RunKey, list[Sample]]:
+    harness.check_cpus(args.server_cpu, args.load_cpu)
+    harness.require_tool("wrk")
+    for checkout in args.variants:
+        imports = checkout.check_imports()
+        print(f"{checkout.label}: {checkout.commit()}, asyncserve from {imports['asyncserve']}", flush=True)
+    scenario = Scenario(batching.ENDPOINT, args.concurrency)
+    with tempfile.TemporaryDirectory() as workdir, contextlib.ExitStack() as stack:
+        script = wrk.write_script(batching.ENDPOINT, Path(workdir))
+        servers = [
+            stack.enter_context(harness.running_server(variant(checkout), args.server_cpu, Path(workdir)))
+            for checkout in args.variants
+        ]
+        for server in servers:  # warm up
+            wrk.run_wrk(server.port, batching.INFER_PATH, script, args.concurrency, 2, args.load_cpu)
+
+        def run_once(server: Server, _: Scenario, number: int) -> Sample:
+            result = sample(server, script, args.concurrency, args.duration_s, args.load_cpu)
+            print(f"round {number} " + result.line(server.spec.label), flush=True)
+            return result
+
+        return measure.interleave(servers, [scenario], args.repeats, run_once)
 
 
 if __name__ == "__main__":

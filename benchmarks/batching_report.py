@@ -13,26 +13,22 @@ from typing import Any
 from benchmarks import measure, report
 from benchmarks.overload import RSS_SETTLE_S
 
-SERVERS = (
-    ("asyncserve", "asyncserve (compiled)"),
-    ("fastapi", "FastAPI, model per request"),
-    ("asyncserve-py", "asyncserve (interpreted)"),
-    ("bare", "bare ASGI, no model (H)"),
-)
+LABELS = {"bare": "bare ASGI, no model (H)", "fastapi": "FastAPI, model per request"}
 
 
-def markdown(data: dict[str, Any]) -> str:
+def markdown(data: dict[str, Any], plot: str = "batching.png") -> str:
     parts = [
         "# Dynamic batching: asyncserve vs FastAPI on a NumPy MLP, one core",
-        _builds_text(),
         report.facts_markdown(data["machine"]),
+        *([_checkouts_text(data["checkouts"])] if data.get("checkouts") else []),
         _method(data),
         "## Targets\n\n" + _targets_table(data["targets"]),
         "## The model alone and the limit L\n\n" + _raw_table(data) + "\n\n" + _limit_text(data),
         "## Served throughput and latency\n\n" + _served_table(data) + "\n\n" + _served_legend(),
-        "## What asyncserve's batcher did (from its /metrics)\n\n" + _batching_table(data["rows"]),
-        "## Overload\n\n" + _overload_text(data["overload"]),
-        "![throughput and latency against concurrency](batching.png)",
+        "## Round by round\n\n" + _rounds_table(data) + "\n\n" + _rounds_legend(data["asyncserve"]),
+        "## What asyncserve's batcher did (from its /metrics)\n\n" + _batching_table(data),
+        f"## Overload ({data['asyncserve'][0]})\n\n" + _overload_text(data["overload"]),
+        f"![throughput and latency against concurrency]({plot})",
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -47,13 +43,13 @@ def _method(data: dict[str, Any]) -> str:
     )
 
 
-def _builds_text() -> str:
-    return (
-        "asyncserve runs in both of its builds, from the same sources: **compiled** (`make compiled`: the wheel "
-        "built with `HATCH_BUILD_HOOKS_ENABLE=1`, its request-path modules compiled with mypyc, as a release ships "
-        "it) and **interpreted** (`asyncserve-py`: the .py files, as an editable install runs them). Unlabelled "
-        "asyncserve figures are the compiled build's."
-    )
+def _checkouts_text(checkouts: dict[str, Any]) -> str:
+    lines = [
+        f"- {label}: commit `{c['commit']}` at `{c['path']}`; its servers import asyncserve from "
+        f"`{c['imports']['asyncserve']}` and benchmarks from `{c['imports']['benchmarks']}` (checked before the run)"
+        for label, c in checkouts.items()
+    ]
+    return "asyncserve runs from these checkouts, one server each:\n\n" + "\n".join(lines)
 
 
 def _targets_table(targets: list[dict[str, Any]]) -> str:
@@ -94,80 +90,89 @@ def _limit_text(data: dict[str, Any]) -> str:
 
 
 def _served_table(data: dict[str, Any]) -> str:
-    headers = ["c", "asyncserve req/s", "p50 ms", "p99 ms", "÷ L", "÷ L per CPU-s", "mean batch"]
-    headers += ["interpreted req/s", "p50 ms", "÷ L", "FastAPI req/s", "p50 ms", "p99 ms"]
-    headers += ["asyncserve ÷ FastAPI", "bare req/s", "server CPU a / i / f / b", "errors a / i / f / b"]
+    headers = ["c", "server", "req/s", "p50 ms", "p99 ms", "÷ L", "÷ L per CPU-s", "mean batch", "÷ FastAPI"]
+    headers += ["req/s min-max", "server CPU", "errors"]
     rows = []
     for row in data["rows"]:
-        served, interpreted, fastapi, bare = row["asyncserve"], row["asyncserve-py"], row["fastapi"], row["bare"]
-        mean_batch = row["batching"]["mean_batch_rows"]
-        rows.append(
-            [
-                str(row["concurrency"]),
-                f"{served['rps']:,.0f}",
-                report.ms(served["p50_ms"]),
-                report.ms(served["p99_ms"]),
-                f"{row['served_to_L']:.2f}",
-                f"{row['served_to_L_per_cpu_s']:.2f}",
-                "-" if mean_batch is None else f"{mean_batch:.1f}",
-                f"{interpreted['rps']:,.0f}",
-                report.ms(interpreted["p50_ms"]),
-                f"{row['interpreted_to_L']:.2f}",
-                f"{fastapi['rps']:,.0f}",
-                report.ms(fastapi["p50_ms"]),
-                report.ms(fastapi["p99_ms"]),
-                "-" if row["served_to_fastapi"] is None else f"{row['served_to_fastapi']:.2f}",
-                f"{bare['rps']:,.0f}",
-                " / ".join(f"{server['cpu_share']:.2f}" for server in (served, interpreted, fastapi, bare)),
-                " / ".join(str(server["errors"]) for server in (served, interpreted, fastapi, bare)),
-            ]
-        )
+        for label in _labels(data):
+            summary, served = row[label], label in data["asyncserve"]
+            mean_batch = row["batching"][label]["mean_batch_rows"] if served else None
+            rows.append([
+                str(row["concurrency"]), label, f"{summary['rps']:,.0f}", report.ms(summary["p50_ms"]),
+                report.ms(summary["p99_ms"]), _num(row["to_L"].get(label), "{:.2f}"),
+                _num(row["to_L_per_cpu_s"].get(label), "{:.2f}"), _num(mean_batch, "{:.1f}"),
+                _num(row["to_fastapi"].get(label), "{:.2f}"), f"{summary['rps_min']:,.0f}-{summary['rps_max']:,.0f}",
+                f"{summary['cpu_share']:.2f}", str(summary["errors"]),
+            ])  # fmt: skip
     return report.markdown_table(headers, rows)
+
+
+def _labels(data: dict[str, Any]) -> list[str]:
+    return [*data["asyncserve"], "fastapi", "bare"]
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def _served_legend() -> str:
     return (
-        "÷ L is asyncserve's req/s over the limit L. ÷ L per CPU-s is the same ratio computed from requests per "
-        "CPU second of each server (H's and asyncserve's), which a neighbour on the shared core disturbs least: "
-        "where the two differ, a neighbour took part of a server's core. mean batch is rows per predict call over "
-        "the row's runs. "
-        "bare req/s is the HTTP-only ceiling at that concurrency (its c=64 value is H). server CPU is the share of "
-        "its core each server used (a = asyncserve compiled, i = interpreted, f = FastAPI, b = bare); below about "
-        "0.95 at c >= 8 means a "
-        "neighbour took part of the core during that row."
+        "Each row is the median of the rounds. ÷ L is an asyncserve's req/s over the limit L. ÷ L per CPU-s is the "
+        "same ratio computed from requests per CPU second of each server (H's and asyncserve's), which a neighbour "
+        "on the shared core disturbs least: where the two differ, a neighbour took part of a server's core. mean "
+        "batch is rows per predict call over the row's runs. The bare app's req/s is the HTTP-only ceiling at that "
+        "concurrency (its c=64 value is H). server CPU is the share of its core the server used: below about 0.95 "
+        "at c >= 8 means a neighbour took part of the core during that row."
     )
 
 
-def _batching_table(rows: list[dict[str, Any]]) -> str:
-    headers = ["c", "batches", "mean rows", "close reasons", "model µs per row", "model share of wall"]
+def _rounds_table(data: dict[str, Any]) -> str:
+    served = data["asyncserve"]
+    headers = ["c", "round", *(f"{label} req/s" for label in _labels(data)), "L (this round's H)"]
+    headers += [f"{label} ÷ L" for label in served] + [f"{served[0]} ÷ {label}" for label in served[1:]]
+    rows = [
+        [
+            str(row["concurrency"]), str(r["round"]), *(f"{r['rps'][label]:,.0f}" for label in _labels(data)),
+            f"{r['L']:,.0f}", *(f"{r['to_L'][label]:.2f}" for label in served),
+            *(_num(r["first_to"][label], "{:.2f}") for label in served[1:]),
+        ]
+        for row in data["rows"]
+        for r in row["rounds"]
+    ]  # fmt: skip
+    return report.markdown_table(headers, rows)
+
+
+def _rounds_legend(served: list[str]) -> str:
+    versus = f" {served[0]} ÷ another asyncserve compares two servers loaded one after the other." if served[1:] else ""
+    return (
+        "Every run in the order measured: within a round the servers ran back to back (the order rotating from a "
+        "round to the next), so ratios within a round see the same machine. L (this round's H) is "
+        "1 / (1/R32 + 1/H) with H the bare app's req/s in that round, and ÷ L uses it." + versus
+    )
+
+
+def _batching_table(data: dict[str, Any]) -> str:
+    headers = ["c", "server", "batches", "mean rows", "close reasons", "model µs per row", "model share of wall"]
     headers += ["CPU µs/req loop / executor"]
     headers += ["mean queue wait ms", "shed", "loop lag mean ms", "lag > 5 ms / > 50 ms"]
     table = []
-    for row in rows:
-        b, lag = row["batching"], row["loop_lag"]
-        table.append(
-            [
-                str(row["concurrency"]),
-                f"{b['batches']:,}",
-                "-" if b["mean_batch_rows"] is None else f"{b['mean_batch_rows']:.1f}",
-                _counts(b["close_reasons"]),
-                "-" if b["predict_s_per_row"] is None else f"{1e6 * b['predict_s_per_row']:.1f}",
-                "-" if b["predict_share_of_wall"] is None else f"{b['predict_share_of_wall']:.2f}",
-                _thread_cpu(row["served_cpu_us_per_request"]),
-                "-" if b["mean_queue_wait_ms"] is None else f"{b['mean_queue_wait_ms']:.3f}",
-                _counts(b["shed"]) or "0",
-                _lag_mean(lag),
+    for row in data["rows"]:
+        for label in data["asyncserve"]:
+            b, lag = row["batching"][label], row["loop_lag"][label]
+            table.append([
+                str(row["concurrency"]), label, f"{b['batches']:,}", _num(b["mean_batch_rows"], "{:.1f}"),
+                _counts(b["close_reasons"]), _num(b["predict_s_per_row"] and 1e6 * b["predict_s_per_row"], "{:.1f}"),
+                _num(b["predict_share_of_wall"], "{:.2f}"), _thread_cpu(row["cpu_us_per_request"][label]),
+                _num(b["mean_queue_wait_ms"], "{:.3f}"), _counts(b["shed"]) or "0", _lag_mean(lag),
                 f"{lag['over_5ms']} / {lag['over_50ms']} of {lag['wakeups']}",
-            ]
-        )
+            ])  # fmt: skip
     return report.markdown_table(headers, table) + (
         "\n\nmodel µs per row is the time inside predict (the executor thread) per row; model share of wall is "
         "the part of the run's wall time a predict call was running, on the same core as the event loop. CPU µs/req "
         "is asyncserve's CPU time per request in its event-loop thread (HTTP, JSON, routing, batching, metrics) "
         "and in its other threads, that is its executor thread (the model), from /proc; compare the loop's with "
-        "1e6 / H per CPU-s, the bare "
-        "app's whole cost per request. Loop lag "
-        "is how late the event loop woke asyncserve's lag probe (a 50 ms timer): time it could not turn to new I/O."
+        "1e6 / H per CPU-s, the bare app's whole cost per request. Loop lag is how late the event loop woke "
+        "asyncserve's lag probe (a 50 ms timer): time it could not turn to new I/O."
     )
 
 
@@ -248,9 +253,9 @@ def write_plot(data: dict[str, Any], path: Path) -> Path | None:
     _throughput_axes(left, data)
     _latency_axes(right, data)
     machine = data["machine"]
-    figure.suptitle(
-        f"asyncserve dynamic batching, NumPy MLP on one core ({machine['date'][:10]}, {machine['git_commit']})"
-    )
+    compared = data.get("checkouts") or {}
+    commits = ", ".join(f"{label} {c['commit'][:7]}" for label, c in compared.items()) or machine["git_commit"]
+    figure.suptitle(f"asyncserve dynamic batching, NumPy MLP on one core ({machine['date'][:10]}, {commits})")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -260,9 +265,10 @@ def write_plot(data: dict[str, Any], path: Path) -> Path | None:
 
 def _throughput_axes(axes: Any, data: dict[str, Any]) -> None:
     concurrencies = [row["concurrency"] for row in data["rows"]]
-    for key, label in SERVERS:
-        style = {"bare": ":", "asyncserve-py": "-."}.get(key, "-")
-        axes.plot(concurrencies, [row[key]["rps"] for row in data["rows"]], style, marker="o", label=label)
+    for label in _labels(data):
+        style = ":" if label == "bare" else "-"
+        rps = [row[label]["rps"] for row in data["rows"]]
+        axes.plot(concurrencies, rps, style, marker="o", label=LABELS.get(label, f"asyncserve ({label})"))
     axes.axhline(data["L"], color="black", linestyle="--", linewidth=1, label=f"L = {data['L']:,.0f}")
     axes.axhline(0.85 * data["L"], color="gray", linestyle="--", linewidth=1, label="0.85 x L")
     _concurrency_axis(axes, concurrencies)
@@ -274,10 +280,11 @@ def _throughput_axes(axes: Any, data: dict[str, Any]) -> None:
 
 def _latency_axes(axes: Any, data: dict[str, Any]) -> None:
     concurrencies = [row["concurrency"] for row in data["rows"]]
-    for (key, label), color in zip(SERVERS[:3], ("tab:blue", "tab:orange", "tab:green"), strict=True):
-        rows = data["rows"]
-        axes.plot(concurrencies, [r[key]["p50_ms"] for r in rows], "-", marker="o", color=color, label=f"{label} p50")
-        axes.plot(concurrencies, [r[key]["p99_ms"] for r in rows], "--", marker="x", color=color, label=f"{label} p99")
+    rows = data["rows"]
+    for index, label in enumerate(_labels(data)[:-1]):  # not the bare app: it runs no model
+        color, name = f"C{index}", LABELS.get(label, f"asyncserve ({label})")
+        axes.plot(concurrencies, [r[label]["p50_ms"] for r in rows], "-", marker="o", color=color, label=f"{name} p50")
+        axes.plot(concurrencies, [r[label]["p99_ms"] for r in rows], "--", marker="x", color=color, label=f"{name} p99")
     bound = 1000 / data["raw"]["rows_per_s"]["1"] + 1
     axes.axhline(bound, color="gray", linestyle=":", linewidth=1, label=f"raw single-row latency + 1 ms ({bound:.2f})")
     _concurrency_axis(axes, concurrencies)

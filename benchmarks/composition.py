@@ -56,7 +56,7 @@ import orjson
 
 from benchmarks import composition_models as models
 from benchmarks import harness, measure, mlp, report, scrape, wrk
-from benchmarks.harness import HOST, BenchmarkError, Endpoint, Server, ServerSpec
+from benchmarks.harness import BenchmarkError, Endpoint, Server, ServerSpec
 from benchmarks.wrk import WrkResult
 
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -85,25 +85,8 @@ def predict_path(model: str) -> str:
 
 def served_command(target: str, env: dict[str, str]) -> tuple[str, ...]:
     """``asyncserve serve TARGET`` with one executor thread, under ``env``, as the other benchmarks run it."""
-    script = Path(sys.executable).parent / "asyncserve"
-    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "asyncserve"]
-    return (
-        "env",
-        *(f"{key}={value}" for key, value in env.items()),
-        *launcher,
-        "serve",
-        target,
-        "--executor-workers",
-        "1",
-        "--host",
-        HOST,
-        "--port",
-        "{port}",
-        "--workers",
-        "1",
-        "--log-level",
-        "warning",
-    )
+    variables = (f"{key}={value}" for key, value in env.items())
+    return ("env", *variables, *harness.asyncserve_command(target, "--executor-workers", "1"))
 
 
 COALESCING_SPECS = (
@@ -1213,7 +1196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = results(measured, settings, options, facts)
     text = markdown(data)
     paths = report.write_results("composition", data, text, settings.output_dir)
-    print(text)
+    print(report.relative_paths(text))
     print("written: " + ", ".join(str(path) for path in paths))
     return 0
 

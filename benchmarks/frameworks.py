@@ -47,14 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     facts = report.machine_facts(settings.server_cpu, settings.load_cpu)
     try:
-        measurements = measure.measure(SERVERS, ENDPOINTS, settings)
+        measurements = measure.measure(SERVERS, measure.grid(ENDPOINTS, settings.concurrencies), settings)
     except BenchmarkError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
     report.record_end(facts)
     data = results(measurements, settings, facts)
     paths = report.write_results("frameworks", data, markdown(data), settings.output_dir)
-    print(markdown(data))
+    print(report.relative_paths(markdown(data)))
     print("written: " + ", ".join(str(path) for path in paths))
     return 0
 

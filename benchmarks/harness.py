@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-COMPILED_BUILD = REPO / "build" / "compiled"
-"""asyncserve's compiled build, as ``make compiled`` leaves it."""
 HOST = "127.0.0.1"
 READY_PATH = "/v2/health/ready"
 # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal, so the clean exit of a
@@ -82,6 +80,24 @@ def uvicorn_command(app: str) -> tuple[str, ...]:
     )  # fmt: skip
 
 
+def installed_asyncserve() -> tuple[str, ...]:
+    """The command that starts the asyncserve installed beside this interpreter (``pip install asyncserve``)."""
+    script = Path(sys.executable).parent / "asyncserve"
+    return (str(script),) if script.exists() else (sys.executable, "-m", "asyncserve")
+
+
+def asyncserve_command(target: str, *options: str, launcher: Sequence[str] = ()) -> tuple[str, ...]:
+    """``asyncserve serve TARGET`` on loopback, one worker, as uvicorn runs the baselines (no request log).
+
+    ``launcher`` starts asyncserve (default: the installed one; ``checkouts.Checkout.launcher`` runs
+    another checkout's), and ``options`` go after the target, for example ``--executor-workers 1``.
+    """
+    return (
+        *(launcher or installed_asyncserve()), "serve", target, *options, "--host", HOST, "--port", "{port}",
+        "--workers", "1", "--log-level", "warning",
+    )  # fmt: skip
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -115,11 +131,6 @@ def running_server(spec: ServerSpec, cpu: int, log_dir: Path, ready_timeout_s: f
         _stop(process, server, timeout_s=30.0)
         if server.exit_code not in CLEAN_EXIT_CODES:
             raise BenchmarkError(f"{spec.label} exited with {server.exit_code} after SIGTERM{_log_tail(log_path)}")
-
-
-def compiled_command(command: Sequence[str]) -> tuple[str, ...]:
-    """``command`` (an asyncserve server) with the compiled build first on the import path."""
-    return ("env", f"PYTHONPATH={COMPILED_BUILD}{os.pathsep}{REPO}", *command)
 
 
 def _server_env() -> dict[str, str]:

@@ -25,6 +25,8 @@ Usage::
     .venv/bin/python -m benchmarks.io                 # ~10 min: 10 s runs, 3 rounds, c = 256
     .venv/bin/python -m benchmarks.io --quick         # ~3 min: 2 s runs, 1 round
     .venv/bin/python -m benchmarks.io --servers bare-aiohttp as-per-key --profile as-per-key
+    .venv/bin/python -m benchmarks.io --servers bare-httpx bare-aiohttp as-per-key --no-postgres \
+        --checkout new=. old=../asyncserve-old --name io-ab   # asyncserve's servers once per checkout
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ from typing import Any, Literal
 
 import orjson
 
-from benchmarks import harness, measure, report, scrape, wrk
-from benchmarks.harness import HOST, BenchmarkError, Endpoint, Server, ServerSpec
+from benchmarks import checkouts, harness, measure, report, scrape, wrk
+from benchmarks.checkouts import Checkout
+from benchmarks.harness import HOST, REPO, BenchmarkError, Endpoint, Server, ServerSpec
 from benchmarks.io_apps import PREDICT_PATH, score_row
 from benchmarks.io_feature_service import DELAY_S, USERS, user_row
+from benchmarks.measure import Scenario
 from benchmarks.wrk import WrkResult
 
 CONCURRENCIES = (256,)
@@ -77,6 +81,16 @@ class Variant:
     target: str
     description: str
     postgres: bool = False
+    checkout: Checkout | None = None
+    """The checkout whose asyncserve runs it (None: the installed one)."""
+
+    @property
+    def base(self) -> str:
+        """The label without its checkout: ``as-per-key`` for ``as-per-key@old``."""
+        return self.label.partition("@")[0]
+
+    def from_checkout(self, checkout: Checkout) -> Variant:
+        return dataclasses.replace(self, label=f"{self.label}@{checkout.label}", checkout=checkout)
 
 
 VARIANTS = (
@@ -100,7 +114,7 @@ class IoSettings:
     """The shared settings plus what only this benchmark has."""
 
     base: measure.Settings
-    servers: tuple[str, ...]
+    variants: tuple[Variant, ...]
     feature_workers: int
     pg_dsn: str
     profile: tuple[str, ...]
@@ -247,13 +261,9 @@ def _uvicorn(app: str, workers: int = 1, factory: bool = False) -> tuple[str, ..
     return (*command, "--factory") if factory else tuple(command)
 
 
-def _asyncserve(target: str) -> tuple[str, ...]:
-    script = Path(sys.executable).parent / "asyncserve"
-    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "asyncserve"]
-    return (
-        *launcher, "serve", target, "--executor-workers", "1", "--host", HOST, "--port", "{port}", "--workers", "1",
-        "--log-level", "warning",
-    )  # fmt: skip
+def _asyncserve(variant: Variant) -> tuple[str, ...]:
+    launcher = variant.checkout.launcher if variant.checkout is not None else ()
+    return harness.asyncserve_command(variant.target, "--executor-workers", "1", launcher=launcher)
 
 
 def http_source_client() -> str:
@@ -282,7 +292,7 @@ def server_spec(variant: Variant, feature_url: str, workdir: Path, pg: dict[str,
             env["ASYNCSERVE_PREDICTION_LOG_SPILL"] = str(workdir / f"{variant.label}-spill.jsonl")
         if variant.postgres:
             env.update(IO_PG_DSN=pg["dsn"], IO_PG_TABLE=pg["table"])
-        return ServerSpec(variant.label, (*_env_prefix(env), *_asyncserve(variant.target)))
+        return ServerSpec(variant.label, (*_env_prefix(env), *_asyncserve(variant)))
     env["IO_LOG_PATH"] = str(log_path)
     factory = variant.kind == "fastapi"
     return ServerSpec(variant.label, (*_env_prefix(env), *_uvicorn(variant.target, factory=factory)))
@@ -379,7 +389,7 @@ def measure_all(settings: IoSettings) -> Measured:
     harness.require_tool("wrk")
     harness.require_tool("taskset")
     harness.check_cpus(base.server_cpu, base.load_cpu)
-    variants = [BY_LABEL[label] for label in settings.servers]
+    variants = settings.variants
     measured = Measured()
     with tempfile.TemporaryDirectory(prefix="asyncserve-io-") as tmp:
         workdir = Path(tmp)
@@ -396,23 +406,21 @@ def measure_all(settings: IoSettings) -> Measured:
             predict_script = write_lua(workdir / "predict.lua", predict=True)
             measured.calibration = calibrate(feature, write_lua(workdir / "get.lua", predict=False), base)
             feature_url = f"http://{HOST}:{feature.port}"
-            servers = [
-                stack.enter_context(
-                    harness.running_server(
-                        server_spec(variant, feature_url, workdir, pg), base.server_cpu, workdir, base.ready_timeout_s
-                    )
-                )
-                for variant in variants
-            ]
+            specs = [server_spec(variant, feature_url, workdir, pg) for variant in variants]
+            servers = measure.start_servers(stack, specs, base, workdir)
             harness.check_all(servers, [PREDICT_42])
             measured.requests_sent.update({server.spec.label: 1 for server in servers})
             _warm_up(servers, predict_script, base, measured)
-            for repeat in range(base.repeats):
-                order = servers[repeat % len(servers) :] + servers[: repeat % len(servers)]
-                measured.rounds.append([server.spec.label for server in order])
-                for server in order:
-                    run = _undisturbed_run(server, feature, predict_script, settings, measured, repeat + 1)
-                    measured.runs.setdefault(server.spec.label, []).append(run)
+
+            def run_once(server: Server, _: Scenario, number: int) -> Run:
+                if len(measured.rounds) < number:
+                    measured.rounds.append([])
+                measured.rounds[-1].append(server.spec.label)
+                return _undisturbed_run(server, feature, predict_script, settings, measured, number)
+
+            scenario = Scenario(PREDICT_42, base.concurrencies[0])
+            runs = measure.interleave(servers, [scenario], base.repeats, run_once)
+            measured.runs = {label: label_runs for (label, _, _), label_runs in runs.items()}
             for label in settings.profile:
                 server = next(server for server in servers if server.spec.label == label)
                 measured.profiles[label] = profile(server, predict_script, base, settings.py_spy, workdir)
@@ -476,7 +484,7 @@ def _warm_up(servers: Sequence[Server], script: Path, base: measure.Settings, me
 def run_once(server: Server, feature: Server, script: Path, base: measure.Settings, exact_calls: bool) -> Run:
     """One run once the machine is quiet, with the CPU time and the counters around it."""
     busy = harness.wait_for_quiet(base.quiet_wait_s) if base.quiet_wait_s > 0 else float("nan")
-    is_asyncserve = BY_LABEL[server.spec.label].kind == "asyncserve"
+    is_asyncserve = BY_LABEL[server.spec.label.partition("@")[0]].kind == "asyncserve"
     metrics_before = scrape.scrape(server.port) if is_asyncserve else None
     calls_before = feature_stats(feature.port) if exact_calls else None
     cpu_before, feature_before = harness.process_cpu_s(server.pid), harness.process_cpu_s(feature.pid)
@@ -697,7 +705,7 @@ def summarize(label: str, runs: Sequence[Run]) -> dict[str, Any]:
     load_core = [(run.feature_cpu_s + run.result.load_cpu_s) / run.result.duration_s for run in runs]
     row: dict[str, Any] = {
         "label": label,
-        "description": BY_LABEL[label].description,
+        "description": describe(label),
         **summary.as_dict(),
         "ok_rps": round(statistics.median(_ok_rps(run) for run in runs), 1),
         "rps_by_round": [r.rps for r in results],
@@ -784,32 +792,44 @@ def comparisons(measured: Measured, rows: dict[str, dict[str, Any]]) -> dict[str
         "rps": rows[ceiling]["ok_rps"],
         "ideal_rps": round(measured_concurrency(rows) / DELAY_S),
     }
-    targets = []
-    for label in (PER_KEY,):
-        if label in rows:
-            targets.append(_target(measured, rows, label, ceiling, 0.8, f"{label} >= 0.8 x the bare-ASGI ceiling"))
-            if FASTAPI in rows:
-                targets.append(_target(measured, rows, label, FASTAPI, 3.0, f"{label} >= 3 x synchronous FastAPI"))
-    for label in BATCHED:
-        if label in rows:
-            targets.append(
-                _target(measured, rows, label, ceiling, 1.0, f"{label} above the one-fetch-per-request ceiling")
-            )
-    if POSTGRES in rows and "asyncserve" in rows[POSTGRES]:
-        a = rows[POSTGRES]["asyncserve"]
-        ratio = a["requests_per_round_trip"]
-        targets.append(
-            {
-                "target": "as-postgres: >= 10 x fewer round trips than requests",
-                "value": ratio,
-                "threshold": 10.0,
-                "met": ratio is not None and ratio >= 10.0,
-                "detail": f"{a['requests']:,} requests, {a['round_trips']:,} round trips, "
-                f"{a['keys_per_round_trip']} keys each",
-            }
-        )
-    out["targets"] = targets
+    out["targets"] = targets(measured, rows, ceiling)
     return out
+
+
+def _labels(rows: dict[str, dict[str, Any]], base: str) -> list[str]:
+    """The rows of the variant ``base``: itself, or one per checkout (``as-per-key@new``, ...)."""
+    return [label for label in rows if label.partition("@")[0] == base]
+
+
+def targets(measured: Measured, rows: dict[str, dict[str, Any]], ceiling: str) -> list[dict[str, Any]]:
+    """Every target of the issue, for every server it concerns, and each checkout against the first."""
+    found = []
+    for label in _labels(rows, PER_KEY):
+        found.append(_target(measured, rows, label, ceiling, 0.8, f"{label} >= 0.8 x the bare-ASGI ceiling"))
+        if FASTAPI in rows:
+            found.append(_target(measured, rows, label, FASTAPI, 3.0, f"{label} >= 3 x synchronous FastAPI"))
+    for label in (label for base in BATCHED for label in _labels(rows, base)):
+        found.append(_target(measured, rows, label, ceiling, 1.0, f"{label} above the one-fetch-per-request ceiling"))
+    for label in _labels(rows, POSTGRES):
+        if "asyncserve" in rows[label]:
+            found.append(_round_trips_target(label, rows[label]["asyncserve"]))
+    for base in (variant.label for variant in VARIANTS if variant.kind == "asyncserve"):
+        compared = [label for label in _labels(rows, base) if "@" in label]
+        for other in compared[1:]:
+            text = f"{compared[0]} >= {other} (the same server at two commits)"
+            found.append(_target(measured, rows, compared[0], other, 1.0, text, strictly=False))
+    return found
+
+
+def _round_trips_target(label: str, a: dict[str, Any]) -> dict[str, Any]:
+    ratio = a["requests_per_round_trip"]
+    return {
+        "target": f"{label}: >= 10 x fewer round trips than requests",
+        "value": ratio,
+        "threshold": 10.0,
+        "met": ratio is not None and ratio >= 10.0,
+        "detail": f"{a['requests']:,} requests, {a['round_trips']:,} round trips, {a['keys_per_round_trip']} keys each",
+    }
 
 
 def measured_concurrency(rows: dict[str, dict[str, Any]]) -> int:
@@ -817,11 +837,20 @@ def measured_concurrency(rows: dict[str, dict[str, Any]]) -> int:
 
 
 def _target(
-    measured: Measured, rows: dict[str, dict[str, Any]], label: str, baseline: str, threshold: float, text: str
+    measured: Measured,
+    rows: dict[str, dict[str, Any]],
+    label: str,
+    baseline: str,
+    threshold: float,
+    text: str,
+    *,
+    strictly: bool | None = None,
 ) -> dict[str, Any]:
+    """``label`` / ``baseline`` in 200/s against ``threshold``; ``strictly`` above it (default: for 1.0 only)."""
     ratio = _div(rows[label]["ok_rps"], rows[baseline]["ok_rps"])
     per_round = _per_round_ratios(measured, label, baseline)
-    met = ratio is not None and (ratio > threshold if threshold == 1.0 else ratio >= threshold)
+    above = threshold == 1.0 if strictly is None else strictly
+    met = ratio is not None and (ratio > threshold if above else ratio >= threshold)
     clean = rows[label]["non200"] == 0 and rows[label]["errors"] == 0
     return {
         "target": text,
@@ -1089,6 +1118,9 @@ def _num(value: float | None, fmt: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.tables_from is not None:
+        data = json.loads(args.tables_from.read_text())
+        return _write(data, args.output_dir, args.name, args.checkout)
     # SIGTERM (and SIGINT, which a shell may ignore for background jobs) unwind normally, so the
     # servers are stopped and the Postgres table is dropped on the way out.
     for stop in (signal.SIGTERM, signal.SIGINT):
@@ -1100,6 +1132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     facts = report.machine_facts(settings.base.server_cpu, settings.base.load_cpu)
     try:
+        compared = checkouts.describe(args.checkout)
         measured = measure_all(settings)
     except BenchmarkError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
@@ -1109,15 +1142,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         variant.label: " ".join(
             server_spec(variant, "http://127.0.0.1:<feature port>", Path("<tmp>"), _PG_PLACEHOLDER).command
         ).replace("{port}", "<port>")
-        for variant in VARIANTS
-        if variant.label in settings.servers
+        for variant in settings.variants
     }
     commands["feature-service"] = " ".join(feature_spec(settings.feature_workers).command).replace("{port}", "<port>")
-    data = results(measured, settings, facts, commands)
+    data = {**results(measured, settings, facts, commands), "checkouts": compared}
+    return _write(data, settings.base.output_dir, args.name, args.checkout)
+
+
+def _write(data: dict[str, Any], directory: Path, name: str, compared: Sequence[Checkout]) -> int:
     text = markdown(data)
-    paths = report.write_results("io", data, text, settings.base.output_dir)
-    print(text)
-    print("written: " + ", ".join(str(path) for path in paths))
+    paths = report.write_results(name, data, text, directory, checkouts.placeholders(compared))
+    print(report.relative_paths(text, checkouts.placeholders(compared)))
+    print(
+        "written: "
+        + ", ".join(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path) for path in paths)
+    )
     return 0
 
 
@@ -1139,7 +1178,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pg-dsn", default=PG_DSN, help=f"the local Postgres (default {PG_DSN})")
     parser.add_argument("--no-postgres", action="store_true", help="leave out the Postgres server")
     parser.add_argument(
-        "--profile", nargs="+", choices=labels, default=[], help="py-spy these servers after the rounds"
+        "--profile", nargs="+", default=[], metavar="LABEL", help="py-spy these servers after the rounds"
     )
     parser.add_argument(
         "--disturbed-share",
@@ -1149,6 +1188,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--retries", type=int, default=2, help="most re-runs of a disturbed run (default 2)")
     parser.add_argument("--py-spy", help="the py-spy executable (default: py-spy on PATH, or /tmp/pyspy/bin/py-spy)")
+    checkouts.add_argument(parser, "each asyncserve server (labelled SERVER@LABEL)")
+    parser.add_argument("--name", default="io", help="the results' file name, without .json/.md")
+    parser.add_argument("--tables-from", type=Path, help="no run: write the Markdown from this JSON")
     return parser
 
 
@@ -1156,23 +1198,16 @@ def resolve(args: argparse.Namespace) -> IoSettings:
     base = measure.resolve(args, CONCURRENCIES, CONCURRENCIES)
     if len(base.concurrencies) != 1:
         raise BenchmarkError("give one --concurrency: the targets compare servers at one concurrency")
-    servers = tuple(args.servers or (variant.label for variant in VARIANTS))
-    if args.no_postgres:
-        servers = tuple(label for label in servers if not BY_LABEL[label].postgres)
-    elif any(BY_LABEL[label].postgres for label in servers):
-        problem = postgres_available(args.pg_dsn)
-        if problem is not None:
-            _log(f"leaving out the Postgres server: {problem}")
-            servers = tuple(label for label in servers if not BY_LABEL[label].postgres)
     if args.feature_workers < 1:
         raise BenchmarkError("--feature-workers must be >= 1")
-    missing = [label for label in args.profile if label not in servers]
+    variants = expand(_chosen(args), args.checkout)
+    missing = [label for label in args.profile if label not in {variant.label for variant in variants}]
     if missing:
         raise BenchmarkError(f"--profile {' '.join(missing)}: not among the measured servers")
     py_spy = args.py_spy or next(filter(None, (shutil.which(name) for name in PY_SPY_CANDIDATES)), None)
     return IoSettings(
         base=base,
-        servers=servers,
+        variants=variants,
         feature_workers=args.feature_workers,
         pg_dsn=args.pg_dsn,
         profile=tuple(args.profile),
@@ -1180,6 +1215,33 @@ def resolve(args: argparse.Namespace) -> IoSettings:
         disturbed_share=args.disturbed_share,
         retries=max(0, args.retries),
     )
+
+
+def _chosen(args: argparse.Namespace) -> list[Variant]:
+    """The variants asked for, without the Postgres one if told so or if Postgres does not answer."""
+    chosen = [BY_LABEL[label] for label in args.servers] if args.servers else list(VARIANTS)
+    if any(variant.postgres for variant in chosen) and not args.no_postgres:
+        problem = postgres_available(args.pg_dsn)
+        if problem is None:
+            return chosen
+        _log(f"leaving out the Postgres server: {problem}")
+    return [variant for variant in chosen if not variant.postgres]
+
+
+def expand(variants: Sequence[Variant], compared: Sequence[Checkout]) -> tuple[Variant, ...]:
+    """With checkouts, each asyncserve variant once per checkout (``as-per-key@new``, ``as-per-key@old``)."""
+    return tuple(
+        copy
+        for variant in variants
+        for copy in (
+            [variant.from_checkout(c) for c in compared] if compared and variant.kind == "asyncserve" else [variant]
+        )
+    )
+
+
+def describe(label: str) -> str:
+    base, _, checkout = label.partition("@")
+    return BY_LABEL[base].description + (f" ({checkout})" if checkout else "")
 
 
 if __name__ == "__main__":

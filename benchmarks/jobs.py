@@ -42,6 +42,7 @@ import httpx
 import orjson
 import redis
 
+from benchmarks import report
 from benchmarks.harness import (
     HOST,
     BenchmarkError,
@@ -327,9 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     meta = {**environment(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "jobs.json").write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]}, indent=2))
-    (args.output_dir / "jobs.md").write_text(markdown(runs, meta))
-    print(markdown(runs, meta))
+    document = json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]}, indent=2)
+    (args.output_dir / "jobs.json").write_text(report.relative_paths(document))
+    (args.output_dir / "jobs.md").write_text(report.relative_paths(markdown(runs, meta)))
+    print(report.relative_paths(markdown(runs, meta)))
     return 0
 
 

@@ -1,9 +1,11 @@
-"""The measurement loop both benchmarks share, and their common command-line options.
+"""The measurement loop every benchmark shares, and their common command-line options.
 
-All servers run at once, idle but for the one being loaded, so the runs of different servers
-interleave: a burst of noise from a neighbour on the shared machine lands on every server
-alike instead of on whichever happened to run during it. The order of the servers rotates from
-one repeat to the next for the same reason.
+A benchmark declares its servers (``harness.ServerSpec`` values) and its scenarios (``Scenario``
+values: a request at a concurrency) as data; ``interleave`` runs them. All servers run at once,
+idle but for the one being loaded, so the runs of different servers interleave: a burst of noise
+from a neighbour on the shared machine lands on every server alike instead of on whichever
+happened to run during it. The order of the servers rotates from one round to the next for the
+same reason.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks import harness, report, wrk
 from benchmarks.harness import Endpoint, Server, ServerSpec
@@ -24,6 +26,7 @@ from benchmarks.wrk import WrkResult
 
 RunKey = tuple[str, str, int]
 """(server label, endpoint label, concurrency)."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,86 @@ def _positive(text: str) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """One load every server takes in turn: a request, repeated by wrk at a concurrency."""
+
+    endpoint: Endpoint
+    concurrency: int
+
+    def key(self, server: Server) -> RunKey:
+        return (server.spec.label, self.endpoint.label, self.concurrency)
+
+
+def grid(endpoints: Sequence[Endpoint], concurrencies: Sequence[int]) -> tuple[Scenario, ...]:
+    """Every endpoint at every concurrency, in that order."""
+    return tuple(Scenario(endpoint, concurrency) for endpoint in endpoints for concurrency in concurrencies)
+
+
+def start_servers(
+    stack: contextlib.ExitStack, specs: Sequence[ServerSpec], settings: Settings, workdir: Path, cpu: int | None = None
+) -> list[Server]:
+    """Start every server of ``specs`` pinned to ``cpu`` (the server core); ``stack`` stops them, checking exits."""
+    core = settings.server_cpu if cpu is None else cpu
+    return [
+        stack.enter_context(harness.running_server(spec, core, workdir, settings.ready_timeout_s)) for spec in specs
+    ]
+
+
+def interleave(
+    servers: Sequence[Server],
+    scenarios: Sequence[Scenario],
+    rounds: int,
+    run_once: Callable[[Server, Scenario, int], T],
+    *,
+    rotate: bool = True,
+) -> dict[RunKey, list[T]]:
+    """The rounds every benchmark runs: in each, every scenario on every server back to back.
+
+    ``run_once(server, scenario, round)`` measures one run (rounds count from 1). With ``rotate``
+    the server order shifts by one from a round to the next, so that no server always follows the
+    same one. Returns every run by ``(server, endpoint, concurrency)``, in round order.
+    """
+    runs: dict[RunKey, list[T]] = {}
+    for number in range(1, rounds + 1):
+        order = _rotated(servers, number - 1) if rotate else list(servers)
+        for scenario in scenarios:
+            for server in order:
+                runs.setdefault(scenario.key(server), []).append(run_once(server, scenario, number))
+    return runs
+
+
+def write_scripts(scenarios: Sequence[Scenario], workdir: Path) -> dict[str, Path]:
+    """wrk's script for each endpoint of ``scenarios``, by endpoint label."""
+    endpoints = {scenario.endpoint.label: scenario.endpoint for scenario in scenarios}
+    return {label: wrk.write_script(endpoint, workdir) for label, endpoint in endpoints.items()}
+
+
+def warm_up(
+    servers: Sequence[Server], scenarios: Sequence[Scenario], scripts: dict[str, Path], settings: Settings
+) -> None:
+    """Load each server on each endpoint for ``settings.warmup_s``, at the highest concurrency measured."""
+    top = max(scenario.concurrency for scenario in scenarios)
+    for server in servers:
+        for label in scripts:
+            endpoint = next(s.endpoint for s in scenarios if s.endpoint.label == label)
+            _log(f"warm-up {server.spec.label} {label}")
+            wrk.run_wrk(server.port, endpoint.path, scripts[label], top, settings.warmup_s, settings.load_cpu)
+
+
+def run_wrk(server: Server, scenario: Scenario, script: Path, settings: Settings) -> WrkResult:
+    """One wrk run once the machine is quiet (or the wait ran out), with the CPU time the server spent in it."""
+    busy_before = harness.wait_for_quiet(settings.quiet_wait_s) if settings.quiet_wait_s > 0 else float("nan")
+    cpu_before = harness.process_cpu_s(server.pid)
+    path, concurrency = scenario.endpoint.path, scenario.concurrency
+    result = wrk.run_wrk(server.port, path, script, concurrency, settings.duration_s, settings.load_cpu)
+    server_cpu_s = round(harness.process_cpu_s(server.pid) - cpu_before, 2)
+    return dataclasses.replace(result, server_cpu_s=server_cpu_s, busy_before=busy_before)
+
+
 def measure(
     specs: Sequence[ServerSpec],
-    endpoints: Sequence[Endpoint],
+    scenarios: Sequence[Scenario],
     settings: Settings,
     check: Callable[[Server], None] | None = None,
 ) -> Measurements:
@@ -137,19 +217,21 @@ def measure(
     measurements = Measurements()
     with tempfile.TemporaryDirectory(prefix="asyncserve-bench-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        servers = [
-            stack.enter_context(harness.running_server(spec, settings.server_cpu, workdir, settings.ready_timeout_s))
-            for spec in specs
-        ]
-        measurements.servers = servers
-        harness.check_all(servers, endpoints)
+        servers = measurements.servers = start_servers(stack, specs, settings, workdir)
+        harness.check_all(servers, list({s.endpoint.label: s.endpoint for s in scenarios}.values()))
         if check is not None:
             for server in servers:
                 check(server)
-        scripts = {endpoint.label: wrk.write_script(endpoint, workdir) for endpoint in endpoints}
-        _warm_up(servers, endpoints, scripts, settings)
-        for repeat in range(settings.repeats):
-            _round(_rotated(servers, repeat), endpoints, scripts, settings, measurements)
+        scripts = write_scripts(scenarios, workdir)
+        warm_up(servers, scenarios, scripts, settings)
+
+        def run_once(server: Server, scenario: Scenario, number: int) -> WrkResult:
+            result = run_wrk(server, scenario, scripts[scenario.endpoint.label], settings)
+            _log(f"round {number} {server.spec.label:>10} {scenario.endpoint.label:<24} c={scenario.concurrency:<4} "
+                 f"{brief(result)}")  # fmt: skip
+            return result
+
+        measurements.runs = interleave(servers, scenarios, settings.repeats, run_once)
     return measurements
 
 
@@ -158,41 +240,8 @@ def _rotated(servers: Sequence[Server], shift: int) -> list[Server]:
     return [*servers[shift:], *servers[:shift]]
 
 
-def _warm_up(
-    servers: Sequence[Server], endpoints: Sequence[Endpoint], scripts: dict[str, Path], settings: Settings
-) -> None:
-    for server in servers:
-        for endpoint in endpoints:
-            _log(f"warm-up {server.spec.label} {endpoint.label}")
-            top = max(settings.concurrencies)
-            wrk.run_wrk(server.port, endpoint.path, scripts[endpoint.label], top, settings.warmup_s, settings.load_cpu)
-
-
-def _round(
-    servers: Sequence[Server],
-    endpoints: Sequence[Endpoint],
-    scripts: dict[str, Path],
-    settings: Settings,
-    measurements: Measurements,
-) -> None:
-    for endpoint in endpoints:
-        for concurrency in settings.concurrencies:
-            for server in servers:
-                result = _run_once(server, endpoint, scripts[endpoint.label], concurrency, settings)
-                _log(f"{server.spec.label:>10} {endpoint.label:<24} c={concurrency:<4} {_brief(result)}")
-                measurements.runs.setdefault((server.spec.label, endpoint.label, concurrency), []).append(result)
-
-
-def _run_once(server: Server, endpoint: Endpoint, script: Path, concurrency: int, settings: Settings) -> WrkResult:
-    """One wrk run once the machine is quiet (or the wait ran out), with the CPU time the server spent in it."""
-    busy_before = harness.wait_for_quiet(settings.quiet_wait_s) if settings.quiet_wait_s > 0 else float("nan")
-    cpu_before = harness.process_cpu_s(server.pid)
-    result = wrk.run_wrk(server.port, endpoint.path, script, concurrency, settings.duration_s, settings.load_cpu)
-    server_cpu_s = round(harness.process_cpu_s(server.pid) - cpu_before, 2)
-    return dataclasses.replace(result, server_cpu_s=server_cpu_s, busy_before=busy_before)
-
-
-def _brief(result: WrkResult) -> str:
+def brief(result: WrkResult) -> str:
+    """One run on one line, for the progress log."""
     return (
         f"{result.rps:9.0f} req/s  p50 {result.p50_ms:7.3f} ms  p99 {result.p99_ms:7.3f} ms  "
         f"cpu {result.cpu_share:4.2f}  {result.requests_per_cpu_s:8.0f} req/cpu-s  errors {result.errors}"

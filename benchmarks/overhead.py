@@ -11,7 +11,6 @@ Usage::
     .venv/bin/python -m benchmarks.overhead                    # 10 s runs, 3 repeats, c = 1 16 64 256
     .venv/bin/python -m benchmarks.overhead --quick            # a 2 s smoke run at c = 1 and 64
     .venv/bin/python -m benchmarks.overhead --concurrency 64 --duration-s 5
-    .venv/bin/python -m benchmarks.overhead --build compiled   # after `make compiled`: results/overhead-compiled.*
 """
 
 from __future__ import annotations
@@ -20,19 +19,10 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from benchmarks import endpoints, measure, report, scrape
-from benchmarks.harness import (
-    COMPILED_BUILD,
-    HOST,
-    BenchmarkError,
-    Server,
-    ServerSpec,
-    compiled_command,
-    uvicorn_command,
-)
+from benchmarks import endpoints, measure, report
+from benchmarks.harness import BenchmarkError, ServerSpec, asyncserve_command, uvicorn_command
 from benchmarks.measure import Measurements, Settings
 
 BASELINE = "bare"
@@ -46,40 +36,27 @@ def served_command(extra_args: Sequence[str], uvicorn_app: str | None) -> tuple[
     """``asyncserve serve benchmarks.trivial:service``, or ``uvicorn_app`` to try the harness without it."""
     if uvicorn_app is not None:
         return uvicorn_command(uvicorn_app)
-    script = Path(sys.executable).parent / "asyncserve"
-    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "asyncserve"]
-    serve = ["serve", "benchmarks.trivial:service", "--host", HOST, "--port", "{port}", "--workers", "1"]
-    serve += ["--log-level", "warning"]  # as the bare app's uvicorn; neither logs requests
-    return (*launcher, *serve, *extra_args)
+    return asyncserve_command("benchmarks.trivial:service", *extra_args)
+
+
+def servers(command: Sequence[str]) -> tuple[ServerSpec, ...]:
+    return ServerSpec(BASELINE, uvicorn_command("benchmarks.bare_asgi:app")), ServerSpec(SERVED, tuple(command))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = measure.resolve(args, CONCURRENCIES, QUICK_CONCURRENCIES)
-    compiled = args.build == "compiled"
-    if compiled and (args.served_uvicorn_app or not (COMPILED_BUILD / ".built").exists()):
-        print("--build compiled needs asyncserve in place (no --served-uvicorn-app) and `make compiled` first")
-        return 2
     command = served_command(shlex.split(args.served_args), args.served_uvicorn_app)
-    command = compiled_command(command) if compiled else command
-    specs = (ServerSpec(BASELINE, uvicorn_command("benchmarks.bare_asgi:app")), ServerSpec(SERVED, command))
     facts = report.machine_facts(settings.server_cpu, settings.load_cpu)
-
-    def check_build(server: Server) -> None:
-        if server.spec.label == SERVED and not args.served_uvicorn_app:
-            scrape.check_build(server, compiled=compiled)
-
     try:
-        measurements = measure.measure(specs, ENDPOINTS, settings, check_build)
+        measurements = measure.measure(servers(command), measure.grid(ENDPOINTS, settings.concurrencies), settings)
     except BenchmarkError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
     report.record_end(facts)
     data = results(measurements, settings, facts, command)
-    data["settings"]["build"] = args.build
-    name = "overhead-compiled" if compiled else "overhead"
-    paths = report.write_results(name, data, markdown(data), settings.output_dir)
-    print(markdown(data))
+    paths = report.write_results("overhead", data, markdown(data), settings.output_dir)
+    print(report.relative_paths(markdown(data)))
     print("written: " + ", ".join(str(path) for path in paths))
     return 0
 
@@ -88,10 +65,6 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=(__doc__ or "").split("\n\n")[0])
     measure.add_arguments(parser, CONCURRENCIES)
     parser.add_argument("--served-args", default="", help="extra arguments for `asyncserve serve`, as one string")
-    parser.add_argument(
-        "--build", choices=["interpreted", "compiled"], default="interpreted",
-        help="asyncserve's .py files (default), or the compiled build of `make compiled`",
-    )  # fmt: skip
     parser.add_argument(
         "--served-uvicorn-app",
         metavar="MODULE:APP",
@@ -143,7 +116,7 @@ def markdown(data: dict[str, Any]) -> str:
     headers += ["errors bare / served"]
     settings = data["settings"]
     parts = [
-        f"# Full-stack overhead: asyncserve ({settings.get('build', 'interpreted')} build) vs a bare ASGI app",
+        "# Full-stack overhead: asyncserve vs a bare ASGI app",
         report.facts_markdown(data["machine"]),
         measure.method_markdown(settings) + f"\n\n- bare: `{settings['bare']}`\n- served: `{settings['served']}`",
         report.markdown_table(headers, [_row(row) for row in data["rows"]]),

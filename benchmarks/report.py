@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import importlib.metadata
@@ -9,9 +10,12 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
-from collections.abc import Iterable, Sequence
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +95,7 @@ def machine_facts(server_cpu: int, load_cpu: int) -> dict[str, Any]:
     """What a reader needs to weigh the numbers: the machine, its load, the versions, the date."""
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command_line(),
         "nproc": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "kernel": platform.release(),
@@ -139,6 +144,7 @@ def facts_markdown(facts: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"- date: {facts['date']}; commit: {facts['git_commit']}",
+            *([f"- command: `{facts['command']}`"] if "command" in facts else []),
             f"- machine: nproc {facts['nproc']}, {facts['cpu_model']}, Linux {facts['kernel']}",
             f"- load average at start: {facts['loadavg_start']}, at end: {facts.get('loadavg_end', '?')}",
             f"- server pinned to CPU {facts['server_cpu']}, wrk pinned to CPU {facts['load_cpu']} ({facts['wrk']})",
@@ -176,10 +182,61 @@ def _without_nan(value: Any) -> Any:
     return value
 
 
-def write_results(name: str, data: dict[str, Any], markdown: str, directory: Path = RESULTS_DIR) -> tuple[Path, Path]:
-    """Write ``<name>.json`` and ``<name>.md``; returns their paths."""
+def relative_paths(text: str, placeholders: Mapping[Path, str] | None = None) -> str:
+    """``text`` without this machine's absolute paths: relative to the repository root, or named.
+
+    ``placeholders`` name directories outside the repository (``<old checkout>``); the repository
+    itself becomes ``.`` (its files, ``benchmarks/...``), a virtual environment outside it
+    ``<venv>``, and anything under the temporary directory ``<tmp>``.
+    """
+    venv = {} if Path(sys.prefix).is_relative_to(REPO) else {Path(sys.prefix): "<venv>"}
+    named = {**(placeholders or {}), **venv, REPO: "."}
+    for path, name in sorted(named.items(), key=lambda item: len(str(item[0])), reverse=True):
+        # The directory itself becomes its name; a path inside it, NAME/rest (just rest for the repository).
+        inside = "" if name == "." else f"{name}/"
+        text = re.sub(re.escape(str(path)) + r"/", inside, text)
+        text = re.sub(re.escape(str(path)) + r"(?![\w-]|\.\w)", name, text)
+    return re.sub(re.escape(tempfile.gettempdir()) + r"/[^\s\"'`:;,)]+", "<tmp>", text)
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that ran this benchmark (``write_results`` makes its paths relative)."""
+    return " ".join([sys.executable, "-m", _running_module(), *(sys.argv[1:] if argv is None else argv)])
+
+
+def _running_module() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec is not None else Path(sys.argv[0]).stem
+
+
+def write_results(
+    name: str,
+    data: dict[str, Any],
+    markdown: str,
+    directory: Path = RESULTS_DIR,
+    placeholders: Mapping[Path, str] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``<name>.json`` and ``<name>.md``, with paths relative to the repository; returns their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     json_path, md_path = directory / f"{name}.json", directory / f"{name}.md"
-    json_path.write_text(json.dumps(_without_nan(data), indent=2, allow_nan=False) + "\n")
-    md_path.write_text(markdown)
+    document = json.dumps(_without_nan(data), indent=2, allow_nan=False) + "\n"
+    json_path.write_text(relative_paths(document, placeholders))
+    md_path.write_text(relative_paths(markdown, placeholders))
     return json_path, md_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.report FILE ...``: rewrite results files written before paths were made relative."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    parser.add_argument("files", type=Path, nargs="+")
+    for path in parser.parse_args(argv).files:
+        text = path.read_text()
+        if relative_paths(text) != text:
+            path.write_text(relative_paths(text))
+            print(f"rewritten: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

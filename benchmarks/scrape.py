@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import harness
-from benchmarks.harness import BenchmarkError, Server
+from benchmarks.harness import BenchmarkError
 
 Sample = tuple[str, tuple[tuple[str, str], ...]]
 """A sample's name and its sorted labels."""
@@ -30,18 +30,6 @@ def scrape(port: int) -> Samples:
         for family in text_string_to_metric_families(body.decode())
         for sample in family.samples
     }
-
-
-def is_compiled(samples: Samples) -> bool:
-    """Whether the server that gave ``samples`` runs the compiled build (``asyncserve_build_info``)."""
-    return any(dict(labels).get("compiled") == "true" for labels in select(samples, "asyncserve_build_info"))
-
-
-def check_build(server: Server, *, compiled: bool) -> None:
-    """Refuse to measure an asyncserve whose build is not the one meant (``asyncserve_build_info``)."""
-    if is_compiled(scrape(server.port)) != compiled:
-        wanted = "compiled (run `make compiled`)" if compiled else "interpreted"
-        raise BenchmarkError(f"{server.spec.label} should run the {wanted} build of asyncserve, and does not")
 
 
 def delta(before: Samples, after: Samples) -> Samples:
