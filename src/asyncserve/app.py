@@ -22,6 +22,7 @@ from asyncserve.composition.deferred import DeferredPredictions, LazyPrediction
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
 from asyncserve.http.app import HttpApp
+from asyncserve.http.auth import Authenticator
 from asyncserve.http.jobs import JobsAPI
 from asyncserve.jobs import Broker, open_broker
 from asyncserve.jobs.webhooks import WebhookDelivery
@@ -35,6 +36,9 @@ from asyncserve.runtime.registry import ModelRegistry
 from asyncserve.service import Service
 
 logger = logging.getLogger(__name__)
+
+KEYS_CHECK_S = 1.0
+"""How often the API keys file is checked for changes."""
 
 IDLE_CHECK_S = 0.05
 """How often an idle server looks for deferred predictions to compute (``deferred_when_idle``)."""
@@ -88,9 +92,10 @@ class App:
             self.jobs = JobsAPI(
                 self.broker, self.registry, self.pipeline, webhook_settings, self.settings.max_batch_jobs
             )
+        self.auth = Authenticator.from_settings(self.settings.api_keys_file, self.settings.api_keys)
         self.http = HttpApp(
             self.settings, service, self.registry, self.pipeline, self.deferred, self.metrics, self.loop_lag,
-            jobs=self.jobs, peers=self.peers,
+            jobs=self.jobs, peers=self.peers, auth=self.auth,
         )  # fmt: skip
         self._count_elsewhere()
         self.job_workers: list[Worker] = []
@@ -153,6 +158,9 @@ class App:
         # Models load in the background so that liveness answers while they do.
         self._loading = self._spawn(self._load_then_work(), "asyncserve-load")
         self._on_close(stack, "model loading", self._stop_loading)
+        if self.auth.source is not None:
+            watching = self._spawn(self._reload_keys(), "asyncserve-keys")
+            stack.callback(watching.cancel)
 
     def _on_close(self, stack: contextlib.AsyncExitStack, what: str, close: Callable[[], Awaitable[Any]]) -> None:
         async def attempt() -> None:
@@ -225,6 +233,12 @@ class App:
             while self.http.inferring == 0 and not self.shutting_down:
                 if not await self.deferred.compute_when_idle(limit=1):
                     break
+
+    async def _reload_keys(self) -> None:
+        """Read the API keys file again when it changes: keys rotate without a restart."""
+        while True:
+            await asyncio.sleep(KEYS_CHECK_S)
+            await asyncio.to_thread(self.auth.reload)
 
     async def _stop_loading(self) -> None:
         if self._loading is not None and not self._loading.done():

@@ -133,6 +133,13 @@ class Settings:
     ssl_certfile: str = ""
     """A PEM certificate chain: with ``ssl_keyfile``, the server speaks HTTPS."""
     ssl_keyfile: str = ""
+    api_keys_file: str = ""
+    """A file of API keys (``asyncserve keys new`` makes them), read again when it changes; with keys, each
+    route needs a key with its scope (see ``asyncserve/http/auth.py``)."""
+    api_keys: str = ""
+    """API keys given in the environment, in the keys file's format, one per line or separated by ``;``."""
+    insecure: bool = False
+    """Serve beyond loopback without API keys (refused otherwise)."""
     grace_period_s: float = 30.0
     """How long SIGTERM waits for in-flight requests before cancelling them."""
     loop_lag_interval_s: float = 0.05

@@ -3,6 +3,8 @@
     AsyncServeError                     500 internal
     ├── InvalidRequest                  400 invalid_request      malformed body, shape/data mismatch
     │   └── SchemaViolation             422 schema_violation     a field breaks the declared schema
+    ├── Unauthorized                    401 unauthorized         no API key, or a wrong one
+    ├── Forbidden                       403 forbidden            the key lacks the route's scope
     ├── NotFound                        404 not_found            unknown route
     │   └── ModelNotFound               404 model_not_found      unknown model or version
     ├── MethodNotAllowed                405 method_not_allowed
@@ -12,6 +14,7 @@
     ├── ExpectationFailed               417 expectation_failed   an Expect other than 100-continue
     ├── HeadersTooLarge                 431 headers_too_large    too many headers, or too large
     ├── UnsupportedMediaType            415 unsupported_media_type
+    ├── RateLimited                     429 rate_limited         over the key's rate or concurrency
     ├── Unavailable                     503 unavailable          (has retry_after_s)
     │   ├── ModelNotReady               503 model_not_ready      still loading, failed, or unloaded
     │   ├── Overloaded                  503 overloaded           queue full, or the deadline cannot be met
@@ -28,6 +31,7 @@ status code, the body the Open Inference Protocol prescribes plus a stable machi
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -74,6 +78,31 @@ class NotFound(AsyncServeError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class Unauthorized(AsyncServeError):
+    status_code = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"www-authenticate": 'Bearer realm="asyncserve"'}
+
+
+class Forbidden(AsyncServeError):
+    status_code = 403
+    code = "forbidden"
+
+
+class RateLimited(AsyncServeError):
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(f"{message}; retry after {retry_after_s:.2g} s")
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class MethodNotAllowed(AsyncServeError):

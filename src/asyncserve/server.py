@@ -30,6 +30,7 @@ from asyncserve._utils import import_string
 from asyncserve.app import App
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
+from asyncserve.http.auth import is_loopback
 from asyncserve.http.protocol import Limits
 from asyncserve.http.server import HttpServer, tls_context
 from asyncserve.runtime.peers import WorkerGroup
@@ -52,6 +53,17 @@ heap frozen once the models are loaded, the I/O benchmark's batched service at c
 def limits_of(settings: Settings) -> Limits:
     """The HTTP limits among the settings (each of Limits' fields is a setting of the same name)."""
     return Limits(**{field.name: getattr(settings, field.name) for field in dataclasses.fields(Limits)})
+
+
+def check_protected(settings: Settings) -> None:
+    """Refuse to serve beyond loopback without API keys, unless told ``insecure`` (like Redis's protected mode)."""
+    if is_loopback(settings.host) or settings.insecure or settings.api_keys_file or settings.api_keys:
+        return
+    raise ConfigurationError(
+        f"--host {settings.host} would serve every route to anyone on the network without API keys: make keys "
+        "(asyncserve keys new NAME --scopes infer --file keys.txt) and pass --api-keys-file keys.txt, or pass "
+        "--insecure"
+    )
 
 
 def http_server_for(app: App) -> HttpServer:
@@ -133,6 +145,7 @@ def serve(target: Service | str, settings: Settings | None = None, *, sock: sock
         asyncserve.serve(service, asyncserve.Settings(port=8000))
     """
     settings = settings or Settings.from_env()
+    check_protected(settings)
     sock = sock or bind_socket(settings.host, settings.port)
     if settings.workers == 1:
         _serve_one(target, settings, sock)

@@ -21,8 +21,8 @@ def ok(request: Request) -> Response:
 
 def test_an_encoded_slash_never_splits_a_segment() -> None:
     router = Router()
-    router.add("POST", "/v2/repository/models/{model}/unload", ok, "unload")
-    router.add("GET", "/v2/models/{model}", ok, "metadata")
+    router.add("POST", "/v2/repository/models/{model}/unload", ok, "unload", scope="admin")
+    router.add("GET", "/v2/models/{model}", ok, "metadata", scope="infer")
     with pytest.raises(NotFound):
         router.match("POST", "/v2/repository%2Fmodels%2Firis%2Funload")
     route, params = router.match("GET", "/v2/models/a%2Fb")
@@ -31,8 +31,8 @@ def test_an_encoded_slash_never_splits_a_segment() -> None:
 
 def test_a_wrong_method_names_the_allowed_ones() -> None:
     router = Router()
-    router.add("GET", "/v1/jobs/{job}", ok, "get")
-    router.add("DELETE", "/v1/jobs/{job}", ok, "cancel")
+    router.add("GET", "/v1/jobs/{job}", ok, "get", scope="jobs")
+    router.add("DELETE", "/v1/jobs/{job}", ok, "cancel", scope="jobs")
     with pytest.raises(MethodNotAllowed) as refused:
         router.match("PUT", "/v1/jobs/7")
     assert refused.value.headers() == {"allow": "DELETE, GET"}

@@ -54,6 +54,10 @@ def test_a_job_round_trips_through_its_dict() -> None:
         ({"queue_timeout_s": -1}, "queue_timeout_s must be a number of seconds > 0, or None"),
         ({"idempotency_key": ""}, "idempotency_key must be a printable string of 1 to 2048 characters"),
         ({"webhook": 7}, "webhook must be a printable string"),
+        ({"owner": ""}, "owner must be a printable string of 1 to 200 characters, or None, got ''"),
+        ({"owner": "x" * 201}, "owner must be a printable string of 1 to 200 characters"),
+        ({"owner": "a\nb"}, "owner must be a printable string"),
+        ({"owner": 7}, "owner must be a printable string of 1 to 200 characters, or None, got 7"),
         ({"inputs": {1, 2}}, "inputs must be JSON-serialisable"),
     ],
 )

@@ -129,6 +129,123 @@ async def test_enqueue_many_stores_all_in_order_and_honours_idempotency(broker: 
     assert await broker.enqueue_many([]) == []
 
 
+# --- owners ---------------------------------------------------------------------------------
+
+
+async def test_the_owner_is_stored_and_returned_by_get_list_and_claim(broker: Broker) -> None:
+    owned, _ = await broker.enqueue(request(1, owner="team-ä", idempotency_key="k"))
+    anonymous, _ = await broker.enqueue(request(2))
+
+    assert (owned.owner, owned.idempotency_key, anonymous.owner) == ("team-ä", "k", None)
+    assert await broker.get(owned.id) == owned
+    assert Job.from_dict(owned.to_dict()) == owned
+    assert [job.owner for job in (await broker.list())[0]] == [None, "team-ä"]
+    lease = await claim_one(broker)
+    assert (lease.job_id, lease.job.owner) == (owned.id, "team-ä")
+    assert await broker.complete(lease, "ok")
+    assert (await broker.get(owned.id)).owner == "team-ä"  # type: ignore[union-attr]
+
+
+async def test_an_idempotency_key_is_per_owner(broker: Broker) -> None:
+    a, a_created = await broker.enqueue(request(1, idempotency_key="order-17", owner="a"))
+    b, b_created = await broker.enqueue(request(2, idempotency_key="order-17", owner="b"))
+    nobody, nobody_created = await broker.enqueue(request(3, idempotency_key="order-17"))
+
+    assert (a_created, b_created, nobody_created) == (True, True, True)
+    assert len({a.id, b.id, nobody.id}) == 3
+    assert [job.idempotency_key for job in (a, b, nobody)] == ["order-17"] * 3  # the key as the client gave it
+    assert await broker.enqueue(request(4, idempotency_key="order-17", owner="a")) == (a, False)
+    assert await broker.enqueue(request(5, idempotency_key="order-17", owner="b")) == (b, False)
+    assert await broker.enqueue(request(6, idempotency_key="order-17")) == (nobody, False)
+    # An owner and key that, run together, would spell another pair's.
+    ab, _ = await broker.enqueue(request(7, idempotency_key="c", owner="a:b"))
+    bc, _ = await broker.enqueue(request(8, idempotency_key="b:c", owner="a"))
+    assert ab.id != bc.id
+    assert (await broker.stats())["queued"] == 5
+
+
+async def test_an_idempotency_key_is_per_owner_under_concurrent_submits(broker: Broker) -> None:
+    answers = await asyncio.gather(
+        *(broker.enqueue(request(i, idempotency_key="order-17", owner=("a", "b", None)[i % 3])) for i in range(60))
+    )
+
+    by_owner = {owner: {job.id for job, _ in answers if job.owner == owner} for owner in ("a", "b", None)}
+    assert all(len(ids) == 1 for ids in by_owner.values())
+    assert sum(created for _, created in answers) == 3
+    assert (await broker.stats())["queued"] == 3
+
+
+async def test_enqueue_many_honours_idempotency_per_owner(broker: Broker) -> None:
+    earlier, _ = await broker.enqueue(request("x", idempotency_key="k1", owner="a"))
+
+    jobs = await broker.enqueue_many(
+        [
+            request(0, idempotency_key="k1", owner="a"),
+            request(1, idempotency_key="k1", owner="b"),
+            request(2, idempotency_key="k1"),
+            request(3, idempotency_key="k2", owner="b"),
+            request(4, idempotency_key="k2", owner="b"),
+            request(5, idempotency_key="k2", owner="a"),
+        ]
+    )
+
+    assert [job.inputs for job in jobs] == ["x", 1, 2, 3, 3, 5]
+    assert [job.owner for job in jobs] == ["a", "b", None, "b", "b", "a"]
+    assert jobs[0] == earlier
+    assert jobs[3] == jobs[4]
+    assert len({job.id for job in jobs}) == 5
+    assert (await broker.stats())["queued"] == 5
+
+
+async def test_list_filters_by_owner_across_pages(broker: Broker) -> None:
+    owners = ["a", "b", None, "a", "a", "b", "a", None, "a"]
+    jobs = [(await broker.enqueue(request(i, owner=owner, model="m" if i % 2 else "n")))[0]
+            for i, owner in enumerate(owners)]  # fmt: skip
+    of_a = [job.id for job in reversed(jobs) if job.owner == "a"]
+
+    pages, cursor = [], None
+    while True:
+        page, cursor = await broker.list(owner="a", limit=2, cursor=cursor)
+        pages.append([job.id for job in page])
+        if cursor is None:
+            break
+
+    assert pages == [of_a[0:2], of_a[2:4], of_a[4:]]
+    assert [job.id for job in (await broker.list(owner="b"))[0]] == [jobs[5].id, jobs[1].id]
+    assert [job.id for job in (await broker.list(owner="a", model="m"))[0]] == [jobs[3].id]
+    assert len((await broker.list())[0]) == len(jobs)  # None: every owner's jobs, and those of none
+    assert (await broker.list(owner="nobody"))[0] == []
+
+    lease = await claim_one(broker)  # jobs[0], the oldest, of "a"
+    await broker.complete(lease, "ok")
+    page, cursor = await broker.list(owner="a", status="queued", limit=3)
+    assert ([job.id for job in page], cursor) == (of_a[:3], of_a[2])
+    page, cursor = await broker.list(owner="a", status="queued", limit=3, cursor=cursor)
+    assert ([job.id for job in page], cursor) == ([of_a[3]], None)
+    assert [job.id for job in (await broker.list(owner="a", status="succeeded"))[0]] == [jobs[0].id]
+
+
+async def test_list_refuses_an_owner_that_is_no_string(broker: Broker) -> None:
+    with pytest.raises(InvalidRequest, match="owner must be an owner's name"):
+        await broker.list(owner=7)  # type: ignore[arg-type]
+
+
+async def test_an_owners_key_is_free_again_once_its_job_is_removed(make_broker: MakeBroker) -> None:
+    broker = await make_broker(keep_expired_s=0)
+    job, _ = await broker.enqueue(request(1, ttl_s=SHORT_S, idempotency_key="k", owner="a"))
+    other, _ = await broker.enqueue(request(2, idempotency_key="k", owner="b"))
+    await broker.complete(await claim_one(broker), "ok")
+    await let_pass(PAST_S)
+
+    assert await broker.expire() == 1
+    assert await broker.get(job.id) is None
+    again, created = await broker.enqueue(request(3, idempotency_key="k", owner="a"))
+    assert created
+    assert again.id != job.id
+    assert await broker.enqueue(request(4, idempotency_key="k", owner="b")) == (other, False)
+    assert [j.id for j in (await broker.list(owner="a"))[0]] == [again.id]
+
+
 async def test_max_queued_refuses_with_overloaded_and_stores_nothing(make_broker: MakeBroker) -> None:
     broker = await make_broker(max_queued=3)
     await broker.enqueue_many([request(1), request(2, idempotency_key="k")])

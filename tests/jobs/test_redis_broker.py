@@ -113,3 +113,29 @@ async def test_events_reach_a_watcher_in_another_process_by_pub_sub(make_redis_b
         assert (await anext(events)).status is JobStatus.RUNNING
         await worker.complete(lease, "ok")
         assert (await anext(events)).result == "ok"
+
+
+async def test_an_owners_keys_are_laid_out_as_documented(
+    make_redis_broker: MakeBroker, redis_storage: Storage, client: redis.asyncio.Redis
+) -> None:
+    broker, prefix = await make_redis_broker(keep_expired_s=0), str(redis_storage.prefix)
+    owner = "Zoë:team"  # 9 bytes in UTF-8, as Lua counts them
+    job, _ = await broker.enqueue(request(1, idempotency_key="order-17", owner=owner, ttl_s=0.05))
+    plain, _ = await broker.enqueue(request(2, idempotency_key="order-17"))
+    owned_key = k.idempotency_key(prefix, "order-17", owner)
+
+    assert owned_key == f"{prefix}:idem-of:9:Zoë:team:order-17"
+    assert await client.get(owned_key) == job.id  # the name the script made is the one keys.py makes
+    assert await client.get(k.idempotency_key(prefix, "order-17")) == plain.id
+    assert await client.hget(k.job_key(prefix, job.id), "owner") == owner
+    assert await client.zrange(k.owner_key(prefix, owner), 0, -1) == [job.id]
+
+    [lease] = await broker.claim("w1")
+    await broker.complete(lease, "ok")
+    assert await client.pttl(owned_key) > 0  # the key expires with its job's record, should expire() not run
+    await let_pass(0.08)
+    assert await broker.expire() == 1  # keep_expired_s=0: the job is removed at once, and so are its names
+
+    assert await client.exists(owned_key, k.job_key(prefix, job.id)) == 0
+    assert await client.zrange(k.owner_key(prefix, owner), 0, -1) == []
+    assert await client.get(k.idempotency_key(prefix, "order-17")) == plain.id

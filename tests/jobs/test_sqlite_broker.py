@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,54 @@ from tests.jobs.durability import check_every_reported_job_survives
 
 def request(inputs: object, **fields: object) -> JobRequest:
     return JobRequest(model="churn", inputs=inputs, **fields)  # type: ignore[arg-type]
+
+
+# The schema of the databases made before jobs had an owner, as that version wrote it.
+OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, model TEXT NOT NULL, version TEXT, inputs TEXT, priority INTEGER NOT NULL,
+    status TEXT NOT NULL, result TEXT, error TEXT, dead_letter INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL, webhook TEXT,
+    webhook_attempts TEXT NOT NULL DEFAULT '[]', idempotency_key TEXT UNIQUE,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL,
+    ttl_s REAL NOT NULL, not_before REAL NOT NULL, deadline_at REAL, lease_owner TEXT,
+    fencing_token INTEGER NOT NULL DEFAULT 0, lease_expires_at REAL, due_at REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (priority DESC, not_before, id) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_leases ON jobs (lease_expires_at) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, id);
+CREATE INDEX IF NOT EXISTS jobs_model ON jobs (model, id);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (due_at) WHERE due_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS job_counts (status TEXT PRIMARY KEY, jobs INTEGER NOT NULL) WITHOUT ROWID;
+INSERT OR IGNORE INTO job_counts VALUES ('queued', 0), ('running', 0), ('succeeded', 0), ('failed', 0),
+    ('cancelled', 0), ('expired', 0);
+CREATE TRIGGER IF NOT EXISTS jobs_counted_insert AFTER INSERT ON jobs BEGIN
+    UPDATE job_counts SET jobs = jobs + 1 WHERE status = NEW.status; END;
+CREATE TRIGGER IF NOT EXISTS jobs_counted_update AFTER UPDATE OF status ON jobs
+    WHEN OLD.status != NEW.status BEGIN
+    UPDATE job_counts SET jobs = jobs - 1 WHERE status = OLD.status;
+    UPDATE job_counts SET jobs = jobs + 1 WHERE status = NEW.status; END;
+CREATE TRIGGER IF NOT EXISTS jobs_counted_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_counts SET jobs = jobs - 1 WHERE status = OLD.status; END;
+"""
+OLD_QUEUED, OLD_DONE = "0" * 31 + "1", "0" * 31 + "2"
+
+
+def make_old_database(path: Path) -> None:
+    """A database as the version before owners left it: one queued job with a key, one finished job."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.executescript(OLD_SCHEMA)
+        db.execute(
+            "INSERT INTO jobs (id, model, inputs, priority, status, max_attempts, idempotency_key, created_at, "
+            "updated_at, ttl_s, not_before) VALUES (?, 'churn', '{\"age\": 42}', 0, 'queued', 3, 'k', 1, 1, 60, 1)",
+            (OLD_QUEUED,),
+        )
+        db.execute(
+            "INSERT INTO jobs (id, model, inputs, priority, status, result, attempts, max_attempts, created_at, "
+            "updated_at, finished_at, ttl_s, not_before, due_at) "
+            "VALUES (?, 'churn', '1', 0, 'succeeded', '\"ok\"', 1, 3, 2, 3, 3, 1e12, 2, 1e12)",
+            (OLD_DONE,),
+        )
 
 
 async def test_jobs_survive_kill_9_of_the_process_that_enqueued_them(
@@ -125,3 +174,51 @@ async def test_claim_walks_the_claim_index(make_sqlite_broker: MakeBroker, model
 
     assert "USING INDEX jobs_claim" in plan
     assert "TEMP B-TREE" not in plan
+
+
+async def test_a_database_made_before_owners_is_upgraded_when_opened(
+    make_sqlite_broker: MakeBroker, sqlite_storage: Storage
+) -> None:
+    assert sqlite_storage.path is not None
+    await asyncio.to_thread(make_old_database, sqlite_storage.path)
+
+    broker = await make_sqlite_broker()
+
+    old = await broker.get(OLD_QUEUED)
+    assert old is not None
+    assert (old.owner, old.idempotency_key, old.inputs, old.status) == (None, "k", {"age": 42}, JobStatus.QUEUED)
+    assert (await broker.get(OLD_DONE)).result == "ok"  # type: ignore[union-attr]
+    assert await broker.stats() == {"queued": 1, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0,
+                                    "expired": 0}  # fmt: skip
+    assert await broker.enqueue(request(2, idempotency_key="k")) == (old, False)
+    mine, created = await broker.enqueue(request(3, idempotency_key="k", owner="a"))
+    assert created
+    assert (mine.owner, mine.idempotency_key) == ("a", "k")
+    assert [job.id for job in (await broker.list(owner="a"))[0]] == [mine.id]
+    assert [job.id for job in (await broker.list())[0]] == [mine.id, OLD_DONE, OLD_QUEUED]
+    # The counting triggers came back with the new table.
+    [lease] = await broker.claim("w1")
+    assert lease.job_id == OLD_QUEUED
+    assert await broker.complete(lease, "done")
+    assert (await broker.stats())["succeeded"] == 2
+
+    again = await make_sqlite_broker()  # opening an upgraded database changes nothing
+    assert await again.get(OLD_QUEUED) == await broker.get(OLD_QUEUED)
+    assert isinstance(again, SQLiteBroker)
+    tables = await again._read(ops.rows, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+    assert tables == [("job_counts",), ("jobs",)]
+
+
+async def test_idempotency_lookups_and_owner_listings_walk_their_indexes(make_sqlite_broker: MakeBroker) -> None:
+    broker = await make_sqlite_broker()
+    assert isinstance(broker, SQLiteBroker)
+
+    async def plan(statement: str, *params: object) -> str:
+        return " ".join(str(row[-1]) for row in await broker._read(ops.rows, f"EXPLAIN QUERY PLAN {statement}", params))
+
+    lookup = await plan(f"{ops.SELECT} WHERE idempotency_key IN (?, ?)", "k1", "k2")
+    listing = await plan(f"{ops.SELECT} WHERE owner = ? AND id < ? ORDER BY id DESC LIMIT ?", "a", "f" * 32, 3)
+
+    assert "USING INDEX jobs_idempotency" in lookup
+    assert "USING INDEX jobs_owner" in listing
+    assert "TEMP B-TREE" not in listing

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -35,7 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--executor-workers", type=int, help="threads or processes in the executor pool")
     worker.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     _add_jobs_commands(commands.add_parser("jobs", help="use the jobs API of a running server"))
+    _add_keys_commands(commands.add_parser("keys", help="make API keys"))
     return parser
+
+
+def _add_keys_commands(keys: argparse.ArgumentParser) -> None:
+    commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = commands.add_parser(
+        "new", help="make an API key: print it once, and its line for the keys file",
+        description="Make a random API key. The key is printed once; the server keeps only its SHA-256 digest, in "
+        "the keys file (--api-keys-file), which a running server reads again when it changes.",
+    )  # fmt: skip
+    new.add_argument("name", help="who the key is for (its jobs are its own)")
+    new.add_argument("--scopes", required=True, help="comma-separated: infer, jobs, admin, metrics")
+    new.add_argument("--file", type=Path, help="append the key's line to this keys file (made if missing, mode 600)")
+    new.add_argument("--rate", type=float, help="requests per second allowed on average")
+    new.add_argument("--burst", type=int, help="requests allowed at once above the rate")
+    new.add_argument("--concurrency", type=int, help="requests in flight at once")
 
 
 def _version() -> str:
@@ -80,6 +97,8 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssl-certfile", help="PEM certificate chain: serve HTTPS (with --ssl-keyfile)")
     parser.add_argument("--ssl-keyfile", help="PEM private key of --ssl-certfile")
     parser.add_argument("--access-log", action="store_true", default=None, help="log one line per request")
+    parser.add_argument("--api-keys-file", help="API keys (asyncserve keys new): each route then needs a key")
+    parser.add_argument("--insecure", action="store_true", default=None, help="serve beyond loopback without keys")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -102,6 +121,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         access_log=args.access_log,
+        api_keys_file=args.api_keys_file,
+        insecure=args.insecure,
     )
 
 
@@ -109,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "jobs":
         return _jobs(args)
+    if args.command == "keys":
+        return _new_key(args)
     from asyncserve.server import bind_socket, run_worker, serve
 
     try:
@@ -124,12 +147,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = "asyncserve.demo:service" if args.command == "demo" else args.target
         sock = bind_socket(settings.host, settings.port)
         if args.command == "demo":
-            _print_demo_usage(sock, settings.prediction_log)
+            _print_demo_usage(sock, settings)
         serve(target, settings, sock=sock)
     except ConfigurationError as exc:
         print(f"asyncserve: error: {exc.message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    from asyncserve.http.auth import new_key, with_limits
+
+    try:
+        key, known = new_key(args.name, args.scopes.split(","))
+        known = with_limits(known, rate_per_s=args.rate, burst=args.burst, concurrency=args.concurrency)
+        if args.file is not None:
+            _append_key_line(args.file, known.name, known.line())
+    except ConfigurationError as exc:
+        print(f"asyncserve: error: {exc.message}", file=sys.stderr)
+        return 2
+    print(f"key for {args.name} (shown once; send it as 'Authorization: Bearer <key>'):\n{key}")
+    where = f"added to {args.file}" if args.file is not None else "for the keys file (--api-keys-file)"
+    print(f"line {where}:\n{known.line()}")
+    return 0
+
+
+def _append_key_line(path: Path, name: str, line: str) -> None:
+    if path.exists() and f"name={name} " in path.read_text():
+        raise ConfigurationError(f"{path} has a key named {name!r} already; pick another name or remove its line")
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as keys_file:
+        keys_file.write(line + "\n")
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -146,11 +193,18 @@ def _jobs(args: argparse.Namespace) -> int:
         return 2
 
 
-def _print_demo_usage(sock: socket.socket, prediction_log: str) -> None:
+def _print_demo_usage(sock: socket.socket, settings: Settings) -> None:
     from asyncserve import demo
 
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     print(f"asyncserve demo on {url}: API docs {url}/docs, metrics {url}/metrics, readiness {url}/v2/health/ready")
-    print(f"Every prediction is logged to {prediction_log}")
+    print(f"Every prediction is logged to {settings.prediction_log}")
+    if settings.api_keys_file or settings.api_keys:
+        print("This server needs API keys: add -H 'Authorization: Bearer <key>' to the requests below.")
+    else:
+        print(
+            "Every route is open (loopback, no API keys). To require keys: asyncserve keys new me --scopes "
+            "infer,jobs,admin,metrics --file var/keys.txt, then ASYNCSERVE_API_KEYS_FILE=var/keys.txt make demo"
+        )
     print(demo.usage(url), flush=True)

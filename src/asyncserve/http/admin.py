@@ -16,9 +16,9 @@ class RepositoryRoutes:
         self.registry = registry
 
     def add_routes(self, router: Router) -> None:
-        router.add("POST", "/v2/repository/index", self.index, "repository_index")
-        router.add("POST", "/v2/repository/models/{model}/load", self.load, "repository_load")
-        router.add("POST", "/v2/repository/models/{model}/unload", self.unload, "repository_unload")
+        router.add("POST", "/v2/repository/index", self.index, "repository_index", scope="admin")
+        router.add("POST", "/v2/repository/models/{model}/load", self.load, "repository_load", scope="admin")
+        router.add("POST", "/v2/repository/models/{model}/unload", self.unload, "repository_unload", scope="admin")
 
     def index(self, request: Request) -> Response:
         only_ready = _index_filter(request.body)

@@ -16,10 +16,11 @@ from asyncserve.config import Settings
 from asyncserve.exceptions import AsyncServeError, ModelError, ModelNotReady, Overloaded, ShuttingDown, Unavailable
 from asyncserve.http import openapi, v2
 from asyncserve.http.admin import RepositoryRoutes
+from asyncserve.http.auth import ApiKey, Authenticator, audit_logger
 from asyncserve.http.inference import InferenceRoutes, parse_timeout
 from asyncserve.http.jobs import JobsAPI
 from asyncserve.http.protocol import Respond
-from asyncserve.http.routing import Pending, Request, Response, Router
+from asyncserve.http.routing import Pending, Request, Response, Route, Router
 from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
 from asyncserve.runtime.batching import LOOP_HOPS
 from asyncserve.runtime.peers import MetricsPeers
@@ -54,6 +55,7 @@ class HttpApp:
         *,
         jobs: JobsAPI | None = None,
         peers: MetricsPeers | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self.settings = settings
         self.service = service
@@ -62,6 +64,8 @@ class HttpApp:
         self.metrics = metrics
         self.loop_lag = loop_lag
         self.peers = peers
+        self.auth = auth or Authenticator()
+        """API keys; with none configured every route is open."""
         self.inference = InferenceRoutes(settings, registry, pipeline, deferred, jobs)
         self.repository = RepositoryRoutes(registry)
         self.jobs = jobs
@@ -79,23 +83,32 @@ class HttpApp:
         r = Router()
         # The inference routes first: the router tries routes with parameters in order.
         inference = self.inference
-        r.add("POST", "/v2/models/{model}/infer", inference.infer, "v2_infer", inference=True)
-        r.add("POST", "/v1/models/{model}/predict", inference.predict, "v1_predict", inference=True)
-        r.add("GET", "/v2/health/live", self.live, "live")
-        r.add("GET", "/v2/health/ready", self.ready, "ready")
-        r.add("GET", "/v2", self.server_metadata, "server_metadata")
-        r.add("GET", "/v2/models/{model}", self.model_metadata, "model_metadata")
-        r.add("GET", "/v2/models/{model}/versions/{version}", self.model_metadata, "model_metadata")
-        r.add("GET", "/v2/models/{model}/ready", self.model_ready, "model_ready")
-        r.add("GET", "/v2/models/{model}/versions/{version}/ready", self.model_ready, "model_ready")
-        r.add("POST", "/v2/models/{model}/versions/{version}/infer", inference.infer, "v2_infer", inference=True)
+        r.add("POST", "/v2/models/{model}/infer", inference.infer, "v2_infer", scope="infer", inference=True)
+        r.add("POST", "/v1/models/{model}/predict", inference.predict, "v1_predict", scope="infer", inference=True)
+        r.add("GET", "/v2/health/live", self.live, "live", scope=None)
+        r.add("GET", "/v2/health/ready", self.ready, "ready", scope=None)
+        r.add("GET", "/v2", self.server_metadata, "server_metadata", scope="infer")
+        r.add("GET", "/v2/models/{model}", self.model_metadata, "model_metadata", scope="infer")
+        r.add("GET", "/v2/models/{model}/versions/{version}", self.model_metadata, "model_metadata", scope="infer")
+        r.add("GET", "/v2/models/{model}/ready", self.model_ready, "model_ready", scope=None)
+        r.add("GET", "/v2/models/{model}/versions/{version}/ready", self.model_ready, "model_ready", scope=None)
+        r.add(
+            "POST",
+            "/v2/models/{model}/versions/{version}/infer",
+            inference.infer,
+            "v2_infer",
+            scope="infer",
+            inference=True,
+        )
         self.repository.add_routes(r)
-        r.add("GET", "/v1/predictions/{handle}", inference.deferred_result, "v1_deferred", inference=True)
+        r.add(
+            "GET", "/v1/predictions/{handle}", inference.deferred_result, "v1_deferred", scope="infer", inference=True
+        )
         if self.jobs is not None:
             self.jobs.add_routes(r)
-        r.add("GET", "/metrics", self.prometheus, "metrics")
-        r.add("GET", "/openapi.json", self.openapi_json, "openapi")
-        r.add("GET", "/docs", self.docs, "docs")
+        r.add("GET", "/metrics", self.prometheus, "metrics", scope="metrics")
+        r.add("GET", "/openapi.json", self.openapi_json, "openapi", scope=None)
+        r.add("GET", "/docs", self.docs, "docs", scope=None)
         return r
 
     # Serving a request
@@ -107,17 +120,21 @@ class HttpApp:
         ``respond`` is then not called.
         """
         started = time.perf_counter()
+        route_name = "unknown"
         try:
             route, request.params = self.router.match(request.method, request.path)
+            route_name = route.name
+            request.key = self._admit(request, route)
         except AsyncServeError as exc:
-            respond(self._error_response(exc, "unknown", ""), request.request_id)
-            self.metrics.observe_request("unknown", "", exc.status_code, time.perf_counter() - started)
+            model = self._model_label(request.params.get("model", ""))
+            respond(self._error_response(exc, route_name, model), request.request_id)
+            self.metrics.observe_request(route_name, model, exc.status_code, time.perf_counter() - started)
             return None
-        route_name, model = route.name, self._model_label(request.params.get("model", ""))
+        model = self._model_label(request.params.get("model", ""))
         self.metrics.request_started(route_name)
         if route.inference:
             self.inferring += 1
-        finish = functools.partial(self._finish, request, route_name, model, route.inference, started, respond)
+        finish = functools.partial(self._finish, request, route, model, started, respond)
         try:
             reply = route.handler(request)
             if route.is_async:
@@ -134,19 +151,31 @@ class HttpApp:
         work.add_done_callback(lambda done: finish(answer, done))
         return work
 
+    def _admit(self, request: Request, route: Route) -> ApiKey | None:
+        """The request's API key, checked against the route's scope and taken against its limits."""
+        if route.scope is None or not self.auth.enabled:
+            return None
+        key = self.auth.identify(request.headers)
+        self.auth.authorize(key, route.scope)
+        if key is not None:
+            self.auth.admit(key, time.monotonic())
+        return key
+
     def _finish(
         self,
         request: Request,
-        route_name: str,
+        route: Route,
         model: str,
-        inference: bool,
         started: float,
         respond: Respond,
         answer: Callable[[Any], Response] | None,
         outcome: asyncio.Future[Any] | Response | Exception,
     ) -> None:
-        if inference:
+        route_name = route.name
+        if route.inference:
             self.inferring -= 1
+        if request.key is not None:
+            self.auth.release(request.key)
         self.metrics.request_finished(route_name)
         if isinstance(outcome, asyncio.Future) and outcome.cancelled():
             self.metrics.disconnects.labels(route_name, model).inc()  # only a client that went cancels
@@ -155,6 +184,9 @@ class HttpApp:
             response = outcome
         else:
             response = self._outcome_response(request, route_name, model, answer, outcome)
+        if route.scope == "admin" or route_name == "jobs_cancel":  # logged before the client hears of it
+            who = "-" if request.key is None else request.key.name
+            audit_logger.info("%s %s %s -> %d", who, request.method, request.path, response.status)
         respond(response, request.request_id)
         self.metrics.observe_request(route_name, model, response.status, time.perf_counter() - started)
 
@@ -204,6 +236,10 @@ class HttpApp:
         Under overload refusing must cost far less than serving: this runs before the body is read
         or decoded, from what the loop-lag probe measured a moment ago.
         """
+        if self.auth.enabled:
+            refused = self._refused_at_the_door(method, path, headers)
+            if refused is not None:
+                return refused
         if self.loop_lag.current_lag_s() < 0.01 or method != "POST":
             return None
         try:
@@ -216,6 +252,21 @@ class HttpApp:
         model = self._model_label(params.get("model", ""))
         self.metrics.observe_request(route.name, model, overloaded.status_code, 0.0)
         return self._error_response(overloaded, route.name, model)
+
+    def _refused_at_the_door(self, method: str, path: str, headers: dict[str, str]) -> Response | None:
+        """401 or 403 from the head alone, so that a request without a valid key never has its body read."""
+        try:
+            route, params = self.router.match(method, path)
+        except AsyncServeError:
+            return None  # the handler gives the precise error
+        try:
+            if route.scope is not None:
+                self.auth.authorize(self.auth.identify(headers), route.scope)
+        except AsyncServeError as exc:
+            model = self._model_label(params.get("model", ""))
+            self.metrics.observe_request(route.name, model, exc.status_code, 0.0)
+            return self._error_response(exc, route.name, model)
+        return None
 
     def _swamped(self, asked_timeout: str | None) -> Overloaded | None:
         lag = self.loop_lag.current_lag_s()

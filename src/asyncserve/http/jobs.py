@@ -44,18 +44,18 @@ class JobsAPI:
         self.max_batch = max_batch
 
     def add_routes(self, router: Router) -> None:
-        router.add("POST", "/v1/jobs", self.submit, "jobs_submit")
-        router.add("POST", "/v1/jobs/batch", self.submit_batch, "jobs_batch")
-        router.add("GET", "/v1/jobs", self.list, "jobs_list")
-        router.add("GET", "/v1/jobs/{job}", self.get, "jobs_get")
-        router.add("GET", "/v1/jobs/{job}/events", self.events, "jobs_events")
-        router.add("DELETE", "/v1/jobs/{job}", self.cancel, "jobs_cancel")
+        router.add("POST", "/v1/jobs", self.submit, "jobs_submit", scope="jobs")
+        router.add("POST", "/v1/jobs/batch", self.submit_batch, "jobs_batch", scope="jobs")
+        router.add("GET", "/v1/jobs", self.list, "jobs_list", scope="jobs")
+        router.add("GET", "/v1/jobs/{job}", self.get, "jobs_get", scope="jobs")
+        router.add("GET", "/v1/jobs/{job}/events", self.events, "jobs_events", scope="jobs")
+        router.add("DELETE", "/v1/jobs/{job}", self.cancel, "jobs_cancel", scope="jobs")
 
     # Submitting
 
     async def submit(self, request: Request) -> Response:
         document = _parse(request.body)
-        job_request = await self._job_request(document, "", request.headers.get("idempotency-key"))
+        job_request = await self._job_request(document, "", request.headers.get("idempotency-key"), _owner(request))
         job, created = await self.broker.enqueue(job_request)
         return _accepted(job, 202 if created else 200)
 
@@ -64,7 +64,8 @@ class JobsAPI:
         items = _parse_batch(request.body, request.headers.get("content-type", ""))
         if len(items) > self.max_batch:
             raise InvalidRequest(f"a batch holds at most {self.max_batch} jobs, got {len(items)}; split it")
-        requests = [await self._job_request(item, f"[{index}]", None) for index, item in enumerate(items)]
+        owner = _owner(request)
+        requests = [await self._job_request(item, f"[{index}]", None, owner) for index, item in enumerate(items)]
         jobs = await self.broker.enqueue_many(requests)
         body = {"jobs": [{"id": job.id, "status": job.status.value, "url": _url(job)} for job in jobs]}
         return Response.json(body, 202)
@@ -78,12 +79,14 @@ class JobsAPI:
         priority = orjson.loads(body).get("parameters", {}).get("priority", 0)
         job_request = JobRequest(
             model=entry.spec.name, version=entry.spec.version, inputs=inputs, priority=priority,
-            idempotency_key=request.headers.get("idempotency-key"),
+            idempotency_key=request.headers.get("idempotency-key"), owner=_owner(request),
         )  # fmt: skip
         job, created = await self.broker.enqueue(job_request)
         return _accepted(job, 202 if created else 200)
 
-    async def _job_request(self, document: Any, path: str, idempotency_key: str | None) -> JobRequest:
+    async def _job_request(
+        self, document: Any, path: str, idempotency_key: str | None, owner: str | None
+    ) -> JobRequest:
         if not isinstance(document, dict):
             raise SchemaViolation(path, "a job is a JSON object with model and inputs")
         unknown = set(document) - _SUBMIT_FIELDS
@@ -108,23 +111,26 @@ class JobsAPI:
         }
         return JobRequest(
             model=entry.spec.name, version=entry.spec.version, inputs={"format": "json", "inputs": document["inputs"]},
-            webhook=webhook, idempotency_key=idempotency_key, **options,
+            webhook=webhook, idempotency_key=idempotency_key, owner=owner, **options,
         )  # fmt: skip
 
     # Reading
 
     async def get(self, request: Request) -> Response:
-        return Response.json(_public(await self._job(request.params["job"])))
+        return Response.json(_public(await self._job(request.params["job"], request)))
 
     async def list(self, request: Request) -> Response:
+        """The client's own jobs (every job for an admin key, or when the server has no keys)."""
         query = _query(request)
         limit = _limit(query.get("limit", "100"))
+        owner = None if _sees_every_job(request) else _owner(request)
         jobs, cursor = await self.broker.list(
-            status=query.get("status"), model=query.get("model"), cursor=query.get("cursor"), limit=limit
+            status=query.get("status"), model=query.get("model"), cursor=query.get("cursor"), limit=limit, owner=owner
         )
         return Response.json({"jobs": [_public(job) for job in jobs], "next_cursor": cursor})
 
     async def cancel(self, request: Request) -> Response:
+        await self._job(request.params["job"], request)  # another client's job is not found
         job = await self.broker.cancel(request.params["job"])
         if job is None:
             raise NotFound(f"no job {request.params['job']!r}; it never existed or expired")
@@ -132,12 +138,13 @@ class JobsAPI:
 
     async def events(self, request: Request) -> Response:
         """Server-Sent Events: the job now, then at every change of status, until it is final."""
-        job = await self._job(request.params["job"])
+        job = await self._job(request.params["job"], request)
         return StreamingResponse(200, _sse(self.broker, job.id), content_type="text/event-stream")
 
-    async def _job(self, job_id: str) -> Job:
+    async def _job(self, job_id: str, request: Request) -> Job:
         job = await self.broker.get(job_id)
-        if job is None:
+        # Another client's job is answered as one that does not exist: its id tells nothing.
+        if job is None or not (_sees_every_job(request) or job.owner == _owner(request)):
             raise NotFound(f"no job {job_id!r}; it never existed or expired")
         return job
 
@@ -160,6 +167,15 @@ class JobsAPI:
         rows = len(next(iter(columns.values())))
         prediction = await self.pipeline.run(entry, columns, rows, deadline, priority=job.priority, request_id=job.id)
         return orjson.loads(jsonapi.encode_rows(entry.spec, prediction.outputs, as_list))
+
+
+def _owner(request: Request) -> str | None:
+    """Whose jobs a request makes and sees: its API key's name (None when the server has no keys)."""
+    return None if request.key is None else request.key.name
+
+
+def _sees_every_job(request: Request) -> bool:
+    return request.key is None or "admin" in request.key.scopes
 
 
 def _public(job: Job) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from asyncserve.exceptions import MethodNotAllowed, NotFound
+from asyncserve.http.auth import ApiKey
 
 JSON_TYPE = "application/json"
 
@@ -46,6 +47,8 @@ class Request:
     """``time.monotonic()`` when the request's head was parsed: deadlines count from here."""
     params: dict[str, str] = field(default_factory=dict)
     """The route's ``{param}`` values, set by the router."""
+    key: ApiKey | None = None
+    """The client's API key, once checked; None when the server has no keys."""
 
 
 @dataclass(slots=True)
@@ -110,6 +113,8 @@ class Route:
     """Whether the handler is an ``async def``: its coroutine runs as a task."""
     inference: bool = False
     """Whether the route runs a model: it is refused early when the event loop is swamped."""
+    scope: str | None = None
+    """The API key scope the route needs (``asyncserve.http.auth.SCOPES``); None: open to anyone."""
 
 
 class Router:
@@ -124,10 +129,12 @@ class Router:
         self._static: dict[tuple[str, str], Route] = {}
         self._dynamic: list[Route] = []
 
-    def add(self, method: str, path: str, handler: Handler, name: str, *, inference: bool = False) -> None:
+    def add(
+        self, method: str, path: str, handler: Handler, name: str, *, scope: str | None, inference: bool = False
+    ) -> None:
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
         is_async = inspect.iscoroutinefunction(handler)
-        route = Route(method, re.compile(f"^{regex}$"), handler, name, is_async, inference)
+        route = Route(method, re.compile(f"^{regex}$"), handler, name, is_async, inference, scope)
         self._routes.append(route)
         if "{" in path:
             self._dynamic.append(route)

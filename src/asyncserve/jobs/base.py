@@ -164,6 +164,7 @@ class BrokerBase(abc.ABC):
         model: str | None = None,
         cursor: str | None = None,
         limit: int = 100,
+        owner: str | None = None,
     ) -> tuple[builtins.list[Job], str | None]: ...
 
     @abc.abstractmethod
@@ -221,6 +222,14 @@ def _checked_requests(requests: Sequence[JobRequest]) -> Sequence[JobRequest]:
     return requests
 
 
+def scoped_key(request: JobRequest) -> tuple[str | None, str] | None:
+    """The request's idempotency key within its owner's keys, as ``(owner, key)``; None if it has no key.
+
+    The memory and SQLite brokers look keys up by this pair: the same key of two owners is two keys.
+    """
+    return None if request.idempotency_key is None else (request.owner, request.idempotency_key)
+
+
 def check_claim(worker_id: str, limit: int, lease_s: float, models: Sequence[str] | None) -> tuple[str, ...] | None:
     """The claim's ``models`` as a tuple (None: all), after checking every argument."""
     if not (_is_text(worker_id) and 0 < len(worker_id) <= 200):
@@ -254,12 +263,16 @@ def check_retry_in_s(retry_in_s: float | None) -> None:
         raise ValueError(f"retry_in_s must be a number of seconds >= 0, or None not to retry, got {retry_in_s!r}")
 
 
-def check_listing(status: JobStatus | str | None, cursor: str | None, limit: int) -> JobStatus | None:
+def check_listing(
+    status: JobStatus | str | None, cursor: str | None, limit: int, owner: str | None = None
+) -> JobStatus | None:
     """``status`` as a JobStatus, after checking the arguments a client sends to ``GET /v1/jobs``."""
     if not (is_whole_number(limit) and 1 <= limit <= MAX_LIST_LIMIT):
         raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
     if cursor is not None and not is_job_id(cursor):
         raise InvalidRequest(f"cursor must be a cursor that a previous page returned, got {cursor!r}")
+    if owner is not None and not _is_text(owner):
+        raise InvalidRequest(f"owner must be an owner's name (a string), or None for every owner, got {owner!r}")
     if status is None:
         return None
     try:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 MAX_PRIORITY = 9
+MAX_OWNER_LENGTH = 200
 DEFAULT_TTL_S = 86_400.0
 """A finished job's result is kept a day unless the request says otherwise."""
 DEFAULT_MAX_ATTEMPTS = 3
@@ -55,6 +56,8 @@ SUPPORTED_URLS = (
 )
 
 _COMMON_OPTIONS = ("max_queued", "keep_expired_s")
+_TEXT_FIELDS = {"version": 2048, "webhook": 2048, "idempotency_key": 2048, "owner": MAX_OWNER_LENGTH}
+"""JobRequest's optional strings, and the most characters each may have."""
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 _last_id = (0, 0)
@@ -107,7 +110,7 @@ class JobRequest:
 
     Example::
 
-        JobRequest(model="churn", inputs={"age": 42}, priority=5, idempotency_key="order-17")
+        JobRequest(model="churn", inputs={"age": 42}, priority=5, idempotency_key="order-17", owner="team-a")
     """
 
     model: str
@@ -117,7 +120,11 @@ class JobRequest:
     """0 to 9; higher runs first."""
     webhook: str | None = None
     idempotency_key: str | None = None
-    """A second submission with this key returns the first job instead of making another."""
+    """A second submission with this key, by the same owner, returns the first job instead of making another."""
+    owner: str | None = None
+    """Who submits the job (the API key's name), for per-client isolation; None: nobody in particular.
+
+    Idempotency keys are per owner: two owners may use the same key and get two jobs."""
     ttl_s: float = DEFAULT_TTL_S
     """How long the job's result is kept after it finishes."""
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
@@ -136,10 +143,10 @@ class JobRequest:
         _check(is_seconds(self.ttl_s) and self.ttl_s > 0, "ttl_s", "a number of seconds > 0", self.ttl_s)
         _check(self.queue_timeout_s is None or (is_seconds(self.queue_timeout_s) and self.queue_timeout_s > 0),
                "queue_timeout_s", "a number of seconds > 0, or None", self.queue_timeout_s)  # fmt: skip
-        for name in ("version", "webhook", "idempotency_key"):
+        for name, longest in _TEXT_FIELDS.items():
             value = getattr(self, name)
-            _check(value is None or (isinstance(value, str) and 0 < len(value) <= 2048 and value.isprintable()),
-                   name, "a printable string of 1 to 2048 characters, or None", value)  # fmt: skip
+            _check(value is None or (isinstance(value, str) and 0 < len(value) <= longest and value.isprintable()),
+                   name, f"a printable string of 1 to {longest} characters, or None", value)  # fmt: skip
         object.__setattr__(self, "inputs_json", dump_json(self.inputs, "inputs"))
 
 
@@ -188,6 +195,9 @@ class Job:
     webhook: str | None = None
     webhook_attempts: tuple[dict[str, Any], ...] = ()
     idempotency_key: str | None = None
+    """The key as the client gave it (unique per owner, not across owners)."""
+    owner: str | None = None
+    """Who submitted the job (``JobRequest.owner``)."""
     created_at: float
     updated_at: float
     started_at: float | None = None
@@ -253,10 +263,12 @@ class Broker(Protocol):
     Every broker is an async context manager and keeps the same contract (``tests/jobs``):
 
     - ``enqueue`` returns ``(job, created)``; the job is durable when it returns. A known
-      ``idempotency_key`` returns the first job and ``False``, even under concurrent submits.
+      ``idempotency_key`` of the same ``owner`` (None counts as one owner) returns the first job and
+      ``False``, even under concurrent submits; another owner's job with that key is no match.
       ``enqueue_many`` stores all of its jobs or none. A broker built with ``max_queued`` raises
       ``Overloaded`` rather than hold more queued jobs.
     - ``list`` pages newest first; pass the returned cursor back for the next page (None: no more).
+      ``status``, ``model`` and ``owner`` filter it (None: any).
     - ``claim`` first takes back jobs whose lease expired (a dead worker; the job fails with
       ``dead_letter`` if that was its last attempt), then queued jobs that are due: highest
       priority first, then the longest waiting (since submission, or since its retry fell due).
@@ -305,6 +317,7 @@ class Broker(Protocol):
         model: str | None = None,
         cursor: str | None = None,
         limit: int = 100,
+        owner: str | None = None,
     ) -> tuple[builtins.list[Job], str | None]: ...
 
     async def claim(

@@ -19,7 +19,11 @@ independent broker. Every key starts with ``P:``::
 
     P:job:{id}              HASH    the job record: JOB_FIELDS, plus QUEUE_FIELD (its stream key)
                                     and ENTRY_FIELD (its stream entry id while queued or running)
-    P:idem:{key}            STRING  idempotency key -> job id (SET NX inside the enqueue script)
+    P:idem:{key}            STRING  idempotency key -> job id, for the jobs without an owner (SET
+                                    inside the enqueue script)
+    P:idem-of:{n}:{owner}:{key}
+                            STRING  the same, for an owner's jobs; n is the owner's length in UTF-8
+                                    bytes, so that no owner and key spell another's name
     P:queue:{model}:{p}     STREAM  the queue of one model at one priority p (0-9); each entry is
                                     {STREAM_ID_FIELD: job id}; consumer group GROUP; one consumer
                                     per worker id. Entries are deleted when their job leaves.
@@ -28,6 +32,7 @@ independent broker. Every key starts with ``P:``::
     P:jobs                  ZSET    every job id (all scores 0: ordered by id, that is by creation)
     P:status:{status}       ZSET    job ids by status (scores 0)
     P:model:{model}         ZSET    job ids by model (scores 0)
+    P:owner:{owner}         ZSET    job ids by owner (scores 0; jobs without an owner are in none)
     P:leases                ZSET    running job ids, scored by lease_expires_at
     P:delayed               ZSET    queued job ids waiting out a retry backoff, scored by not_before
     P:due                   ZSET    job ids scored by when expire() must next look at them
@@ -55,6 +60,7 @@ JOB_FIELDS = (
     "webhook",
     "webhook_attempts",
     "idempotency_key",
+    "owner",
     "created_at",
     "updated_at",
     "started_at",
@@ -71,7 +77,9 @@ JOB_FIELDS = (
 # --- SQLite -----------------------------------------------------------------------------------
 
 SQLITE_JOBS_TABLE = "jobs"
-"""One row per job; the columns are JOB_FIELDS plus ``due_at`` (when expire() next looks at it)."""
+"""One row per job; the columns are JOB_FIELDS plus ``due_at`` (when expire() next looks at it).
+
+(``idempotency_key``, ``owner``) is unique, a missing owner counting as one owner."""
 SQLITE_COUNTS_TABLE = "job_counts"
 """Jobs per status, kept by triggers, so stats() and the queue bound cost one lookup."""
 
@@ -88,12 +96,14 @@ ENTRY_FIELD = "entry"
 
 JOB = "job"
 IDEMPOTENCY = "idem"
+OWNED_IDEMPOTENCY = "idem-of"
 QUEUE = "queue"
 QUEUES = "queues"
 MODELS = "models"
 JOBS = "jobs"
 STATUS = "status"
 MODEL = "model"
+OWNER = "owner"
 LEASES = "leases"
 DELAYED = "delayed"
 DUE = "due"
@@ -109,8 +119,12 @@ def job_key(prefix: str, job_id: str) -> str:
     return key(prefix, JOB, job_id)
 
 
-def idempotency_key(prefix: str, idempotency_key: str) -> str:
-    return key(prefix, IDEMPOTENCY, idempotency_key)
+def idempotency_key(prefix: str, idempotency_key: str, owner: str | None = None) -> str:
+    """Where the job id of ``owner``'s ``idempotency_key`` is kept: one namespace per owner."""
+    if owner is None:
+        return key(prefix, IDEMPOTENCY, idempotency_key)
+    # The owner's length first (in bytes, as Lua counts it): "a", "b:c" and "a:b", "c" differ.
+    return key(prefix, OWNED_IDEMPOTENCY, len(owner.encode()), owner, idempotency_key)
 
 
 def queue_key(prefix: str, model: str, priority: int) -> str:
@@ -123,6 +137,10 @@ def status_key(prefix: str, status: str) -> str:
 
 def model_key(prefix: str, model: str) -> str:
     return key(prefix, MODEL, model)
+
+
+def owner_key(prefix: str, owner: str) -> str:
+    return key(prefix, OWNER, owner)
 
 
 def events_channel(prefix: str) -> str:

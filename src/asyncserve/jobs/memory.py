@@ -22,6 +22,7 @@ from asyncserve.jobs.base import (
     encode_result,
     lease_expired_error,
     overloaded,
+    scoped_key,
 )
 from asyncserve.jobs.broker import DEFAULT_KEEP_EXPIRED_S, Job, JobRequest, JobStatus, Lease, new_job_id
 
@@ -53,7 +54,8 @@ class MemoryBroker(BrokerBase):
     ) -> None:
         super().__init__(max_queued=max_queued, keep_expired_s=keep_expired_s, poll_interval_s=poll_interval_s)
         self._jobs: dict[str, Job] = {}
-        self._by_key: dict[str, str] = {}
+        self._by_key: dict[tuple[str | None, str], str] = {}
+        """Job ids by (owner, idempotency key): a key is unique per owner."""
         self._counts: Counter[JobStatus] = Counter()
 
     def __repr__(self) -> str:
@@ -61,7 +63,7 @@ class MemoryBroker(BrokerBase):
 
     async def _enqueue(self, requests: Sequence[JobRequest]) -> builtins.list[tuple[Job, bool]]:
         self._check_open()
-        fresh = [r for r in requests if r.idempotency_key is None or r.idempotency_key not in self._by_key]
+        fresh = [r for r in requests if (key := scoped_key(r)) is None or key not in self._by_key]
         queued = self._counts[JobStatus.QUEUED]
         if self.max_queued is not None and queued + len(fresh) > self.max_queued:
             raise overloaded(queued, len(fresh), self.max_queued)
@@ -70,18 +72,19 @@ class MemoryBroker(BrokerBase):
         return results
 
     def _insert(self, request: JobRequest, now: float) -> tuple[Job, bool]:
-        if request.idempotency_key is not None and request.idempotency_key in self._by_key:
-            return self._jobs[self._by_key[request.idempotency_key]], False
+        scoped = scoped_key(request)
+        if scoped is not None and scoped in self._by_key:
+            return self._jobs[self._by_key[scoped]], False
         deadline = None if request.queue_timeout_s is None else now + request.queue_timeout_s
         job = Job(
             id=new_job_id(), model=request.model, version=request.version, inputs=orjson.loads(request.inputs_json),
             priority=request.priority, max_attempts=request.max_attempts, webhook=request.webhook,
-            idempotency_key=request.idempotency_key, created_at=now, updated_at=now, ttl_s=request.ttl_s,
-            not_before=now, deadline_at=deadline,
+            idempotency_key=request.idempotency_key, owner=request.owner, created_at=now, updated_at=now,
+            ttl_s=request.ttl_s, not_before=now, deadline_at=deadline,
         )  # fmt: skip
         self._put(job)
-        if job.idempotency_key is not None:
-            self._by_key[job.idempotency_key] = job.id
+        if scoped is not None:
+            self._by_key[scoped] = job.id
         return job, True
 
     async def get(self, job_id: str) -> Job | None:
@@ -95,15 +98,12 @@ class MemoryBroker(BrokerBase):
         model: str | None = None,
         cursor: str | None = None,
         limit: int = 100,
+        owner: str | None = None,
     ) -> tuple[builtins.list[Job], str | None]:
         self._check_open()
-        wanted = check_listing(status, cursor, limit)
+        wanted = check_listing(status, cursor, limit, owner)
         ids = sorted((i for i in self._jobs if cursor is None or i < cursor), reverse=True)
-        matching = (
-            job
-            for job in map(self._jobs.__getitem__, ids)
-            if (wanted is None or job.status is wanted) and (model is None or job.model == model)
-        )
+        matching = (job for job in map(self._jobs.__getitem__, ids) if _listed(job, wanted, model, owner))
         page = [job for job, _ in zip(matching, range(limit + 1), strict=False)]
         return page[:limit], page[limit - 1].id if len(page) > limit else None
 
@@ -239,8 +239,16 @@ class MemoryBroker(BrokerBase):
         del self._jobs[job.id]
         self._counts[job.status] -= 1
         if job.idempotency_key is not None:
-            self._by_key.pop(job.idempotency_key, None)
+            self._by_key.pop((job.owner, job.idempotency_key), None)
         self._watchers.notify([job.id])
+
+
+def _listed(job: Job, status: JobStatus | None, model: str | None, owner: str | None) -> bool:
+    return (
+        (status is None or job.status is status)
+        and (model is None or job.model == model)
+        and (owner is None or job.owner == owner)
+    )
 
 
 def _wants(models: tuple[str, ...] | None, job: Job) -> bool:

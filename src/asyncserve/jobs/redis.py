@@ -150,23 +150,32 @@ class RedisBroker(BrokerBase):
         model: str | None = None,
         cursor: str | None = None,
         limit: int = 100,
+        owner: str | None = None,
     ) -> tuple[builtins.list[Job], str | None]:
         self._check_open()
-        wanted = check_listing(status, cursor, limit)
-        if wanted is not None:
-            index = keys.status_key(self.prefix, wanted.value)
-        else:
-            index = keys.model_key(self.prefix, model) if model else keys.key(self.prefix, keys.JOBS)
+        wanted = check_listing(status, cursor, limit, owner)
+        index, narrows = self._list_index(wanted, model, owner)
         found: builtins.list[Job] = []
         upper = f"({cursor}" if cursor else "+"
-        chunk = limit + 1 if wanted is None or model is None else max(limit + 1, 200)
+        # When the jobs are filtered after reading, read in bigger chunks: fewer round trips.
+        chunk = max(limit + 1, 200) if narrows else limit + 1
         while len(found) <= limit:
             ids = await self._client.zrevrangebylex(index, upper, "-", start=0, num=chunk)
-            found += [job for job in await self._read_many(ids) if _matches(job, wanted, model)]
+            found += [job for job in await self._read_many(ids) if _matches(job, wanted, model, owner)]
             if len(ids) < chunk:
                 break
             upper = f"({ids[-1].decode()}"
         return found[:limit], found[limit - 1].id if len(found) > limit else None
+
+    def _list_index(self, status: JobStatus | None, model: str | None, owner: str | None) -> tuple[str, bool]:
+        """The index ``list`` walks (the narrowest at hand), and whether a filter is left to apply."""
+        if owner is not None:  # one client's jobs: walking another index could read everyone's
+            return keys.owner_key(self.prefix, owner), status is not None or model is not None
+        if status is not None:
+            return keys.status_key(self.prefix, status.value), model is not None
+        if model:
+            return keys.model_key(self.prefix, model), False
+        return keys.key(self.prefix, keys.JOBS), False
 
     async def _read_many(self, ids: Sequence[bytes]) -> builtins.list[Job]:
         async with self._client.pipeline(transaction=False) as pipeline:
@@ -270,11 +279,14 @@ def _spec(request: JobRequest, job_id: str) -> dict[str, Any]:
         "id": job_id, "model": request.model, "inputs": request.inputs_json.decode(),
         "priority": str(request.priority), "max_attempts": str(request.max_attempts), "ttl_s": repr(request.ttl_s),
         "version": request.version, "webhook": request.webhook, "idempotency_key": request.idempotency_key,
+        "owner": request.owner,
     }  # fmt: skip
     spec: dict[str, Any] = {"id": job_id, "model": request.model, "priority": str(request.priority)}
     spec["fields"] = [item for name, value in fields.items() if value is not None for item in (name, value)]
     if request.idempotency_key is not None:
         spec["idem"] = request.idempotency_key
+    if request.owner is not None:
+        spec["owner"] = request.owner
     if request.queue_timeout_s is not None:
         spec["timeout"] = request.queue_timeout_s
     return spec
@@ -299,5 +311,9 @@ def _job(record: Mapping[bytes, bytes] | Sequence[bytes]) -> Job:
     return Job.from_dict(fields)
 
 
-def _matches(job: Job, status: JobStatus | None, model: str | None) -> bool:
-    return (status is None or job.status is status) and (model is None or job.model == model)
+def _matches(job: Job, status: JobStatus | None, model: str | None, owner: str | None) -> bool:
+    return (
+        (status is None or job.status is status)
+        and (model is None or job.model == model)
+        and (owner is None or job.owner == owner)
+    )

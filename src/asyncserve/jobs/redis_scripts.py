@@ -19,10 +19,14 @@ local MARGIN = 60  -- seconds a record outlives its last use, should expire() no
 local GROUP = '$group'
 local function k(...) return table.concat({P, ...}, '$sep') end
 local function job_key(id) return k('$job', id) end
-local function idem_key(key) return k('$idem', key) end
+local function idem_key(key, owner)  -- as keys.idempotency_key: one namespace per owner
+  if owner then return k('$owned_idem', #owner, owner, key) end
+  return k('$idem', key)
+end
 local function queue_key(model, priority) return k('$queue', model, priority) end
 local function status_key(status) return k('$status', status) end
 local function model_key(model) return k('$model', model) end
+local function owner_key(owner) return k('$owner', owner) end
 local QUEUES, MODELS, JOBS = k('$queues'), k('$models'), k('$jobs')
 local LEASES, DELAYED, DUE, EVENTS = k('$leases'), k('$delayed'), k('$due'), k('$events')
 local STATUSES = {'queued', 'running', 'succeeded', 'failed', 'cancelled', 'expired'}
@@ -63,8 +67,8 @@ end
 local function keep_for(jk, seconds)  -- a safety net: Redis drops the record itself if expire() never runs
   local ms = math.ceil((seconds + MARGIN) * 1000)
   redis.call('PEXPIRE', jk, ms)
-  local idem = redis.call('HGET', jk, 'idempotency_key')
-  if idem then redis.call('PEXPIRE', idem_key(idem), ms) end
+  local idem, owner = unpack(redis.call('HMGET', jk, 'idempotency_key', 'owner'))
+  if idem then redis.call('PEXPIRE', idem_key(idem, owner), ms) end
 end
 
 local function finish(id, jk, old, new)
@@ -86,12 +90,13 @@ local function requeue(id, jk, not_before)
 end
 
 local function purge(id, jk)
-  local status, model, idem = unpack(redis.call('HMGET', jk, 'status', 'model', 'idempotency_key'))
+  local status, model, idem, owner = unpack(redis.call('HMGET', jk, 'status', 'model', 'idempotency_key', 'owner'))
   redis.call('DEL', jk)
-  if idem and redis.call('GET', idem_key(idem)) == id then redis.call('DEL', idem_key(idem)) end
+  if idem and redis.call('GET', idem_key(idem, owner)) == id then redis.call('DEL', idem_key(idem, owner)) end
   redis.call('ZREM', JOBS, id)
   redis.call('ZREM', DUE, id)
   if model then redis.call('ZREM', model_key(model), id) end
+  if owner then redis.call('ZREM', owner_key(owner), id) end
   for _, s in ipairs(status and {status} or STATUSES) do redis.call('ZREM', status_key(s), id) end
   redis.call('PUBLISH', EVENTS, id)
 end
@@ -109,18 +114,19 @@ local function tombstone(id, jk, old)
   end
 end
 """).substitute(
-    group=keys.GROUP, sep=keys.SEPARATOR, job=keys.JOB, idem=keys.IDEMPOTENCY, queue=keys.QUEUE,
-    status=keys.STATUS, model=keys.MODEL, queues=keys.QUEUES, models=keys.MODELS, jobs=keys.JOBS,
-    leases=keys.LEASES, delayed=keys.DELAYED, due=keys.DUE, events=keys.EVENTS, stream_id=keys.STREAM_ID_FIELD,
+    group=keys.GROUP, sep=keys.SEPARATOR, job=keys.JOB, idem=keys.IDEMPOTENCY, owned_idem=keys.OWNED_IDEMPOTENCY,
+    queue=keys.QUEUE, status=keys.STATUS, model=keys.MODEL, owner=keys.OWNER, queues=keys.QUEUES, models=keys.MODELS,
+    jobs=keys.JOBS, leases=keys.LEASES, delayed=keys.DELAYED, due=keys.DUE, events=keys.EVENTS,
+    stream_id=keys.STREAM_ID_FIELD,
 )  # fmt: skip
 
-# ARGV[3] = max_queued or '', ARGV[4] = a JSON array of {id, model, priority, idem?, timeout?, fields}.
+# ARGV[3] = max_queued or '', ARGV[4] = a JSON array of {id, model, priority, idem?, owner?, timeout?, fields}.
 # Returns {'overloaded', queued, adding} or {'ok', {{created 0/1, HGETALL}, ...}}: all jobs or none.
 ENQUEUE = """
 local max_queued, specs = ARGV[3], cjson.decode(ARGV[4])
 local function existing(spec)
   if not spec.idem then return nil end
-  local id = redis.call('GET', idem_key(spec.idem))
+  local id = redis.call('GET', idem_key(spec.idem, spec.owner))
   if id and redis.call('EXISTS', job_key(id)) == 1 then return id end
   return nil
 end
@@ -144,7 +150,8 @@ local function create(spec)
   redis.call('ZADD', JOBS, 0, id)
   redis.call('ZADD', model_key(spec.model), 0, id)
   redis.call('SADD', MODELS, spec.model)
-  if spec.idem then redis.call('SET', idem_key(spec.idem), id) end
+  if spec.owner then redis.call('ZADD', owner_key(spec.owner), 0, id) end
+  if spec.idem then redis.call('SET', idem_key(spec.idem, spec.owner), id) end
   set_status(id, jk, nil, 'queued')
   return redis.call('HGETALL', jk)
 end

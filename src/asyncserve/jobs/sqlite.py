@@ -116,9 +116,10 @@ class SQLiteBroker(BrokerBase):
         model: str | None = None,
         cursor: str | None = None,
         limit: int = 100,
+        owner: str | None = None,
     ) -> tuple[builtins.list[Job], str | None]:
-        wanted = check_listing(status, cursor, limit)
-        conditions = {"status = ?": wanted and wanted.value, "model = ?": model, "id < ?": cursor}
+        wanted = check_listing(status, cursor, limit, owner)
+        conditions = {"status = ?": wanted and wanted.value, "model = ?": model, "owner = ?": owner, "id < ?": cursor}
         where = " AND ".join(sql for sql, value in conditions.items() if value is not None) or "1"
         params = [value for value in conditions.values() if value is not None]
         statement = f"{ops.SELECT} WHERE {where} ORDER BY id DESC LIMIT ?"

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from asyncserve.jobs.base import lease_expired_error, overloaded
+from asyncserve.jobs.base import lease_expired_error, overloaded, scoped_key
 from asyncserve.jobs.broker import Job, JobRequest, JobStatus
 from asyncserve.jobs.keys import JOB_FIELDS, SQLITE_COUNTS_TABLE, SQLITE_JOBS_TABLE
 
@@ -28,50 +28,101 @@ _HELD = "id = :id AND status = 'running' AND fencing_token = :token"
 UNLEASE = "lease_owner = NULL, lease_expires_at = NULL"
 _INSERT = f"INSERT INTO {_JOBS} ({COLUMNS}, due_at) VALUES ({', '.join('?' * (len(JOB_FIELDS) + 1))})"
 
-# due_at is when expire() must next look at a row: a queued job's deadline, the end of a finished
-# job's result TTL, the end of an expired job's tombstone. A running job has none.
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS {_JOBS} (
+_UPGRADING = f"{_JOBS}_upgrading"
+"""The new table an old database's jobs are copied into (see ``_upgrade``)."""
+
+
+def _jobs_table(name: str) -> str:
+    # due_at is when expire() must next look at a row: a queued job's deadline, the end of a finished
+    # job's result TTL, the end of an expired job's tombstone. A running job has none.
+    return f"""CREATE TABLE IF NOT EXISTS {name} (
     id TEXT PRIMARY KEY, model TEXT NOT NULL, version TEXT, inputs TEXT, priority INTEGER NOT NULL,
     status TEXT NOT NULL, result TEXT, error TEXT, dead_letter INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL, webhook TEXT,
-    webhook_attempts TEXT NOT NULL DEFAULT '[]', idempotency_key TEXT UNIQUE,
+    webhook_attempts TEXT NOT NULL DEFAULT '[]', idempotency_key TEXT, owner TEXT,
     created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL,
     ttl_s REAL NOT NULL, not_before REAL NOT NULL, deadline_at REAL, lease_owner TEXT,
     fencing_token INTEGER NOT NULL DEFAULT 0, lease_expires_at REAL, due_at REAL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS {_JOBS}_claim ON {_JOBS} (priority DESC, not_before, id) WHERE status = 'queued';
-CREATE INDEX IF NOT EXISTS {_JOBS}_leases ON {_JOBS} (lease_expires_at) WHERE status = 'running';
-CREATE INDEX IF NOT EXISTS {_JOBS}_status ON {_JOBS} (status, id);
-CREATE INDEX IF NOT EXISTS {_JOBS}_model ON {_JOBS} (model, id);
-CREATE INDEX IF NOT EXISTS {_JOBS}_due ON {_JOBS} (due_at) WHERE due_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS {_COUNTS} (status TEXT PRIMARY KEY, jobs INTEGER NOT NULL) WITHOUT ROWID;
-INSERT OR IGNORE INTO {_COUNTS} VALUES {", ".join(f"('{status.value}', 0)" for status in JobStatus)};
-CREATE TRIGGER IF NOT EXISTS {_JOBS}_counted_insert AFTER INSERT ON {_JOBS} BEGIN
-    UPDATE {_COUNTS} SET jobs = jobs + 1 WHERE status = NEW.status; END;
-CREATE TRIGGER IF NOT EXISTS {_JOBS}_counted_update AFTER UPDATE OF status ON {_JOBS}
+) WITHOUT ROWID"""
+
+
+_NO_JOBS = ", ".join(f"('{status.value}', 0)" for status in JobStatus)
+
+# An idempotency key is unique per owner. SQLite's UNIQUE treats NULLs as distinct, so the index is
+# over ifnull(owner, ''): the jobs without an owner share one scope ('' is no valid owner). The key
+# comes first, so that ``idempotency_key IN (...)`` walks the index.
+SCHEMA = (
+    _jobs_table(_JOBS),
+    f"CREATE UNIQUE INDEX IF NOT EXISTS {_JOBS}_idempotency ON {_JOBS} (idempotency_key, ifnull(owner, '')) "
+    f"WHERE idempotency_key IS NOT NULL",
+    f"CREATE INDEX IF NOT EXISTS {_JOBS}_claim ON {_JOBS} (priority DESC, not_before, id) WHERE status = 'queued'",
+    f"CREATE INDEX IF NOT EXISTS {_JOBS}_leases ON {_JOBS} (lease_expires_at) WHERE status = 'running'",
+    f"CREATE INDEX IF NOT EXISTS {_JOBS}_status ON {_JOBS} (status, id)",
+    f"CREATE INDEX IF NOT EXISTS {_JOBS}_model ON {_JOBS} (model, id)",
+    f"CREATE INDEX IF NOT EXISTS {_JOBS}_owner ON {_JOBS} (owner, id) WHERE owner IS NOT NULL",
+    f"CREATE INDEX IF NOT EXISTS {_JOBS}_due ON {_JOBS} (due_at) WHERE due_at IS NOT NULL",
+    f"CREATE TABLE IF NOT EXISTS {_COUNTS} (status TEXT PRIMARY KEY, jobs INTEGER NOT NULL) WITHOUT ROWID",
+    f"INSERT OR IGNORE INTO {_COUNTS} VALUES {_NO_JOBS}",
+    f"""CREATE TRIGGER IF NOT EXISTS {_JOBS}_counted_insert AFTER INSERT ON {_JOBS} BEGIN
+    UPDATE {_COUNTS} SET jobs = jobs + 1 WHERE status = NEW.status; END""",
+    f"""CREATE TRIGGER IF NOT EXISTS {_JOBS}_counted_update AFTER UPDATE OF status ON {_JOBS}
     WHEN OLD.status != NEW.status BEGIN
     UPDATE {_COUNTS} SET jobs = jobs - 1 WHERE status = OLD.status;
-    UPDATE {_COUNTS} SET jobs = jobs + 1 WHERE status = NEW.status; END;
-CREATE TRIGGER IF NOT EXISTS {_JOBS}_counted_delete AFTER DELETE ON {_JOBS} BEGIN
-    UPDATE {_COUNTS} SET jobs = jobs - 1 WHERE status = OLD.status; END;
-"""
+    UPDATE {_COUNTS} SET jobs = jobs + 1 WHERE status = NEW.status; END""",
+    f"""CREATE TRIGGER IF NOT EXISTS {_JOBS}_counted_delete AFTER DELETE ON {_JOBS} BEGIN
+    UPDATE {_COUNTS} SET jobs = jobs - 1 WHERE status = OLD.status; END""",
+)
+"""The schema's statements, each one idempotent (``IF NOT EXISTS``)."""
 
 
 def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
-    """Open (creating if need be) the database: WAL, ``synchronous=FULL``, the schema."""
+    """Open (creating or upgrading if need be) the database: WAL, ``synchronous=FULL``, the schema."""
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s)
     try:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")  # a commit is on disk (the WAL fsynced) when it returns
         db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        # One transaction, so that two processes creating a new file at once do not trip on each other.
-        db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+        _create_schema(db)
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _create_schema(db: sqlite3.Connection) -> None:
+    # One transaction, so that two processes creating (or upgrading) a file at once do not trip on
+    # each other: the second waits for the write lock, then finds the work done.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        _upgrade(db)
+        for statement in SCHEMA:
+            db.execute(statement)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Bring a database made before jobs had an owner up to the schema; nothing for a new or current one.
+
+    Adding the ``owner`` column is not enough: the old table declared ``idempotency_key UNIQUE``,
+    which would stop two owners from using one key, and SQLite cannot drop a column's constraint.
+    So the jobs move to a new table (the procedure the SQLite manual gives for changing a table's
+    constraints); ``SCHEMA`` then recreates the indexes and triggers that went with the old one.
+    The counts stay right: the new table has no triggers while it fills, and ``DROP TABLE`` fires none.
+    """
+    columns = {name for (_, name, *_) in rows(db, f"PRAGMA table_info({_JOBS})")}
+    if not columns or "owner" in columns:
+        return
+    shared = ", ".join(name for name in (*JOB_FIELDS, "due_at") if name in columns)
+    db.execute(f"DROP TABLE IF EXISTS {_UPGRADING}")
+    db.execute(_jobs_table(_UPGRADING))
+    db.execute(f"INSERT INTO {_UPGRADING} ({shared}) SELECT {shared} FROM {_JOBS}")
+    db.execute(f"DROP TABLE {_JOBS}")
+    db.execute(f"ALTER TABLE {_UPGRADING} RENAME TO {_JOBS}")
 
 
 def rows(db: sqlite3.Connection, statement: str, params: Params = ()) -> list[tuple[Any, ...]]:
@@ -96,24 +147,26 @@ def insert(
 ) -> list[tuple[Job, bool]]:
     now, results = time.time(), []
     seen = _known_keys(db, [r.idempotency_key for r, _ in requests if r.idempotency_key is not None])
-    _check_room(db, max_queued, sum(r.idempotency_key not in seen for r, _ in requests))
+    _check_room(db, max_queued, sum(scoped_key(r) not in seen for r, _ in requests))
     for request, job_id in requests:
-        if request.idempotency_key is not None and request.idempotency_key in seen:
-            results.append((seen[request.idempotency_key], False))
+        scoped = scoped_key(request)
+        if scoped is not None and scoped in seen:
+            results.append((seen[scoped], False))
             continue
         job = _new_job(request, job_id, now)
         db.execute(_INSERT, (*_row(job, request), job.deadline_at))
-        if job.idempotency_key is not None:
-            seen[job.idempotency_key] = job
+        if scoped is not None:
+            seen[scoped] = job
         results.append((job, True))
     return results
 
 
-def _known_keys(db: sqlite3.Connection, keys: list[str]) -> dict[str, Job]:
+def _known_keys(db: sqlite3.Connection, keys: list[str]) -> dict[tuple[str | None, str], Job]:
+    """The jobs that hold any of ``keys``, whoever their owner, by (owner, key)."""
     if not keys:
         return {}
     jobs = select(db, f"{SELECT} WHERE idempotency_key IN ({', '.join('?' * len(keys))})", keys)
-    return {job.idempotency_key: job for job in jobs if job.idempotency_key is not None}
+    return {(job.owner, job.idempotency_key): job for job in jobs if job.idempotency_key is not None}
 
 
 def _check_room(db: sqlite3.Connection, max_queued: int | None, adding: int) -> None:
@@ -219,8 +272,8 @@ def _new_job(request: JobRequest, job_id: str, now: float) -> Job:
     return Job(
         id=job_id, model=request.model, version=request.version, inputs=orjson.loads(request.inputs_json),
         priority=request.priority, max_attempts=request.max_attempts, webhook=request.webhook,
-        idempotency_key=request.idempotency_key, created_at=now, updated_at=now, ttl_s=request.ttl_s,
-        not_before=now, deadline_at=deadline,
+        idempotency_key=request.idempotency_key, owner=request.owner, created_at=now, updated_at=now,
+        ttl_s=request.ttl_s, not_before=now, deadline_at=deadline,
     )  # fmt: skip
 
 
