@@ -435,6 +435,14 @@ def test_binary_and_json_inputs_mix() -> None:
     np.testing.assert_array_equal(request.columns["x"], np.zeros((1, 2), dtype=np.float32))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_infinity_in_binary_floats_is_refused_as_in_json(bad: float) -> None:
+    blob = np.array([0.0, bad], dtype="<f4").tobytes()
+    body, length = binary_request([({"name": "x", "datatype": "FP32", "shape": [1, 2]}, blob)])
+    with pytest.raises(InvalidRequest, match=r"input 'x': value 1 of its binary data is .*; send finite numbers"):
+        decode_infer_request(body, SINGLE, length)
+
+
 # --- errors: body and structure ----------------------------------------------------------
 
 

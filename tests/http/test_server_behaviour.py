@@ -223,6 +223,15 @@ async def test_a_connection_over_the_limit_is_answered_503_and_closed() -> None:
         await assert_serves(running)  # the three closed: room again
 
 
+@pytest.mark.parametrize("header", ["X-Request-Timeout: 5", "Inference-Header-Content-Length: 10"])
+async def test_a_header_that_counts_once_given_twice_is_refused(running: RunningServer, header: str) -> None:
+    async with connection(running) as (reader, writer):
+        writer.write(request(PREDICT, orjson.dumps(ROW), header, header.replace("5", "9").replace("10", "20")))
+        status, _, body = await read_response(reader)
+    assert (status, orjson.loads(body)["code"]) == (400, "invalid_request")
+    assert "given more than once" in orjson.loads(body)["error"]
+
+
 # 3. Many idle connections
 
 

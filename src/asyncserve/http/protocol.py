@@ -296,6 +296,8 @@ class HttpProtocol(asyncio.Protocol):
         self.head_since = None
         self.body_since = self.loop.time()
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in self._raw_headers}
+        if len(headers) < len(self._raw_headers):
+            _check_single_valued(self._raw_headers)
         try:
             url = httptools.parse_url(self._url)
         except httptools.HttpParserInvalidURLError:
@@ -624,6 +626,22 @@ class ParseBudget:
         if waiting:
             self._turn_pending = True
             self._loop.call_soon(self._next_turn)
+
+
+SINGLE_VALUED = frozenset({
+    "authorization", "content-type", "expect", "host", "idempotency-key", "inference-header-content-length",
+    "prefer", "x-api-key", "x-priority", "x-request-id", "x-request-timeout",
+})  # fmt: skip
+"""Headers a request may send once: given twice, which one counts would be a guess."""
+
+
+def _check_single_valued(raw_headers: list[tuple[bytes, bytes]]) -> None:
+    seen: set[str] = set()
+    for raw_name, _ in raw_headers:
+        name = raw_name.decode("latin-1").lower()
+        if name in seen and name in SINGLE_VALUED:
+            raise InvalidRequest(f"the {name} header is given more than once; send it once")
+        seen.add(name)
 
 
 def _too_large(size: int, limit: int) -> str:

@@ -621,7 +621,14 @@ def _fixed_size_column(given: _InputPlan, shape: list[int], blob: memoryview) ->
             raise InvalidRequest(f"input {given.name!r} is BOOL and its binary data must hold bytes 0 or 1")
         return raw.astype(np.bool_).reshape(shape)
     # astype copies: the column is writable, native-endian and does not pin the request body.
-    return np.frombuffer(blob, dtype=given.wire).astype(given.dtype).reshape(shape)
+    column = np.frombuffer(blob, dtype=given.wire).astype(given.dtype).reshape(shape)
+    if given.dtype.kind == "f" and column.size and not np.isfinite(column).all():
+        at = int(np.flatnonzero(~np.isfinite(column.ravel()))[0])
+        raise InvalidRequest(
+            f"input {given.name!r}: value {at} of its binary data is {column.ravel()[at]}; send finite numbers "
+            "(JSON cannot carry NaN or infinity either)"
+        )
+    return column
 
 
 # --- output data ---------------------------------------------------------------------------

@@ -47,6 +47,10 @@ MAX_OWNER_LENGTH = 200
 DEFAULT_TTL_S = 86_400.0
 """A finished job's result is kept a day unless the request says otherwise."""
 DEFAULT_MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 100
+"""Most attempts a job may ask for: beyond, a failing job would hold its place for ever."""
+MAX_TTL_S = 366 * 86_400.0
+"""Longest a result may be kept, or a job wait in the queue: a year."""
 DEFAULT_KEEP_EXPIRED_S = 86_400.0
 """An expired job stays readable (status ``expired``, no inputs or result) this long, then goes."""
 SUPPORTED_URLS = (
@@ -138,11 +142,13 @@ class JobRequest:
                self.model)  # fmt: skip
         _check(is_whole_number(self.priority) and 0 <= self.priority <= MAX_PRIORITY, "priority",
                f"an integer from 0 to {MAX_PRIORITY}", self.priority)  # fmt: skip
-        _check(is_whole_number(self.max_attempts) and self.max_attempts >= 1, "max_attempts", "an integer >= 1",
-               self.max_attempts)  # fmt: skip
-        _check(is_seconds(self.ttl_s) and self.ttl_s > 0, "ttl_s", "a number of seconds > 0", self.ttl_s)
-        _check(self.queue_timeout_s is None or (is_seconds(self.queue_timeout_s) and self.queue_timeout_s > 0),
-               "queue_timeout_s", "a number of seconds > 0, or None", self.queue_timeout_s)  # fmt: skip
+        _check(is_whole_number(self.max_attempts) and 1 <= self.max_attempts <= MAX_ATTEMPTS, "max_attempts",
+               f"an integer from 1 to {MAX_ATTEMPTS}", self.max_attempts)  # fmt: skip
+        _check(is_seconds(self.ttl_s) and 0 < self.ttl_s <= MAX_TTL_S, "ttl_s",
+               f"a number of seconds > 0 and at most {MAX_TTL_S:g} (a year)", self.ttl_s)  # fmt: skip
+        timeout = self.queue_timeout_s
+        _check(timeout is None or (is_seconds(timeout) and 0 < timeout <= MAX_TTL_S), "queue_timeout_s",
+               f"a number of seconds > 0 and at most {MAX_TTL_S:g}, or None", timeout)  # fmt: skip
         for name, longest in _TEXT_FIELDS.items():
             value = getattr(self, name)
             _check(value is None or (isinstance(value, str) and 0 < len(value) <= longest and value.isprintable()),
