@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -267,3 +268,60 @@ def test_version_is_printed() -> None:
     command = [sys.executable, "-m", "asyncserve", "--version"]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == f"asyncserve {asyncserve.__version__}"
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, from /proc (Linux)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found |= {child} | descendants(child)
+    return found
+
+
+def running_pids(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (a zombie has ended; it only waits to be reaped)."""
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def ended_within(pids: set[int], seconds: float) -> set[int]:
+    """Wait up to ``seconds`` for ``pids`` to end; return those still running."""
+    until = time.monotonic() + seconds
+    while running_pids(pids) and time.monotonic() < until:
+        time.sleep(0.05)
+    return running_pids(pids)
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (("--executor", "process", "--executor-workers", "2"), {}),
+        (("--workers", "2"), {}),
+    ],
+    ids=["process-pool", "two-workers"],
+)
+def test_a_server_killed_with_sigkill_leaves_no_process_and_frees_its_port(
+    args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    with started_cli("serve", "tests.services:service", *args, env=env) as (process, url):
+        children = descendants(process.pid)
+        assert children, "the server should have child processes"
+        process.kill()
+        process.wait(10)
+        assert not ended_within(children, 2.0), "processes outlived their killed parent by more than 2 s"
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))  # free again

@@ -16,6 +16,7 @@ import dataclasses
 import gc
 import logging
 import multiprocessing
+import os
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ from asyncserve.exceptions import ConfigurationError
 from asyncserve.http.auth import is_loopback
 from asyncserve.http.protocol import Limits
 from asyncserve.http.server import HttpServer, tls_context
+from asyncserve.runtime import lifeline
 from asyncserve.runtime.peers import WorkerGroup
 from asyncserve.service import Service
 
@@ -172,6 +174,8 @@ def load_service(target: str) -> Service:
 
 
 def _worker_main(target: str, settings: Settings, sock: socket.socket, group: WorkerGroup) -> None:
+    # A supervisor killed with SIGKILL cannot stop its workers: each drains and exits on its own.
+    lifeline.follow_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     _serve_one(target, settings, sock, group)
 
 

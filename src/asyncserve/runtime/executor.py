@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from asyncserve.exceptions import ConfigurationError, DeadlineExceeded, ModelError
 from asyncserve.model import Model, ModelSpec, call_predict, check_outputs, describe, warm_up
+from asyncserve.runtime import lifeline
 from asyncserve.tensors import Columns
 
 T = TypeVar("T")
@@ -121,6 +122,7 @@ _worker_barrier: Any = None
 def _load_in_worker(models: list[Model], barrier: Any) -> None:
     global _worker_barrier
     _worker_barrier = barrier
+    lifeline.follow_parent(lifeline.exit_now)  # a server killed with SIGKILL leaves no pool process behind
     for model in models:
         spec = describe(model)
         load_and_warm(spec)
