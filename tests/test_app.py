@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import httpx
+import orjson
 import pytest
 
 import asyncserve
@@ -278,3 +279,26 @@ async def test_openapi_and_docs(client: httpx.AsyncClient) -> None:
 
 def test_adder_is_a_model() -> None:
     assert issubclass(AdderV1, Adder)
+
+
+async def test_a_large_body_is_decoded_off_the_loop_with_the_same_answer() -> None:
+    rows = [{"a": [float(i), 0.0, 1.0], "b": [1.0, 1.0, 1.0]} for i in range(64)]
+    padding = b" " * 100_000  # over a 64 kB threshold: decoded in a thread
+    body = padding + orjson.dumps(rows)
+    v2_bytes = padding + orjson.dumps(v2_body_of(rows))
+    answers = []
+    for threshold in (64 * 1024, 64 * 1024 * 1024):
+        settings = Settings(executor_workers=1, jobs="", decode_off_loop_bytes=threshold, max_body_bytes=1 << 26)
+        async with serving(Service(Adder(), name="large"), settings) as running, running.client() as client:
+            predicted = await client.post("/v1/models/adder/predict", content=body)
+            inferred = await client.post("/v2/models/adder/infer", content=v2_bytes)
+            bad = await client.post("/v1/models/adder/predict", content=body + b"x")
+        assert (predicted.status_code, inferred.status_code) == (200, 200)
+        assert (bad.status_code, bad.json()["code"]) == (400, "invalid_request")  # errors come back the same way
+        answers.append((predicted.json(), inferred.json()["outputs"]))
+    assert answers[0] == answers[1]
+    assert answers[0][0][-1]["sum"] == [64.0, 1.0, 2.0]
+
+
+def v2_body_of(rows: list[dict[str, list[float]]]) -> dict[str, object]:
+    return v2_body([row["a"] for row in rows], [row["b"] for row in rows])

@@ -116,6 +116,8 @@ class Settings:
     executor_workers: int = 0
     """Threads or processes in the pool; 0 means one per CPU core."""
     max_body_bytes: int = 64 * 1024 * 1024
+    decode_off_loop_bytes: int = 1024 * 1024
+    """Inference bodies larger than this are decoded in a thread, so that the event loop keeps serving."""
     max_url_bytes: int = 8 * 1024
     max_header_count: int = 100
     max_header_bytes: int = 16 * 1024

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
 
 import orjson
 
@@ -24,6 +26,10 @@ from asyncserve.runtime.batching import PRIORITY_LEVELS
 from asyncserve.runtime.pipeline import Pipeline, Prediction
 from asyncserve.runtime.registry import ModelEntry, ModelRegistry
 from asyncserve.tensors import Columns
+
+T = TypeVar("T")
+Rows = tuple[Columns, int, bool, int]
+"""A JSON API body decoded: its columns, rows, whether it was a list, and its priority."""
 
 
 class InferenceRoutes:
@@ -51,13 +57,19 @@ class InferenceRoutes:
         if self.jobs_api is not None and _prefers(request, "respond-async"):
             submitted = self.jobs_api.submit_v2(request, entry, request.body)
             return Pending(asyncio.get_running_loop().create_task(submitted), _as_is)
-        return self._start_infer(request, entry, deadline, request.body)
+        if len(request.body) > self.settings.decode_off_loop_bytes:
+            return _off_loop(
+                lambda: self._decode_infer(request, entry), partial(self._start_infer, request, entry, deadline)
+            )
+        return self._start_infer(request, entry, deadline, self._decode_infer(request, entry))
 
-    def _start_infer(self, request: Request, entry: ModelEntry, deadline: float, body: bytes) -> Pending:
+    def _decode_infer(self, request: Request, entry: ModelEntry) -> v2.InferRequest:
         header_length = _binary_header_length(request)
         # Any V2 body may say application/octet-stream: tritonclient's aio client always does.
         _require_json(request, also="application/octet-stream")
-        decoded = v2.decode_infer_request(body, entry.spec, header_length)
+        return v2.decode_infer_request(request.body, entry.spec, header_length)
+
+    def _start_infer(self, request: Request, entry: ModelEntry, deadline: float, decoded: v2.InferRequest) -> Pending:
         priority = _parse_priority(decoded.parameters.get("priority", 0), "parameters.priority")
         work, to_prediction = self.pipeline.start(
             entry, decoded.columns, decoded.rows, deadline, priority=priority, request_id=request.request_id
@@ -76,10 +88,13 @@ class InferenceRoutes:
         if _prefers(request, "lazy"):
             columns, rows, as_list, priority = self._decode_rows(request, entry, request.body)
             return self._defer(request, entry, columns, rows, as_list, priority)
-        return self._start_predict(request, entry, deadline, request.body)
+        if len(request.body) > self.settings.decode_off_loop_bytes:
+            decode = partial(self._decode_rows, request, entry, request.body)
+            return _off_loop(decode, partial(self._start_predict, request, entry, deadline))
+        return self._start_predict(request, entry, deadline, self._decode_rows(request, entry, request.body))
 
-    def _start_predict(self, request: Request, entry: ModelEntry, deadline: float, body: bytes) -> Pending:
-        columns, rows, as_list, priority = self._decode_rows(request, entry, body)
+    def _start_predict(self, request: Request, entry: ModelEntry, deadline: float, decoded: Rows) -> Pending:
+        columns, rows, as_list, priority = decoded
         work, to_prediction = self.pipeline.start(
             entry, columns, rows, deadline, priority=priority, request_id=request.request_id
         )
@@ -91,7 +106,7 @@ class InferenceRoutes:
 
         return Pending(work, answer)
 
-    def _decode_rows(self, request: Request, entry: ModelEntry, body: bytes) -> tuple[Columns, int, bool, int]:
+    def _decode_rows(self, request: Request, entry: ModelEntry, body: bytes) -> Rows:
         _require_json(request)
         columns, as_list = jsonapi.decode_rows(body, entry.spec)
         priority = _parse_priority(request.headers.get("x-priority", "0"), "X-Priority")
@@ -178,6 +193,19 @@ def parse_timeout(value: str) -> float:
 
 def _as_is(response: Response) -> Response:
     return response
+
+
+def _off_loop(decode: Callable[[], T], start: Callable[[T], Pending]) -> Pending:
+    """Decode a large body in a thread, then start its prediction on the loop: decoding tens of megabytes
+    of JSON on the event loop would stall every other request for as long."""
+
+    async def decode_then_start() -> Response:
+        pending = start(await asyncio.to_thread(decode))
+        # Cancelling this task (the client went away) cancels the awaited work, which withdraws the rows.
+        response: Response = pending.answer(await pending.work)
+        return response
+
+    return Pending(asyncio.get_running_loop().create_task(decode_then_start()), _as_is)
 
 
 def _alive(deferred: DeferredPredictions, handle_id: str) -> bool:
