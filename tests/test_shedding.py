@@ -31,7 +31,7 @@ async def lagging() -> AsyncIterator[RunningServer]:
 
 
 def request(path: str, body: bytes, *headers: str, version: str = "1.1") -> bytes:
-    lines = [f"POST {path} HTTP/{version}", "Host: test", "Content-Type: application/json", *headers]
+    lines = [f"POST {path} HTTP/{version}", "Host: 127.0.0.1", "Content-Type: application/json", *headers]
     return ("\r\n".join([*lines, f"Content-Length: {len(body)}", "", ""])).encode() + body
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,13 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 def app(service: Service, settings: Settings | None = None) -> AsgiApp:
-    """An ASGI application serving ``service``; it starts and stops with the ASGI lifespan."""
+    """An ASGI application serving ``service``; it starts and stops with the ASGI lifespan.
+
+    The ASGI server decides where it listens, so the Host check (``allowed_hosts``) is off unless set.
+    """
+    settings = settings or Settings()
+    if not settings.allowed_hosts:
+        settings = dataclasses.replace(settings, allowed_hosts="*")
     return AsgiApp(App(service, settings))
 
 

@@ -140,6 +140,9 @@ class Settings:
     route needs a key with its scope (see ``asyncserve/http/auth.py``)."""
     api_keys: str = ""
     """API keys given in the environment, in the keys file's format, one per line or separated by ``;``."""
+    allowed_hosts: str = ""
+    """Host names the server answers to, comma-separated (``*``: any). Empty: loopback names only when it
+    listens on loopback (a web page cannot reach it by DNS rebinding), any name otherwise."""
     insecure: bool = False
     """Serve beyond loopback without API keys (refused otherwise)."""
     grace_period_s: float = 30.0

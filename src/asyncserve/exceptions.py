@@ -2,7 +2,8 @@
 
     AsyncServeError                     500 internal
     ├── InvalidRequest                  400 invalid_request      malformed body, shape/data mismatch
-    │   └── SchemaViolation             422 schema_violation     a field breaks the declared schema
+    │   ├── SchemaViolation             422 schema_violation     a field breaks the declared schema
+    │   └── HostNotAllowed              400 host_not_allowed     a Host header the server does not answer to
     ├── Unauthorized                    401 unauthorized         no API key, or a wrong one
     ├── Forbidden                       403 forbidden            the key lacks the route's scope
     ├── NotFound                        404 not_found            unknown route
@@ -69,6 +70,10 @@ class SchemaViolation(InvalidRequest):
     def __init__(self, path: str, problem: str) -> None:
         super().__init__(f"{path}: {problem}" if path else problem)
         self.path = path
+
+
+class HostNotAllowed(InvalidRequest):
+    code = "host_not_allowed"
 
 
 class NotFound(AsyncServeError):

@@ -129,7 +129,7 @@ async def test_a_body_that_comes_in_pieces_is_gathered(running: RunningServer) -
 async def test_a_chunked_body_gets_the_same_answer(running: RunningServer) -> None:
     reader, writer = await connect(running)
     body = orjson.dumps(ROW)
-    head = "POST /v1/models/adder/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    head = "POST /v1/models/adder/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     chunked = f"{head}Transfer-Encoding: chunked\r\n\r\n{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
     writer.write(chunked)
     status, _, answer = await read_response(reader)
@@ -372,7 +372,7 @@ async def test_a_client_that_reads_slowly_pauses_the_server_and_gets_every_answe
     # buffers hold), sent while the client reads slowly: the server stops reading while its answers
     # wait, and resumes as the client reads, so every answer comes, in order.
     reader, writer = await connect(running)
-    get = b"GET /openapi.json HTTP/1.1\r\nHost: test\r\nX-Request-ID: %d\r\n\r\n"
+    get = b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: %d\r\n\r\n"
 
     async def send() -> None:
         for n in range(2000):

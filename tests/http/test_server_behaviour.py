@@ -42,7 +42,7 @@ SETTINGS = Settings(
 
 ROW = {"a": [1.0, 2.0, 3.0], "b": [1.0, 1.0, 1.0]}
 PREDICT = "/v1/models/adder/predict"
-HEAD = f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+HEAD = f"POST {PREDICT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
 Answer = tuple[int, dict[str, str], bytes]
 
@@ -112,7 +112,7 @@ async def assert_serves(running: RunningServer) -> None:
 # 1. Request smuggling
 
 
-SMUGGLED = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+SMUGGLED = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,7 @@ async def test_a_protocol_upgrade_is_not_made_the_request_is_answered_and_the_co
 ) -> None:
     # With an upgrade (h2c, websocket) the bytes that follow are not HTTP/1.1 any more: the server
     # answers the request over HTTP/1.1 and closes, so that nothing after it is read as a request.
-    upgrade = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    upgrade = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
     async with connection(running) as (reader, writer):
         writer.write(upgrade)
         status, headers, _ = await read_response(reader)
@@ -171,7 +171,7 @@ async def test_a_head_that_never_ends_gets_408_and_the_connection_closes_while_o
 ) -> None:
     async with connection(running) as (slow_reader, slow_writer):
         started = time.monotonic()
-        slow_writer.write(b"POST /v1/models/adder/predict HTTP/1.1\r\nHost: x\r\n")
+        slow_writer.write(b"POST /v1/models/adder/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         await slow_writer.drain()
         await assert_serves(running)  # meanwhile, on another connection
         answers = split_responses(await read_to_eof(slow_reader))
@@ -442,7 +442,7 @@ async def test_keep_alive_serves_several_requests_on_one_connection(running: Run
             assert status == 200, body
             assert "connection" not in headers
             assert orjson.loads(body)["sum"] == [i + 1.0, 1.0, 1.0]
-        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert (await read_response(reader))[0] == 200
 
 
@@ -541,7 +541,7 @@ async def test_the_access_log_has_one_record_per_request(
     async with connection(access_logged) as (reader, writer):
         writer.write(request(PREDICT, orjson.dumps(ROW)))
         assert (await read_response(reader))[0] == 200
-        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert (await read_response(reader))[0] == 200
         writer.write(request("/v1/models/nope/predict", orjson.dumps(ROW)))
         assert (await read_response(reader))[0] == 404
@@ -566,7 +566,7 @@ async def test_a_request_the_parser_refuses_is_logged_once_as_itself_and_its_con
     assert [status for status, _, _ in answers] == [414]
     # After a request served on the same connection: two Content-Lengths.
     async with connection(access_logged) as (reader, writer):
-        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert (await read_response(reader))[0] == 200
         writer.write(f"{HEAD}Content-Length: 1\r\nContent-Length: 2\r\n\r\n".encode())
         assert [status for status, _, _ in split_responses(await read_to_eof(reader))] == [400]

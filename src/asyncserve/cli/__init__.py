@@ -77,7 +77,9 @@ def _add_jobs_commands(jobs: argparse.ArgumentParser) -> None:
     submit.add_argument("--batch-size", type=_positive, default=500, help="jobs per POST /v1/jobs/batch (default 500)")
     submit.add_argument("--concurrency", type=_positive, default=4, help="requests in flight at once (default 4)")
     submit.add_argument("--max-attempts", type=_positive, help="attempts per job (default: the server's, 3)")
-    submit.add_argument("--resume", action="store_true", help="finish an interrupted run with the same --out")
+    existing = submit.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="finish an interrupted run with the same --out")
+    existing.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
 
 
 def _positive(text: str) -> int:
@@ -99,6 +101,7 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--access-log", action="store_true", default=None, help="log one line per request")
     parser.add_argument("--api-keys-file", help="API keys (asyncserve keys new): each route then needs a key")
     parser.add_argument("--insecure", action="store_true", default=None, help="serve beyond loopback without keys")
+    parser.add_argument("--allowed-hosts", help="Host names answered, comma-separated (* for any)")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -123,6 +126,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         access_log=args.access_log,
         api_keys_file=args.api_keys_file,
         insecure=args.insecure,
+        allowed_hosts=args.allowed_hosts,
     )
 
 
@@ -132,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _jobs(args)
     if args.command == "keys":
         return _new_key(args)
+    _import_from_current_directory()
     from asyncserve.server import bind_socket, run_worker, serve
 
     try:
@@ -153,6 +158,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"asyncserve: error: {exc.message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _import_from_current_directory() -> None:
+    """Let MODULE:ATTR name a module in the current directory, as uvicorn, gunicorn and Flask do.
+
+    ``python -m asyncserve`` has it on ``sys.path`` already; the ``asyncserve`` script has its own
+    directory there instead. Worker processes (``--workers``, ``--executor process``) are spawned with
+    this ``sys.path``, so they import the same modules.
+    """
+    cwd = os.getcwd()
+    if sys.path[:1] != [cwd]:
+        sys.path.insert(0, cwd)
 
 
 def _new_key(args: argparse.Namespace) -> int:
@@ -185,6 +202,7 @@ def _jobs(args: argparse.Namespace) -> int:
     options = submit.SubmitOptions(
         file=args.file, model=args.model, out=args.out, url=args.url, version=args.version,
         batch_size=args.batch_size, concurrency=args.concurrency, max_attempts=args.max_attempts, resume=args.resume,
+        overwrite=args.overwrite,
     )  # fmt: skip
     try:
         return submit.main(options)

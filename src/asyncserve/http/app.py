@@ -13,10 +13,19 @@ from typing import Any
 import asyncserve
 from asyncserve.composition.deferred import DeferredPredictions
 from asyncserve.config import Settings
-from asyncserve.exceptions import AsyncServeError, ModelError, ModelNotReady, Overloaded, ShuttingDown, Unavailable
+from asyncserve.exceptions import (
+    AsyncServeError,
+    HostNotAllowed,
+    ModelError,
+    ModelNotReady,
+    Overloaded,
+    ShuttingDown,
+    Unavailable,
+    UnsupportedMediaType,
+)
 from asyncserve.http import openapi, v2
 from asyncserve.http.admin import RepositoryRoutes
-from asyncserve.http.auth import ApiKey, Authenticator, audit_logger
+from asyncserve.http.auth import ApiKey, Authenticator, audit_logger, is_loopback
 from asyncserve.http.inference import InferenceRoutes, parse_timeout
 from asyncserve.http.jobs import JobsAPI
 from asyncserve.http.protocol import Respond
@@ -66,6 +75,8 @@ class HttpApp:
         self.peers = peers
         self.auth = auth or Authenticator()
         """API keys; with none configured every route is open."""
+        self.allowed_hosts = allowed_hosts(settings)
+        """The Host names answered; None: any."""
         self.inference = InferenceRoutes(settings, registry, pipeline, deferred, jobs)
         self.repository = RepositoryRoutes(registry)
         self.jobs = jobs
@@ -122,6 +133,7 @@ class HttpApp:
         started = time.perf_counter()
         route_name = "unknown"
         try:
+            self._check_origin(request.method, request.headers)
             route, request.params = self.router.match(request.method, request.path)
             route_name = route.name
             request.key = self._admit(request, route)
@@ -150,6 +162,24 @@ class HttpApp:
             return None
         work.add_done_callback(lambda done: finish(answer, done))
         return work
+
+    def _check_origin(self, method: str, headers: dict[str, str]) -> None:
+        """Refuse what a web page could send from a browser: another Host name (DNS rebinding), and POST bodies
+        in the types a page may send without the browser asking first (forms, plain text)."""
+        if self.allowed_hosts is not None:
+            host = headers.get("host")
+            if host is not None and _host_name(host) not in self.allowed_hosts:
+                raise HostNotAllowed(
+                    f"this server does not answer to Host {host!r}; add it to --allowed-hosts "
+                    "(ASYNCSERVE_ALLOWED_HOSTS)"
+                )
+        if method == "POST":
+            media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media_type in FORM_TYPES:
+                raise UnsupportedMediaType(
+                    f"content type {media_type!r} is not taken on POST (a web page could send it from another site); "
+                    "send application/json"
+                )
 
     def _admit(self, request: Request, route: Route) -> ApiKey | None:
         """The request's API key, checked against the route's scope and taken against its limits."""
@@ -236,6 +266,11 @@ class HttpApp:
         Under overload refusing must cost far less than serving: this runs before the body is read
         or decoded, from what the loop-lag probe measured a moment ago.
         """
+        try:
+            self._check_origin(method, headers)
+        except AsyncServeError as exc:
+            self.metrics.observe_request("unknown", "", exc.status_code, 0.0)
+            return self._error_response(exc, "unknown", "")
         if self.auth.enabled:
             refused = self._refused_at_the_door(method, path, headers)
             if refused is not None:
@@ -329,3 +364,27 @@ class HttpApp:
 
 def _as_is(response: Response) -> Response:
     return response
+
+
+FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
+"""The body types a web page may POST to another site without the browser asking it first (CORS)."""
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def allowed_hosts(settings: Settings) -> frozenset[str] | None:
+    """The Host names a server answers to (None: any), from ``allowed_hosts`` or, by default, where it listens."""
+    names = frozenset(name.strip().lower() for name in settings.allowed_hosts.split(",") if name.strip())
+    if "*" in names:
+        return None
+    if names:
+        return names | LOOPBACK_NAMES if is_loopback(settings.host) else names
+    return LOOPBACK_NAMES if is_loopback(settings.host) else None
+
+
+def _host_name(host: str) -> str:
+    """A Host header without its port: ``example.com:8000`` -> ``example.com``, ``[::1]:8000`` -> ``[::1]``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
