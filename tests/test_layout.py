@@ -100,6 +100,11 @@ def test_dependencies_are_used_through_their_documented_modules() -> None:
     assert submodules <= PUBLIC_SUBMODULES, submodules - PUBLIC_SUBMODULES
 
 
+def _is_dependency(module: str) -> bool:
+    top = module.split(".")[0]
+    return top != "asyncserve" and top not in sys.stdlib_module_names
+
+
 def _is_private(name: str) -> bool:
     return any(part.startswith("_") and not part.startswith("__") for part in name.split("."))
 
@@ -110,11 +115,12 @@ def private_imports(tree: ast.AST) -> tuple[list[str], set[str]]:
     aliases: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            external = [alias for alias in node.names if not alias.name.startswith("asyncserve")]
+            # The standard library documents its underscore names it means for use (os._exit, sys._getframe).
+            external = [alias for alias in node.names if _is_dependency(alias.name)]
             aliases.update(alias.asname or alias.name.split(".")[0] for alias in external)
             found.extend(f"import {alias.name}" for alias in external if _is_private(alias.name))
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module.split(".")[0] in ("asyncserve", "__future__"):
+            if not _is_dependency(node.module):
                 continue
             if _is_private(node.module) or any(_is_private(alias.name) for alias in node.names):
                 found.append(f"from {node.module} import {', '.join(a.name for a in node.names)}")

@@ -128,6 +128,8 @@ class Settings:
     """How long a request's head may take to arrive once it has begun (a slow client gets 408)."""
     body_timeout_s: float = 60.0
     """How long a request's body may take to arrive once its head has (a slow client gets 408)."""
+    max_held_body_bytes: int = 512 * 1024 * 1024
+    """Request bodies held at once across connections; a body that would go past it waits, unread."""
     max_connections: int = 10_000
     """Open connections at most; one more is answered 503 and closed (keep it under the process's file limit)."""
     access_log: bool = False
@@ -198,6 +200,8 @@ class Settings:
         _require(self.head_timeout_s > 0, "head_timeout_s", "a number of seconds > 0", self.head_timeout_s)
         _require(self.body_timeout_s > 0, "body_timeout_s", "a number of seconds > 0", self.body_timeout_s)
         _require(self.max_connections >= 1, "max_connections", "an integer >= 1", self.max_connections)
+        _require(self.max_held_body_bytes >= self.max_body_bytes, "max_held_body_bytes",
+                 f"at least max_body_bytes ({self.max_body_bytes})", self.max_held_body_bytes)  # fmt: skip
         _require(bool(self.ssl_certfile) == bool(self.ssl_keyfile), "ssl_certfile and ssl_keyfile",
                  "both given or both empty", (self.ssl_certfile, self.ssl_keyfile))  # fmt: skip
         _require(self.grace_period_s >= 0, "grace_period_s", "a number of seconds >= 0", self.grace_period_s)

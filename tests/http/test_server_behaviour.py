@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import numpy.typing as npt
 import orjson
 import pytest
 
-from asyncserve import ConfigurationError, Service, Settings
+from asyncserve import ConfigurationError, Model, Service, Settings, Tensor
 from asyncserve.http import jsonapi
 from tests.conftest import RunningServer, serving
 from tests.models import Adder, Sleeper
@@ -606,3 +608,43 @@ async def test_stopping_finishes_the_request_in_flight_and_closes_an_idle_connec
         assert "pid" in orjson.loads(body)
         assert headers["connection"] == "close"
         assert await read_to_eof(busy_reader) == b""
+
+
+class Waiter(Model):
+    """Holds its request (and so its body) until released, without taking an executor worker."""
+
+    name = "waiter"
+    inputs = {"n": Tensor("INT64")}
+    outputs = {"n": Tensor("INT64")}
+    max_batch_size = 1
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.arrived = 0
+
+    async def predict(self, n: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        self.arrived += 1
+        await self.release.wait()
+        return n
+
+
+async def test_bodies_past_the_held_limit_wait_unread_until_room_comes_back() -> None:
+    waiter = Waiter()
+    settings = Settings(executor_workers=1, jobs="", max_body_bytes=400_000, max_held_body_bytes=1_000_000)
+    padded = b" " * 300_000 + orjson.dumps({"n": 1})  # 300 kB each: three fit, the fourth waits
+    async with serving(Service(waiter, Adder(), name="held"), settings) as running:
+        conns = [await connect(running) for _ in range(4)]
+        try:
+            for n, (_, writer) in enumerate(conns):
+                writer.write(request("/v1/models/waiter/predict", padded.replace(b'"n":1', b'"n":%d' % n)))
+            async with asyncio.timeout(5):
+                while waiter.arrived < 3:  # noqa: ASYNC110 (the model counts arrivals; there is no event)
+                    await asyncio.sleep(0.01)
+            await assert_serves(running)  # a small body is not held back by the waiting one
+            assert waiter.arrived == 3  # the fourth body waits, unread
+            running.loop.call_soon_threadsafe(waiter.release.set)
+            answers = [await read_response(reader) for reader, _ in conns]
+        finally:
+            for _, writer in conns:
+                writer.close()
+    assert [orjson.loads(body)["n"] for _, _, body in answers] == [0, 1, 2, 3]

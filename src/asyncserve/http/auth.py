@@ -34,6 +34,8 @@ audit_logger = logging.getLogger("asyncserve.audit")
 
 SCOPES = ("infer", "jobs", "admin", "metrics")
 KEY_PREFIX = "as_"
+MAX_REMEMBERED_TOKENS = 4096
+"""Valid keys remembered by their token, so that each request does not hash its key again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,8 @@ class Authenticator:
         self.source = source
         """The keys file, read again by :meth:`reload` when it changes."""
         self._by_digest: dict[str, ApiKey] = {}
+        self._by_token: dict[str, ApiKey] = {}
+        """Tokens seen recently that are valid keys: a client's next request skips the hash."""
         self._buckets: dict[str, _Bucket] = {}
         self._source_stamp: tuple[float, int] | None = None
         self.replace(keys)
@@ -167,6 +171,7 @@ class Authenticator:
     def replace(self, keys: Iterable[ApiKey]) -> None:
         by_digest = {key.sha256: key for key in keys}
         self._by_digest = by_digest
+        self._by_token = {}  # a key that was revoked must not be found here
         names = {key.name for key in by_digest.values()}
         self._buckets = {name: bucket for name, bucket in self._buckets.items() if name in names}
 
@@ -200,9 +205,15 @@ class Authenticator:
         token = _token(headers)
         if token is None:
             raise Unauthorized("this route needs an API key: send it as 'Authorization: Bearer <key>'")
+        key = self._by_token.get(token)
+        if key is not None:
+            return key
         key = self._by_digest.get(digest(token))
         if key is None:
             raise Unauthorized("the API key is not valid (revoked, mistyped, or for another server)")
+        if len(self._by_token) >= MAX_REMEMBERED_TOKENS:
+            self._by_token.clear()  # (only valid keys are remembered: a flood of wrong ones grows nothing)
+        self._by_token[token] = key
         return key
 
     @staticmethod

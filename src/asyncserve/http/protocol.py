@@ -96,6 +96,7 @@ class Limits:
     head_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     max_connections: int = 10_000
+    max_held_body_bytes: int = 512 * 1024 * 1024
     access_log: bool = False
 
 
@@ -118,6 +119,15 @@ class Connections(Protocol):
 
     @property
     def budget(self) -> ParseBudget: ...
+
+    def reserve(self, protocol: HttpProtocol, size: int) -> bool:
+        """Room for a body of ``size`` bytes now (True), or later: ``protocol.room_granted()`` is then called."""
+
+    def hold(self, size: int) -> None:
+        """Count ``size`` bytes of a body of unknown length (chunked) as held."""
+
+    def release(self, size: int) -> None:
+        """``size`` bytes of bodies are no longer held."""
 
     def connection_idle(self) -> None:
         """A connection finished its requests or closed: the server may be drained."""
@@ -172,6 +182,13 @@ class HttpProtocol(asyncio.Protocol):
         """This connection's received bytes that wait for a later turn (``ParseBudget``)."""
         self.paused_by_budget = False
         self._paused_by_pipeline = False
+        self._paused_for_room = False
+        """Whether the body about to come waits for room among the bodies the server holds."""
+        self._receiving_bytes = 0
+        """The bytes counted as held for the body being received (reserved, or counted as they came)."""
+        self._room_wanted = 0
+        self._held_sizes: collections.deque[int] = collections.deque()
+        """The bytes held for each request parsed and not yet answered, in order."""
         self._writing_paused = False
         self._drained: asyncio.Future[None] | None = None
 
@@ -203,6 +220,11 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.server.connection_idle()
+        held = sum(self._held_sizes) + self._receiving_bytes
+        self._held_sizes.clear()
+        self._receiving_bytes = 0
+        if held:
+            self.server.release(held)
         work, self._work = self._work, None
         if work is not None and not work.done():
             work.cancel()  # nobody waits for this answer any more: its rows leave the queue
@@ -240,7 +262,7 @@ class HttpProtocol(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport.is_closing():
             return
-        if self.paused_by_budget or self._paused_by_pipeline or self._writing_paused:
+        if self.paused_by_budget or self._paused_by_pipeline or self._writing_paused or self._paused_for_room:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
@@ -325,6 +347,27 @@ class HttpProtocol(asyncio.Protocol):
             raise too_large  # behind other requests: answered in turn, then the connection closes
         if "expect" in headers:
             self._expect(headers["expect"])
+        self._reserve_room(headers)
+
+    def _reserve_room(self, headers: dict[str, str]) -> None:
+        """Take the room a declared body needs among the bodies the server holds, or wait for it before
+        reading the body: a connection that waits never holds part of a body, so waiting ends."""
+        declared = headers.get("content-length")
+        if declared is None or declared == "0":
+            return
+        size = int(declared)  # (checked by _check_framing)
+        if self.server.reserve(self, size):
+            self._receiving_bytes = size
+        else:
+            self._paused_for_room = True
+            self._room_wanted = size
+            self._update_reading()
+
+    def room_granted(self) -> None:
+        """The server took the room this connection waited for: read the body."""
+        self._receiving_bytes, self._room_wanted = self._room_wanted, 0
+        self._paused_for_room = False
+        self._update_reading()
 
     def _check_framing(self, headers: dict[str, str]) -> PayloadTooLarge | None:
         # llhttp already refuses a request with both lengths, or two lengths, or an unknown coding
@@ -357,6 +400,7 @@ class HttpProtocol(asyncio.Protocol):
         self._busy = True
         self._started = time.perf_counter()
         self._request_line = (head.method, head.path)
+        self._held_sizes.append(0)  # its body, if any, is dropped as it comes
         request_id = head.headers.get("x-request-id") or new_request_id()
         self.loop.call_soon(self._write, response, request_id)
 
@@ -366,6 +410,9 @@ class HttpProtocol(asyncio.Protocol):
         self._body_size += len(body)
         if self._body_size > self.limits.max_body_bytes:
             raise PayloadTooLarge(_too_large(self._body_size, self.limits.max_body_bytes))
+        if self._body_size > self._receiving_bytes:  # a chunked body: counted as it comes
+            self.server.hold(self._body_size - self._receiving_bytes)
+            self._receiving_bytes = self._body_size
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -374,6 +421,8 @@ class HttpProtocol(asyncio.Protocol):
         if head is None or self._discard_body:
             self._discard_body = False
             return
+        self._held_sizes.append(self._receiving_bytes)
+        self._receiving_bytes = 0
         headers = head.headers
         request_id = headers.get("x-request-id") or new_request_id()
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
@@ -463,6 +512,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def _answered(self, keep_alive: bool) -> None:
         self._busy = False
+        if self._held_sizes:
+            held = self._held_sizes.popleft()
+            if held:
+                self.server.release(held)
         if self.server.closing:
             self.server.connection_idle()
         if not keep_alive:

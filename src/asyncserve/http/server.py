@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import email.utils
 import logging
@@ -22,6 +23,9 @@ from asyncserve.exceptions import ConfigurationError
 from asyncserve.http.protocol import Dispatcher, HttpProtocol, Limits, ParseBudget
 
 logger = logging.getLogger(__name__)
+
+SMALL_BODY_BYTES = 64 * 1024
+"""A body this small that fits under max_held_body_bytes does not queue behind larger ones."""
 
 TICK_S = 1.0
 """How often the server renews its ``date`` header and checks every connection's timeouts, at most."""
@@ -48,6 +52,9 @@ class HttpServer:
         self._budget: ParseBudget | None = None
         self._drained = asyncio.Event()
         """Set once closing and no connection is busy."""
+        self.held_body_bytes = 0
+        """Bytes of request bodies received (or reserved) whose requests are not answered yet."""
+        self._waiting_for_room: collections.deque[tuple[HttpProtocol, int]] = collections.deque()
 
     @property
     def budget(self) -> ParseBudget:
@@ -117,6 +124,35 @@ class HttpServer:
         if left:
             logger.warning("%d connection(s) were still busy after the %g s grace period: cut", len(left), grace_s)
         return len(left)
+
+    # The bodies held at once: a connection about to read a body that would take the server over
+    # max_held_body_bytes waits, unread, until answered requests give room back (first come, first served).
+
+    def reserve(self, protocol: HttpProtocol, size: int) -> bool:
+        fits = self.held_body_bytes + size <= self.limits.max_held_body_bytes
+        # A small body that fits goes ahead of the large ones waiting: most requests are small.
+        if fits and (not self._waiting_for_room or size <= SMALL_BODY_BYTES):
+            self.held_body_bytes += size
+            return True
+        self._waiting_for_room.append((protocol, size))
+        return False
+
+    def hold(self, size: int) -> None:
+        self.held_body_bytes += size
+
+    def release(self, size: int) -> None:
+        self.held_body_bytes -= size
+        waiting = self._waiting_for_room
+        while waiting:
+            protocol, wanted = waiting[0]
+            if protocol.transport.is_closing():
+                waiting.popleft()
+                continue
+            if self.held_body_bytes and self.held_body_bytes + wanted > self.limits.max_held_body_bytes:
+                return
+            waiting.popleft()
+            self.held_body_bytes += wanted
+            protocol.room_granted()
 
     def _busy_connections(self) -> list[HttpProtocol]:
         return [connection for connection in self.connections if connection.busy]
