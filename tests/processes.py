@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,19 +53,30 @@ def free_port() -> int:
         return port
 
 
+PYTHON_M_ASYNCSERVE = (sys.executable, "-m", "asyncserve")
+
+
 @asynccontextmanager
-async def launch(*args: str, env: dict[str, str], log_dir: Path, http: bool = True) -> AsyncIterator[Running]:
-    """Run ``python -m asyncserve ARGS`` (with ``--port`` when ``http``) and wait until it is ready.
+async def launch(
+    *args: str,
+    env: dict[str, str],
+    log_dir: Path,
+    http: bool = True,
+    program: Sequence[str] = PYTHON_M_ASYNCSERVE,
+    cwd: Path = REPO,
+) -> AsyncIterator[Running]:
+    """Run ``python -m asyncserve ARGS`` (or ``program ARGS``; with ``--port`` when ``http``) in ``cwd``
+    and wait until it is ready.
 
     A server is ready when ``/v2/health/ready`` answers 200, a worker when it logs "worker ready".
     """
     port = free_port() if http else None
-    command = [sys.executable, "-m", "asyncserve", *args, *(["--port", str(port)] if port else [])]
+    command = [*program, *args, *(["--port", str(port)] if port else [])]
     log = log_dir / f"{args[0]}-{uuid.uuid4().hex[:8]}.log"
     output = await asyncio.to_thread(log.open, "wb")
     try:
         process = await asyncio.create_subprocess_exec(
-            *command, cwd=REPO, env={**os.environ, **env}, stdout=output, stderr=asyncio.subprocess.STDOUT
+            *command, cwd=cwd, env={**os.environ, **env}, stdout=output, stderr=asyncio.subprocess.STDOUT
         )
     finally:
         await asyncio.to_thread(output.close)

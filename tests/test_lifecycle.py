@@ -51,14 +51,22 @@ async def test_failed_load_leaves_the_model_unavailable_with_the_reason() -> Non
         name = "broken"
 
         def load(self) -> None:
-            raise OSError("weights missing")
+            with open("/nonexistent/broken/weights.bin", "rb"):
+                pass
 
+    reason = "load failed: FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/broken/weights.bin'"
     async with serving(Service(Broken(threading.Event()))) as running, running.client() as client:
         ready = await client.get("/v2/health/ready")
-        assert ready.status_code == 503
-        assert "load failed: OSError" in ready.json()["error"]
+        model_ready = await client.get("/v2/models/broken/ready")
         index = (await client.post("/v2/repository/index")).json()
-        assert index == [{"name": "broken", "state": "UNAVAILABLE", "reason": "load failed: OSError"}]
+    assert ready.status_code == 503
+    assert reason in ready.json()["error"]
+    assert model_ready.status_code == 503
+    assert model_ready.json() == {
+        "error": f"model 'broken' is unavailable ({reason}); to serve it again: POST /v2/repository/models/broken/load",
+        "code": "model_not_ready",
+    }
+    assert index == [{"name": "broken", "state": "UNAVAILABLE", "reason": reason}]
 
 
 async def test_the_event_loop_lag_stays_low_while_a_cpu_bound_model_is_saturated() -> None:

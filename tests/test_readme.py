@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import types
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import orjson
 from asyncserve import Service
 from tests.conftest import serving
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+REPO = Path(__file__).parent.parent
+README = (REPO / "README.md").read_text()
 
 
 def python_blocks() -> list[str]:
@@ -50,3 +52,14 @@ def test_the_readme_ways_to_serve_from_python_name_what_exists() -> None:
     assert callable(asyncserve.serve)
     assert callable(asyncserve.asgi.app)
     assert "from asyncserve.asgi import app" in code
+
+
+def test_the_readme_says_how_to_pick_the_demo_port_and_make_uses_it() -> None:
+    match = re.search(r"`make demo PORT=(\d+)`", README)
+    assert match, "the README does not say how to run the demo on another port"
+    port = match.group(1)
+    # -n prints the commands without running them (nor the set-up they may need first).
+    planned = subprocess.run(
+        ["make", "-n", "demo", f"PORT={port}"], cwd=REPO, capture_output=True, text=True, timeout=30, check=True
+    )
+    assert f".venv/bin/asyncserve demo --port {port}\n" in planned.stdout

@@ -101,6 +101,25 @@ async def test_csv_header_names_the_inputs_and_json_list_cells_are_parsed(server
     assert len({record["id"] for record in written.values()}) == 30
 
 
+async def test_an_existing_out_file_is_kept_unless_overwrite_is_given(server: Running, tmp_path: Path) -> None:
+    row = '{"a": [1, 2, 3], "b": [4, 5, 6]}\n'
+    source = await write(tmp_path / "inputs.jsonl", row + row)
+    out = await write(tmp_path / "results.jsonl", "an earlier run's results\n")
+    refused, refused_err = await submit(server, source, "--model", "adder", "--out", out)
+    assert refused == 2
+    assert refused_err.splitlines() == [
+        f"asyncserve: error: {out} exists already: pass --overwrite to replace it, or another --out"
+    ]
+    assert await asyncio.to_thread(out.read_text) == "an earlier run's results\n"
+    both, both_err = await submit(server, source, "--model", "adder", "--out", out, "--resume", "--overwrite")
+    assert both == 2
+    assert "not allowed with argument" in both_err
+    status, stderr = await submit(server, source, "--model", "adder", "--out", out, "--overwrite")
+    assert status == 0, stderr
+    assert "2 succeeded" in stderr
+    assert sorted(await results(out)) == [1, 2]
+
+
 async def test_an_interrupted_run_resumes_without_submitting_twice(server: Running, tmp_path: Path) -> None:
     rows = "".join(orjson.dumps({"n": n, "seconds": 0.1}).decode() + "\n" for n in range(40))
     source = await write(tmp_path / "inputs.jsonl", rows)

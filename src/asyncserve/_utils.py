@@ -19,7 +19,10 @@ def import_string(target: str) -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise ConfigurationError(f"cannot import module {module_name!r}: is it on PYTHONPATH?") from None
+            raise ConfigurationError(
+                f"cannot import module {module_name!r} ({exc}): run from the directory that holds it, "
+                "or add that directory to PYTHONPATH"
+            ) from None
         raise
     try:
         return getattr(module, attribute)

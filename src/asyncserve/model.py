@@ -120,6 +120,13 @@ class ModelSpec:
 
 def describe(model: Model) -> ModelSpec:
     """Check a model's declaration and describe it; every problem is a ConfigurationError."""
+    if isinstance(model, type):
+        raise ConfigurationError(
+            f"{model.__name__} is a class, and a service serves model instances: pass an instance, "
+            f"as in Service({model.__name__}())"
+        )
+    if not isinstance(model, Model):
+        raise ConfigurationError(f"a service serves asyncserve.Model instances, got {model!r}")
     owner = type(model).__name__
     name = getattr(model, "name", None)
     if not isinstance(name, str) or not _NAME.match(name):

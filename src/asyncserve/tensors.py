@@ -81,6 +81,54 @@ _NUMPY_DTYPES: dict[Datatype, np.dtype[Any]] = {
     Datatype.BYTES: np.dtype(object),
 }
 
+_NUMPY_NAMES: dict[str, Datatype] = {
+    "bool": Datatype.BOOL,
+    **{f"{kind}{bits}": Datatype(f"{kind.upper()}{bits}") for kind in ("uint", "int") for bits in (8, 16, 32, 64)},
+    "float16": Datatype.FP16,
+    "float32": Datatype.FP32,
+    "float64": Datatype.FP64,
+    "bytes": Datatype.BYTES,
+    "str": Datatype.BYTES,
+    "object": Datatype.BYTES,
+}
+"""NumPy's names for the dtypes that a V2 datatype carries."""
+
+_PYTHON_TYPES = (bool, int, float, bytes, str, object)
+"""Python types taken as NumPy takes them (``float`` is FP64, ``int`` INT64, ``str`` BYTES); no other class."""
+
+DatatypeLike = Datatype | str | type | np.dtype[Any]
+"""What a :class:`Tensor` takes as its datatype: a V2 name (``"FP32"``), a NumPy name (``"float32"``),
+a NumPy type or dtype (``np.float32``), or one of the Python types ``bool``, ``int``, ``float``,
+``bytes``, ``str``, ``object``."""
+
+
+def to_datatype(value: DatatypeLike) -> Datatype:
+    """The V2 datatype that ``value`` names; a ConfigurationError, listing what is accepted, if none does."""
+    found = _named(value) if isinstance(value, str) else _of_type(value)
+    if found is None:
+        raise ConfigurationError(
+            f"unknown tensor datatype {value!r}; use a V2 name ({', '.join(Datatype)}), a NumPy name "
+            f"({', '.join(_NUMPY_NAMES)}) or a NumPy type such as np.float32"
+        )
+    return found
+
+
+def _named(name: str) -> Datatype | None:
+    if name.lower() in _NUMPY_NAMES:
+        return _NUMPY_NAMES[name.lower()]
+    return Datatype.__members__.get(name.upper())
+
+
+def _of_type(value: object) -> Datatype | None:
+    numpy_type = isinstance(value, type) and issubclass(value, np.generic)
+    if not (isinstance(value, np.dtype) or numpy_type or any(value is known for known in _PYTHON_TYPES)):
+        return None  # np.dtype() would take any other class as ``object``
+    try:
+        return Datatype.of(np.dtype(value))  # type: ignore[call-overload]
+    except TypeError:
+        return None
+
+
 # Integer ranges, to refuse a JSON value that would wrap around when cast.
 INTEGER_RANGES: dict[Datatype, tuple[int, int]] = {
     datatype: (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
@@ -99,21 +147,18 @@ class Tensor:
 
     Example::
 
-        inputs = {"features": Tensor("FP32", shape=(4,))}
+        inputs = {"features": Tensor("FP32", shape=(4,))}     # or Tensor("float32", ...), Tensor(np.float32, ...)
         outputs = {"label": Tensor("BYTES"), "probabilities": Tensor("FP32", shape=(3,))}
     """
 
-    datatype: Datatype | str
+    datatype: DatatypeLike
+    """A V2 name (``"FP32"``), a NumPy name (``"float32"``) or type (``np.float32``); kept as a :class:`Datatype`."""
     shape: tuple[int, ...] = ()
     binary: bool = False
     description: str = ""
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "datatype", Datatype(str(self.datatype).upper()))
-        except ValueError:
-            names = ", ".join(Datatype)
-            raise ConfigurationError(f"unknown tensor datatype {self.datatype!r}; use one of {names}") from None
+        object.__setattr__(self, "datatype", to_datatype(self.datatype))
         object.__setattr__(self, "shape", tuple(self.shape))
         dims: tuple[object, ...] = self.shape
         if not all(isinstance(d, int) and (d >= 0 or d == -1) for d in dims):

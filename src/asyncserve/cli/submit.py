@@ -12,7 +12,8 @@ off to one poll a second) and each finished job becomes one line of ``--out`` as
     {"line": 4, "id": null, "status": "rejected", "error": "..."}
 
 ``line`` is the row's line in the input file (a CSV header is line 1). A progress line on stderr
-counts submitted and finished jobs; the exit status is 0 if every job succeeded, 1 otherwise.
+counts submitted and finished jobs; the exit status is 0 if every job succeeded, 1 otherwise. An
+existing ``--out`` is never replaced by accident: a new run refuses it unless given ``--overwrite``.
 
 Resuming: a run keeps a journal, ``OUT.jobs``: first the run's id, ``{"run": "<hex>"}``, then each
 accepted chunk's job ids before they are followed; a finished run deletes it. ``--resume`` keeps the
@@ -60,6 +61,8 @@ class SubmitOptions:
     concurrency: int = 4
     max_attempts: int | None = None
     resume: bool = False
+    overwrite: bool = False
+    """Replace an existing ``--out`` (a new run refuses one otherwise)."""
     unreachable_s: float = 60.0
     """Give up once the server has not answered for this long."""
 
@@ -107,6 +110,8 @@ def plan(options: SubmitOptions, rows: Sequence[Row]) -> Plan:
         if options.journal.exists():
             raise SubmitError(f"{options.journal} says an earlier run was interrupted: pass --resume to finish it, "
                               "or delete the file to start again")  # fmt: skip
+        if options.out.exists() and not options.overwrite:
+            raise SubmitError(f"{options.out} exists already: pass --overwrite to replace it, or another --out")
         return Plan(list(rows), [], {})
     done = {record["line"]: record["status"] for record in _read_lines(options.out) if "status" in record}
     records = _read_lines(options.journal)

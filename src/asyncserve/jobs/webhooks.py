@@ -191,7 +191,9 @@ class WebhookDelivery:
     async def __aenter__(self) -> Self:
         if self._state != "new":
             raise RuntimeError(f"Cannot reopen a WebhookDelivery that is {self._state}; make a new one")
-        self._client = await asyncio.to_thread(open_pinned_client, self.settings)
+        if self.settings.enabled:
+            # Only a server that can send webhooks needs httpx (the optional ``client`` extra).
+            self._client = await asyncio.to_thread(open_pinned_client, self.settings)
         self._state = "open"
         return self
 
@@ -226,8 +228,9 @@ class WebhookDelivery:
             await self._client.aclose()
             self._client = None
 
-    def _require_open(self) -> httpx.AsyncClient:
-        if self._client is None or self._state != "open":
+    def _require_open(self) -> httpx.AsyncClient | None:
+        """The client to send with; None without a secret, when every delivery fails in :meth:`_prepare`."""
+        if self._state != "open":
             raise RuntimeError(
                 f"this WebhookDelivery is {self._state}; use it inside 'async with WebhookDelivery(settings)'"
             )
@@ -252,11 +255,11 @@ class WebhookDelivery:
             logger.error("%s: the delivery task crashed", task.get_name(), exc_info=task.exception())
 
     async def _deliver(
-        self, client: httpx.AsyncClient, url: str, payload: Mapping[str, Any], on_attempt: AttemptCallback | None
+        self, client: httpx.AsyncClient | None, url: str, payload: Mapping[str, Any], on_attempt: AttemptCallback | None
     ) -> list[WebhookAttempt]:
         delivery_id = str(uuid.uuid4())
         try:
-            body = self._prepare(url, payload)
+            client, body = self._prepare(client, url, payload)
         except AsyncServeError as exc:
             attempts = [WebhookAttempt(1, delivery_id, time.time(), None, exc.message, 0.0)]
             await self._report(attempts[0], url, on_attempt)
@@ -268,9 +271,11 @@ class WebhookDelivery:
             self.failed += 1
         return attempts
 
-    def _prepare(self, url: str, payload: Mapping[str, Any]) -> bytes:
-        """The body to send, once the URL and settings allow sending at all."""
-        if not self.settings.enabled:
+    def _prepare(
+        self, client: httpx.AsyncClient | None, url: str, payload: Mapping[str, Any]
+    ) -> tuple[httpx.AsyncClient, bytes]:
+        """The client and body to send, once the URL and settings allow sending at all."""
+        if client is None:  # the client is opened only when a secret is set
             raise ConfigurationError("not sent: no webhook secret is configured (ASYNCSERVE_WEBHOOK_SECRET)")
         split_webhook_url(url)
         try:
@@ -282,7 +287,7 @@ class WebhookDelivery:
                 f"not sent: the payload is {len(body)} bytes, over max_body_bytes={self.settings.max_body_bytes} "
                 "(ASYNCSERVE_WEBHOOK_MAX_BODY_BYTES); fetch the result from the job instead"
             )
-        return body
+        return client, body
 
     async def _attempts(
         self, client: httpx.AsyncClient, url: str, body: bytes, delivery_id: str, on_attempt: AttemptCallback | None

@@ -179,9 +179,14 @@ class ModelRegistry:
 
     def get_ready(self, name: str, version: str | None = None) -> ModelEntry:
         entry = self.find(name, version)
-        if entry.state is not ModelState.READY:
-            why = "is still loading" if entry.state is ModelState.LOADING else f"is unavailable ({entry.reason})"
-            raise ModelNotReady(f"model {entry.spec.label!r} {why}; retry later", retry_after_s=2.0)
+        if entry.state is ModelState.LOADING:
+            raise ModelNotReady(f"model {entry.spec.label!r} is still loading; retry later", retry_after_s=2.0)
+        if entry.state is ModelState.UNAVAILABLE:
+            raise ModelNotReady(
+                f"model {entry.spec.label!r} is unavailable ({entry.reason}); to serve it again: "
+                f"POST /v2/repository/models/{entry.spec.name}/load",
+                retry_after_s=2.0,
+            )
         return entry
 
     async def load_all(self) -> None:
@@ -197,7 +202,7 @@ class ModelRegistry:
         except Exception as exc:
             logger.exception("loading models %s failed", [e.spec.label for e in entries])
             for entry in entries:
-                self._set(entry, ModelState.UNAVAILABLE, f"load failed: {type(exc).__name__}")
+                self._set(entry, ModelState.UNAVAILABLE, _load_failed(exc))
             return
         logger.info("loaded %d model(s) in %.2fs with %r", len(entries), time.perf_counter() - started, self._executor)
         for entry in entries:
@@ -212,7 +217,7 @@ class ModelRegistry:
             await loading
         except Exception as exc:
             logger.exception("loading model %s failed", entry.spec.label)
-            self._set(entry, ModelState.UNAVAILABLE, f"load failed: {type(exc).__name__}")
+            self._set(entry, ModelState.UNAVAILABLE, _load_failed(exc))
             return
         self._set(entry, ModelState.READY)
 
@@ -267,6 +272,12 @@ class ModelRegistry:
         except TimeoutError:
             raise DeadlineExceeded(f"model {spec.label!r} did not answer before the request's deadline") from None
         return check_outputs(spec, result, rows), time.perf_counter() - started
+
+
+def _load_failed(exc: Exception) -> str:
+    """Why a load failed, for the API: the exception's type and message (the traceback goes to the log only)."""
+    message = exc.message if isinstance(exc, AsyncServeError) else str(exc)
+    return f"load failed: {type(exc).__name__}: {message}" if message else f"load failed: {type(exc).__name__}"
 
 
 class RegistryCaller:
