@@ -173,9 +173,9 @@ def load_service(target: str) -> Service:
     return service
 
 
-def _worker_main(target: str, settings: Settings, sock: socket.socket, group: WorkerGroup) -> None:
+def _worker_main(target: str, settings: Settings, sock: socket.socket, group: WorkerGroup, supervisor: int) -> None:
     # A supervisor killed with SIGKILL cannot stop its workers: each drains and exits on its own.
-    lifeline.follow_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    lifeline.follow_parent(supervisor, lambda: os.kill(os.getpid(), signal.SIGTERM))
     _serve_one(target, settings, sock, group)
 
 
@@ -214,7 +214,8 @@ class Supervisor:
     def _spawn(self, index: int) -> BaseProcess:
         assert self._directory is not None
         group = WorkerGroup(self._directory, index, self.settings.workers)
-        process = self._context.Process(target=_worker_main, args=(self.target, self.settings, self.sock, group))
+        args = (self.target, self.settings, self.sock, group, os.getpid())
+        process = self._context.Process(target=_worker_main, args=args)
         process.start()
         return process
 

@@ -119,10 +119,10 @@ _worker_specs: dict[tuple[str, str | None], ModelSpec] = {}
 _worker_barrier: Any = None
 
 
-def _load_in_worker(models: list[Model], barrier: Any) -> None:
+def _load_in_worker(models: list[Model], barrier: Any, server_pid: int) -> None:
     global _worker_barrier
     _worker_barrier = barrier
-    lifeline.follow_parent(lifeline.exit_now)  # a server killed with SIGKILL leaves no pool process behind
+    lifeline.follow_parent(server_pid, lifeline.exit_now)  # a server killed with SIGKILL leaves no pool behind
     for model in models:
         spec = describe(model)
         load_and_warm(spec)
@@ -179,7 +179,7 @@ class ProcessExecutor:
         context = multiprocessing.get_context("spawn")
         barrier = context.Barrier(self.workers)
         self._pool = ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_load_in_worker, initargs=(self._models, barrier)
+            self.workers, mp_context=context, initializer=_load_in_worker, initargs=(self._models, barrier, os.getpid())
         )
         futures = [self._submit(_wait_for_all_workers, self._load_timeout_s) for _ in range(self.workers)]
         try:

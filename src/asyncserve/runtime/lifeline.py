@@ -17,9 +17,12 @@ CHECK_S = 0.2
 """How often a child looks at its parent: it outlives a killed parent by at most this much."""
 
 
-def follow_parent(on_orphaned: Callable[[], None], *, check_s: float = CHECK_S) -> threading.Thread:
-    """Call ``on_orphaned`` (in a daemon thread) as soon as this process's parent is gone."""
-    parent = os.getppid()
+def follow_parent(parent: int, on_orphaned: Callable[[], None], *, check_s: float = CHECK_S) -> threading.Thread:
+    """Call ``on_orphaned`` (in a daemon thread) as soon as this process's parent, ``parent``, is gone.
+
+    The parent's pid is given, not read here: a child that starts after its parent died has already
+    been adopted, and would take its new parent for the one to follow.
+    """
 
     def watch() -> None:
         while os.getppid() == parent:
