@@ -38,8 +38,9 @@ def predict(spec: ModelSpec, **values: list[Any]) -> Columns:
     return check_outputs(spec, call_predict(spec, columns), rows=rows)
 
 
-def test_the_service_holds_the_four_demo_models() -> None:
-    assert sorted(spec.label for spec in demo.service) == ["churn", "faq", "iris", "minilm:1"]
+def test_the_service_holds_the_five_demo_models() -> None:
+    assert sorted(spec.label for spec in demo.service) == ["churn", "faq", "faq-matches", "iris", "minilm:1"]
+    assert [spec.name for spec in demo.service if spec.streams] == ["faq-matches"]
     assert all(spec.example is not None and not spec.is_async for spec in demo.service)
 
 
@@ -96,6 +97,17 @@ def test_iris_without_scikit_learn_names_the_install_command(monkeypatch: pytest
         demo.IrisClassifier().load()
 
 
+def test_faq_matches_streams_the_closest_entries_best_first() -> None:
+    model = demo.FaqMatches()
+    model.load()
+    question, answer = demo.FAQ[0]
+    parts = [check_outputs(describe(model), part, rows=1) for part in model.predict(np.array([question], dtype=object))]
+    assert len(parts) == 3
+    assert (parts[0]["matched"][0], parts[0]["answer"][0]) == (question, answer)
+    scores = [float(part["score"][0]) for part in parts]
+    assert scores == sorted(scores, reverse=True)
+
+
 def test_usage_gives_curl_commands_with_valid_json_bodies() -> None:
     text = demo.usage("http://localhost:9000/")
 
@@ -107,6 +119,7 @@ def test_usage_gives_curl_commands_with_valid_json_bodies() -> None:
         "/v2/models/iris/infer",
         "/v1/models/minilm/predict",
         "/v1/models/churn/predict",
+        "/v1/models/faq-matches/predict",
     ]
     bodies = [json.loads(command.split(" -d ", 1)[1].strip("'")) for command in commands]
     assert bodies[1] == {"features": [5.1, 3.5, 1.4, 0.2]}

@@ -63,3 +63,17 @@ def test_the_readme_says_how_to_pick_the_demo_port_and_make_uses_it() -> None:
         ["make", "-n", "demo", f"PORT={port}"], cwd=REPO, capture_output=True, text=True, timeout=30, check=True
     )
     assert f".venv/bin/asyncserve demo --port {port}\n" in planned.stdout
+
+
+async def test_the_readme_streaming_service_streams_as_the_readme_says() -> None:
+    code = next(block for block in python_blocks() if "class Countdown" in block)
+    module = types.ModuleType("readme_streaming")
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    match = re.search(r"/v1/models/countdown/predict .*?-d '(.*?)'\n", README)
+    assert match, "the README has no curl for countdown"
+    async with serving(module.__dict__["service"]) as running, running.client() as client:
+        headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
+        answer = await client.post("/v1/models/countdown/predict", content=match.group(1).encode(), headers=headers)
+    events = answer.text.strip().split("\n\n")
+    assert events[:4] == [f'data: {{"left":{n}}}' for n in (3, 2, 1, 0)]
+    assert events[4].startswith("event: end")

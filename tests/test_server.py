@@ -165,7 +165,15 @@ async def test_demo_serves_real_models() -> None:
             faq = await client.post("/v1/models/faq/predict", json={"question": "how can a request time out?"})
             embedding = await client.post("/v1/models/minilm/predict", json={"text": "hello"})
             churn = await client.post("/v1/models/churn/predict", json={"customer_id": 17})
+            matches = await client.post(
+                "/v1/models/faq-matches/predict", json={"question": "how can a request time out?"},
+                headers={"Accept": "text/event-stream"},
+            )  # fmt: skip
         assert iris.json()["label"] == "setosa"
+        events = matches.text.strip().split("\n\n")
+        assert len(events) == 4  # three matches, then the end
+        assert events[-1].startswith("event: end")
+        assert "X-Request-Timeout" in json.loads(events[0].removeprefix("data: "))["answer"]
         labels = {o["name"]: o for o in v2.json()["outputs"]}["label"]
         assert labels["data"] == ["virginica"]
         assert "X-Request-Timeout" in faq.json()["answer"]

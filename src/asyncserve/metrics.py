@@ -59,6 +59,13 @@ class Metrics:
             ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.inference_rows = LoopCounter("asyncserve_inference_rows", "Rows predicted.", ["model"], registry=r)
+        self.stream_parts = LoopCounter(
+            "asyncserve_stream_parts", "Parts of answers that streaming models sent.", ["model"], registry=r
+        )
+        self.streams = LoopCounter(
+            "asyncserve_streams", "Streamed answers, by how they ended (completed, failed, deadline, client_gone).",
+            ["model", "end"], registry=r,
+        )  # fmt: skip
         self.build_info = Gauge(
             "asyncserve_build_info", "Always 1; the label tells the version.",
             ["version"], registry=r,
@@ -165,6 +172,9 @@ class Metrics:
 
     def for_batcher(self, model: str) -> BatchMetrics:
         return BatchMetrics(self, model)
+
+    def for_streams(self, model: str) -> StreamCounts:
+        return StreamCounts(self, model)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -364,3 +374,17 @@ class LoopLagProbe:
             await self._task
         self._task = None
         self._due = math.inf
+
+
+class StreamCounts:
+    """A streaming model's counters, as ``runtime/streaming.py`` reports to them."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._parts = metrics.stream_parts.labels(model)
+        self._metrics, self._model = metrics, model
+
+    def part(self) -> None:
+        self._parts.inc()
+
+    def ended(self, how: str) -> None:
+        self._metrics.streams.labels(self._model, how).inc()

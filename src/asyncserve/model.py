@@ -103,7 +103,10 @@ class ModelSpec:
     features: tuple[Feature, ...]
     deterministic: bool
     is_async: bool
+    """Whether predict runs on the event loop: an ``async def`` (or ``async def`` generator)."""
     model: Model = field(repr=False, compare=False)
+    streams: bool = False
+    """Whether predict is a generator (or async generator): its answer is sent part by part, as yielded."""
 
     @property
     def feature_fields(self) -> dict[str, Tensor]:
@@ -169,9 +172,20 @@ def describe(model: Model) -> ModelSpec:
         example=model.example,
         features=features,
         deterministic=bool(model.deterministic),
-        is_async=inspect.iscoroutinefunction(predict),
+        is_async=inspect.iscoroutinefunction(predict) or inspect.isasyncgenfunction(predict),
         model=model,
+        streams=_streams(owner, predict, features),
     )
+
+
+def _streams(owner: str, predict: Callable[..., Any], features: tuple[Feature, ...]) -> bool:
+    streams = inspect.isasyncgenfunction(predict) or inspect.isgeneratorfunction(predict)
+    if streams and features:
+        raise ConfigurationError(
+            f"{owner}.predict yields its answer in parts, and a streaming model cannot declare features yet; "
+            "look them up in predict, or return the whole answer"
+        )
+    return streams
 
 
 def _checked_features(owner: str, model: Model, inputs: Mapping[str, Tensor]) -> tuple[Feature, ...]:
@@ -200,8 +214,6 @@ def _checked_predict(owner: str, model: Model, inputs: Mapping[str, Tensor]) -> 
     predict: Callable[..., Any] | None = getattr(model, "predict", None)
     if not callable(predict):
         raise ConfigurationError(f"{owner} must define predict(self, {', '.join(inputs)})")
-    if inspect.isasyncgenfunction(predict) or inspect.isgeneratorfunction(predict):
-        raise ConfigurationError(f"{owner}.predict must return its outputs, not yield them")
     parameters = inspect.signature(predict).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     named = {n for n, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
@@ -223,7 +235,7 @@ def warm_up(spec: ModelSpec) -> None:
     model = spec.model
     if type(model).warmup is not Model.warmup:
         model.warmup()
-    elif spec.example is not None and not spec.is_async:
+    elif spec.example is not None and not spec.is_async and not spec.streams:
         tensors = {**spec.inputs, **spec.feature_fields}
         if not set(tensors) <= set(spec.example):
             return  # an example without feature values cannot be predicted on without the sources

@@ -20,6 +20,7 @@ import functools
 import io
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,32 @@ class FaqSearch(Model):
         return {"answer": answer, "matched": self.questions[best], "score": score}
 
 
+class FaqMatches(Model):
+    """Streams the FAQ entries closest to a question, best first, one part each (a streaming model)."""
+
+    name = "faq-matches"
+    inputs = {"question": Tensor("BYTES", description="A question about asyncserve, in your own words.")}
+    outputs = {
+        "matched": Tensor("BYTES", description="A FAQ question, from the closest down."),
+        "answer": Tensor("BYTES", description="Its answer."),
+        "score": Tensor("FP32", description="Cosine similarity of the two questions (1 is identical)."),
+    }
+    example = {"question": FAQ_EXAMPLE}
+    top = 3
+
+    def load(self) -> None:
+        self.encoder = shared_minilm()
+        self.questions = [q for q, _ in FAQ]
+        self.answers = [a for _, a in FAQ]
+        self.index = self.encoder.encode(self.questions)
+
+    def predict(self, question: npt.NDArray[np.object_]) -> Iterator[dict[str, Any]]:
+        # A generator: each yield is sent to the client at once (Server-Sent Events or JSON Lines).
+        scores = self.encoder.encode([str(question[0])]) @ self.index.T
+        for best in np.argsort(-scores[0])[: self.top]:
+            yield {"matched": [self.questions[best]], "answer": [self.answers[best]], "score": [scores[0, best]]}
+
+
 class IrisClassifier(Model):
     """Iris species from four flower measurements: StandardScaler + LogisticRegression, fit in ``load()``."""
 
@@ -335,7 +362,7 @@ class ChurnModel(Model):
         return {"churn_probability": probability, "risk": risk}
 
 
-service = Service(Embedder(), FaqSearch(), IrisClassifier(), ChurnModel(), name="demo")
+service = Service(Embedder(), FaqSearch(), FaqMatches(), IrisClassifier(), ChurnModel(), name="demo")
 
 
 def usage(base_url: str) -> str:
@@ -353,4 +380,9 @@ def usage(base_url: str) -> str:
     for title, path, body in requests:
         lines.append(f"  # {title}")
         lines.append(f"  curl -s {url}{path} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+    lines.append("  # Stream the three closest FAQ entries, one Server-Sent Event each")
+    lines.append(
+        f"  curl -sN {url}/v1/models/faq-matches/predict -H 'Accept: text/event-stream' "
+        f"-H 'Content-Type: application/json' -d '{json.dumps({'question': FAQ_EXAMPLE})}'"
+    )
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from asyncserve.http.inference import InferenceRoutes, parse_timeout
 from asyncserve.http.jobs import JobsAPI
 from asyncserve.http.protocol import Respond
 from asyncserve.http.routing import Pending, Request, Response, Route, Router
+from asyncserve.http.streams import GenerateRoutes
 from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
 from asyncserve.runtime.batching import LOOP_HOPS
 from asyncserve.runtime.peers import MetricsPeers
@@ -111,6 +112,10 @@ class HttpApp:
             scope="infer",
             inference=True,
         )
+        generate = GenerateRoutes(self.registry, self.pipeline, inference.admit)
+        r.add("POST", "/v2/models/{model}/generate", generate.generate, "v2_generate", scope="infer", inference=True)
+        stream = generate.generate_stream
+        r.add("POST", "/v2/models/{model}/generate_stream", stream, "v2_generate_stream", scope="infer", inference=True)
         self.repository.add_routes(r)
         r.add(
             "GET", "/v1/predictions/{handle}", inference.deferred_result, "v1_deferred", scope="infer", inference=True

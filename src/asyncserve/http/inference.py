@@ -19,7 +19,7 @@ import orjson
 from asyncserve.composition.deferred import DeferredPredictions, Handle, LazyPrediction
 from asyncserve.config import Settings
 from asyncserve.exceptions import InvalidRequest, NotFound, SchemaViolation, ShuttingDown, UnsupportedMediaType
-from asyncserve.http import jsonapi, v2
+from asyncserve.http import jsonapi, streams, v2
 from asyncserve.http.jobs import JobsAPI
 from asyncserve.http.routing import JSON_TYPE, Pending, Reply, Request, Response, new_request_id
 from asyncserve.runtime.batching import PRIORITY_LEVELS
@@ -53,7 +53,7 @@ class InferenceRoutes:
         self._deferred_as_list: dict[str, bool] = {}
 
     def infer(self, request: Request) -> Reply:
-        entry, deadline = self._admit(request)
+        entry, deadline = self.admit(request)
         if self.jobs_api is not None and _prefers(request, "respond-async"):
             submitted = self.jobs_api.submit_v2(request, entry, request.body)
             return Pending(asyncio.get_running_loop().create_task(submitted), _as_is)
@@ -84,7 +84,13 @@ class InferenceRoutes:
         return Pending(work, answer)
 
     def predict(self, request: Request) -> Reply:
-        entry, deadline = self._admit(request)
+        entry, deadline = self.admit(request)
+        if entry.spec.streams:
+            columns, rows, as_list, _ = self._decode_rows(request, entry, request.body)
+            parts = self.registry.stream(entry, columns, rows, deadline)
+            return streams.stream_reply(
+                parts, partial(jsonapi.encode_rows, entry.spec, as_list=as_list), streams.wants(request)
+            )
         if _prefers(request, "lazy"):
             columns, rows, as_list, priority = self._decode_rows(request, entry, request.body)
             return self._defer(request, entry, columns, rows, as_list, priority)
@@ -169,7 +175,7 @@ class InferenceRoutes:
         as_list = self._deferred_as_list.get(handle.id, False)
         return Response(200, jsonapi.encode_rows(entry.spec, outputs, as_list))
 
-    def _admit(self, request: Request) -> tuple[ModelEntry, float]:
+    def admit(self, request: Request) -> tuple[ModelEntry, float]:
         """Find the model and fix the request's deadline, once, at the edge."""
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down; send the request to another replica")

@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import pickle
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor as FuturesExecutor
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -109,8 +109,22 @@ class ThreadExecutor:
     async def aclose(self) -> None:
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
 
+    async def step(self, generator: Generator[Any, None, None]) -> tuple[bool, Any]:
+        """One part of a streaming model's answer, computed in the pool (see ``runtime/streaming.py``)."""
+        return await self._submit(_next_part, generator)
+
+    async def close_generator(self, generator: Generator[Any, None, None]) -> None:
+        await self._submit(generator.close)
+
     def __repr__(self) -> str:
         return f"ThreadExecutor(workers={self.workers})"
+
+
+def _next_part(generator: Generator[Any, None, None]) -> tuple[bool, Any]:
+    try:
+        return True, next(generator)
+    except StopIteration:
+        return False, None
 
 
 # State of a worker process of ProcessExecutor: its own loaded copy of every model, and the

@@ -10,7 +10,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,8 @@ from asyncserve.exceptions import (
 from asyncserve.metrics import Metrics
 from asyncserve.model import ModelSpec, call_predict, check_outputs
 from asyncserve.runtime.batching import Batcher, BatchSettings, Runner
-from asyncserve.runtime.executor import Executor, Prediction, load_and_warm
+from asyncserve.runtime.executor import Executor, Prediction, ThreadExecutor, load_and_warm
+from asyncserve.runtime.streaming import Streams
 from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class ModelEntry:
     batcher: Batcher
     state: ModelState = ModelState.LOADING
     reason: str = ""
+    streams: Streams | None = None
+    """For a streaming model (its predict yields): its answers in parts."""
 
     def index_row(self) -> dict[str, Any]:
         row: dict[str, Any] = {"name": self.spec.name, "state": self.state.value, "reason": self.reason}
@@ -76,7 +79,7 @@ class ModelRegistry:
         self._input_pending = input_pending
         self._executor = executor
         self._metrics = metrics
-        self._entries = {spec.key: ModelEntry(spec, self._batcher(spec)) for spec in specs}
+        self._entries = {spec.key: ModelEntry(spec, self._batcher(spec), streams=self._streams(spec)) for spec in specs}
         self._by_name: dict[str, list[ModelEntry]] = {}
         for entry in self._entries.values():
             self._by_name.setdefault(entry.spec.name, []).append(entry)
@@ -122,6 +125,24 @@ class ModelRegistry:
             spec.label, self._runner(spec), settings, metrics,
             loop_delay_s=self._loop_delay_s, input_pending=self._input_pending,
         )  # fmt: skip
+
+    def _streams(self, spec: ModelSpec) -> Streams | None:
+        if not spec.streams:
+            return None
+        stepper = self._executor
+        if not spec.is_async and not isinstance(stepper, ThreadExecutor):
+            raise ConfigurationError(
+                f"model {spec.label!r} streams from a plain generator, which cannot run in worker processes; "
+                "use --executor thread, or make its predict an async generator"
+            )
+        limit = spec.max_queue_size  # answers streaming at once; more are refused 503
+        return Streams(spec, stepper, self._metrics.for_streams(spec.label), limit=limit)  # type: ignore[arg-type]
+
+    def stream(self, entry: ModelEntry, columns: Columns, rows: int, deadline: float) -> AsyncIterator[Columns]:
+        """The parts of a streaming model's answer to a request (ModelError if the model does not stream)."""
+        if entry.streams is None:
+            raise ModelError(f"model {entry.spec.label!r} does not stream its answers; its predict returns them whole")
+        return entry.streams.start(columns, rows, deadline)
 
     def _runner(self, spec: ModelSpec) -> Runner:
         inference_duration = self._metrics.inference_duration.labels(spec.label)
