@@ -276,6 +276,8 @@ def make_prediction_logger(settings: Settings, metrics: Metrics) -> PredictionLo
         max_buffer=settings.prediction_log_buffer,
         overflow="refuse" if settings.prediction_log_overflow == "refuse" else "drop",
         spill_path=settings.prediction_log_spill,
+        write_timeout_s=settings.prediction_log_write_timeout_s,
+        replay_interval_s=settings.prediction_log_replay_interval_s,
         input_policy=InputPolicy(settings.prediction_log_inputs, redact),  # type: ignore[arg-type]
         registry=metrics.registry,
     )

@@ -163,6 +163,10 @@ class Settings:
     """When the log's buffer is full: ``drop`` new records (counted) or ``refuse`` new predictions (503)."""
     prediction_log_buffer: int = 10_000
     prediction_log_spill: str = "var/predlog-spill.jsonl"
+    prediction_log_write_timeout_s: float = 2.0
+    """A write to the log's store that takes longer is spilled to the spill file at once (and replayed later)."""
+    prediction_log_replay_interval_s: float = 1.0
+    """How often a failing store is tried again; once it answers, the spill file is replayed into it."""
     prediction_cache: str = ""
     """Cache answers of deterministic models: ``memory`` (this process) or ``redis://...`` (shared by
     every server); empty turns caching off (identical requests in flight are still coalesced)."""
@@ -212,6 +216,10 @@ class Settings:
                  "'full', 'hash' or 'redact'", self.prediction_log_inputs)  # fmt: skip
         _require(self.prediction_log_overflow in ("drop", "refuse"), "prediction_log_overflow",
                  "'drop' or 'refuse'", self.prediction_log_overflow)  # fmt: skip
+        _require(self.prediction_log_write_timeout_s > 0, "prediction_log_write_timeout_s", "a number of seconds > 0",
+                 self.prediction_log_write_timeout_s)  # fmt: skip
+        _require(self.prediction_log_replay_interval_s > 0, "prediction_log_replay_interval_s",
+                 "a number of seconds > 0", self.prediction_log_replay_interval_s)  # fmt: skip
         _require(
             self.prediction_log_buffer >= 1, "prediction_log_buffer", "an integer >= 1", self.prediction_log_buffer
         )

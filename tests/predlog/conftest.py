@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -70,6 +72,18 @@ class GatedSink(MemorySink):
         self.entered.set()
         await self.gate.wait()
         await super().write(records)
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 5.0) -> float:
+    """Wait until ``condition()`` holds (polled every 10 ms); return how long that took."""
+    started = time.monotonic()
+    async with asyncio.timeout(timeout_s):
+        while True:
+            holds = condition()
+            if await holds if inspect.isawaitable(holds) else holds:
+                return time.monotonic() - started
+            # Polled: the logger's counts and the stores' contents have no event to wait on.
+            await asyncio.sleep(0.01)
 
 
 def record(index: int, **extra: Any) -> dict[str, Any]:

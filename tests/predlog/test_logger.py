@@ -1,17 +1,22 @@
-"""The logger's behaviour with in-process sinks: batching, overflow, flush on close, retries, spill."""
+"""The logger's behaviour with in-process sinks: batching, overflow, flush on close, retries, spill, replay."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
 from asyncserve.exceptions import ConfigurationError, Overloaded
-from asyncserve.predlog import InputPolicy, LoggerState, OverflowPolicy, PredictionLogger
-from tests.predlog.conftest import FlakySink, GatedSink, MemorySink, read_jsonl, record
+from asyncserve.predlog import InputPolicy, LoggerState, LogRecord, OverflowPolicy, PredictionLogger, delivery
+from asyncserve.predlog import logger as logger_module
+from tests.predlog.conftest import FlakySink, GatedSink, MemorySink, read_jsonl, record, until
 
 
 def accounted(log: PredictionLogger) -> bool:
@@ -136,13 +141,15 @@ async def test_a_sink_that_keeps_failing_spills_every_record(spill: Path, caplog
     sink = FlakySink(failures=None)
     with caplog.at_level(logging.WARNING):
         async with PredictionLogger(
-            sink, batch_size=4, flush_interval_s=60, retries=2, retry_backoff_s=0.001, spill_path=spill
-        ) as log:
+            sink, batch_size=4, flush_interval_s=60, retries=2, retry_backoff_s=0.001, spill_path=spill,
+            replay_interval_s=60,
+        ) as log:  # fmt: skip
             for i in range(10):
                 log.record(record(i))
             await log.flush()
-            # The first batch had 3 attempts; once the sink counts as failing, each batch gets one.
-            assert sink.attempts == 3 + 1 + 1
+            # The first batch had 3 attempts; once the sink counts as failing, batches go straight to the spill
+            # file, and only the replay tries the sink again (in a minute).
+            assert sink.attempts == 3
     spilled = await read_jsonl(spill)
     assert [r["request_id"] for r in spilled] == [f"r{i}" for i in range(10)]
     assert log.statistics().spilled == 10
@@ -215,6 +222,7 @@ async def test_the_lifecycle_is_explicit(spill: Path) -> None:
         ({"flush_interval_s": 0}, "flush_interval_s must be"),
         ({"overflow": "block"}, "overflow must be 'refuse' or 'drop', got 'block'"),
         ({"retries": -1}, "retries must be"),
+        ({"replay_interval_s": 0}, "replay_interval_s must be a number of seconds > 0, got 0"),
     ],
 )
 def test_options_are_checked_when_built(options: dict[str, object], message: str) -> None:
@@ -232,7 +240,9 @@ async def test_metrics_are_reported_per_sink_in_a_shared_registry(spill: Path) -
     first, second = MemorySink("first"), FlakySink(failures=None, name="second")
     async with (
         PredictionLogger(first, registry=registry, spill_path=spill) as one,
-        PredictionLogger(second, registry=registry, retries=0, spill_path=spill) as two,
+        PredictionLogger(
+            second, registry=registry, retries=0, spill_path=spill.with_name("second.jsonl"), replay_interval_s=60
+        ) as two,
     ):
         for i in range(3):
             one.record(record(i))
@@ -250,3 +260,174 @@ async def test_metrics_are_reported_per_sink_in_a_shared_registry(spill: Path) -
     assert sample("asyncserve_predlog_failures_total", "second") == 1
     assert sample("asyncserve_predlog_buffered", "first") == 0
     assert sample("asyncserve_predlog_write_seconds_count", "first") == 1
+
+
+class SlowSink(MemorySink):
+    """Takes ``delay_s`` per write (a sink under load)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__("slow")
+        self.delay_s = delay_s
+
+    async def write(self, records: Sequence[LogRecord]) -> None:
+        await asyncio.sleep(self.delay_s)
+        await super().write(records)
+
+
+class CountingGatedSink(GatedSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    async def write(self, records: Sequence[LogRecord]) -> None:
+        self.writes += 1
+        await super().write(records)
+
+
+class LateOpeningSink(MemorySink):
+    """Refuses to open its first ``refusals`` times, as a store that is down at start-up."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__("late")
+        self.refusals = refusals
+
+    async def open(self) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise ConnectionRefusedError("the store is down")
+        await super().open()
+
+
+async def write_spill(path: Path, lines: list[bytes]) -> None:
+    await asyncio.to_thread(path.write_bytes, b"".join(line + b"\n" for line in lines))
+
+
+async def test_a_hung_sink_is_not_retried_and_later_batches_skip_it(spill: Path) -> None:
+    sink = CountingGatedSink()
+    async with PredictionLogger(
+        sink, batch_size=5, flush_interval_s=60, retries=3, write_timeout_s=0.05, spill_path=spill,
+        replay_interval_s=60,
+    ) as log:  # fmt: skip
+        started = time.monotonic()
+        for i in range(15):
+            log.record(record(i))
+        await log.flush()
+        took_s = time.monotonic() - started
+    assert sink.writes == 1  # one write, timed out; the other two batches went straight to the spill file
+    assert took_s < 0.5
+    assert [r["request_id"] for r in await read_jsonl(spill)] == [f"r{i}" for i in range(15)]
+
+
+async def test_a_sink_call_that_ignores_cancellation_is_left_behind(
+    spill: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(delivery, "CANCEL_GRACE_S", 0.05)
+    sink = StubbornSink()
+    async with PredictionLogger(
+        sink, batch_size=5, flush_interval_s=60, write_timeout_s=0.05, replay_interval_s=0.05, spill_path=spill
+    ) as log:
+        for i in range(5):
+            log.record(record(i))
+        await log.flush()
+        assert log.statistics().spilled == 5
+        with caplog.at_level(logging.DEBUG):
+            await asyncio.sleep(0.3)  # the replay tries again, and finds the abandoned write still running
+        assert sink.writes == 1
+        assert "has not ended yet" in caplog.text
+        sink.release.set()  # it ends; the replay then stores the spill file
+        await until(lambda: log.statistics().replayed >= 5)
+    assert [r["request_id"] for r in sink.stored] == [f"r{i}" for i in range(5)]
+
+
+class StubbornSink(MemorySink):
+    """Its first write ignores cancellation until ``release`` is set (then fails); later writes succeed."""
+
+    def __init__(self) -> None:
+        super().__init__("stubborn")
+        self.release = asyncio.Event()
+        self.writes = 0
+
+    async def write(self, records: Sequence[LogRecord]) -> None:
+        self.writes += 1
+        if self.writes == 1:
+            while not self.release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.release.wait()
+            raise ConnectionError("gave up")
+        await super().write(records)
+
+
+async def test_start_up_succeeds_while_the_sink_is_down_and_opens_it_later(
+    spill: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = LateOpeningSink(refusals=2)
+    with caplog.at_level(logging.WARNING):
+        log = PredictionLogger(sink, flush_interval_s=0.01, replay_interval_s=0.02, spill_path=spill)
+        await log.start()
+    assert log.state is LoggerState.RUNNING
+    assert caplog.text.count("is unreachable") == 1  # one warning, however many attempts
+    log.record(record(0))
+    await log.flush()
+    await until(lambda: log.statistics().replayed >= 1)
+    log.record(record(1))
+    await log.aclose()
+    assert [r["request_id"] for r in sink.stored] == ["r0", "r1"]
+    stats = log.statistics()
+    assert (stats.spilled, stats.replayed, stats.written) == (1, 1, 1)
+    assert not await asyncio.to_thread(spill.exists)
+
+
+async def test_a_spill_file_left_by_an_earlier_run_is_replayed_at_start(spill: Path) -> None:
+    earlier = [LogRecord.encode(record(i)).json for i in range(7)] + [orjson.dumps(record(7))]  # one without log_id
+    await write_spill(spill, earlier)
+    sink = MemorySink()
+    async with PredictionLogger(sink, batch_size=3, spill_path=spill) as log:
+        await until(lambda: log.statistics().replayed >= 8)
+    assert sorted(r["request_id"] for r in sink.stored) == [f"r{i}" for i in range(8)]
+    assert log.statistics().accepted == 0
+    assert await asyncio.to_thread(lambda: list(spill.parent.glob("spill.jsonl*"))) == []
+
+
+async def test_the_replay_does_not_hold_up_new_records(spill: Path) -> None:
+    await write_spill(spill, [LogRecord.encode(record(i)).json for i in range(2000)])
+    sink = SlowSink(delay_s=0.01)
+    async with PredictionLogger(sink, batch_size=100, flush_interval_s=0.01, spill_path=spill) as log:
+        await asyncio.sleep(0.03)  # the replay is under way
+        log.record(record(9999))
+        await log.flush()
+        assert log.statistics().written == 1
+        assert log.statistics().replayed < 2000  # written while the replay goes on, taking turns with it
+        await until(lambda: log.statistics().replayed >= 2000)
+    assert len(sink.stored) == 2001
+
+
+class SlowOpeningSink(MemorySink):
+    """Opens only once ``ready`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__("slow-open")
+        self.ready = asyncio.Event()
+
+    async def open(self) -> None:
+        await self.ready.wait()
+        await super().open()
+
+
+async def test_a_sink_slow_to_open_opens_in_the_background_while_records_wait(
+    spill: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logger_module, "START_WAIT_S", 0.05)
+    sink = SlowOpeningSink()
+    log = PredictionLogger(sink, flush_interval_s=0.01, write_timeout_s=5, spill_path=spill)
+    started = time.monotonic()
+    await log.start()
+    assert time.monotonic() - started < 1.0
+    log.record(record(0))
+    await asyncio.sleep(0.05)
+    assert log.statistics().buffered == 1  # waiting for the open, not spilled
+    sink.ready.set()
+    await log.flush()
+    await log.aclose()
+    stats = log.statistics()
+    assert (stats.written, stats.spilled) == (1, 0)
+    assert [r["request_id"] for r in sink.stored] == ["r0"]

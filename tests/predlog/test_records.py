@@ -97,7 +97,8 @@ def test_a_log_record_is_a_snapshot_with_its_columns_copied_out() -> None:
     assert entry["inputs"] == {"x": [1, 2]}
     assert (entry.request_id, entry.model, entry.version) == ("7", "m", "")
     assert entry.time == entry["time"]
-    assert dict(entry).keys() == {"request_id", "model", "inputs", "time"}
+    assert dict(entry).keys() == {"log_id", "request_id", "model", "inputs", "time"}
+    assert entry.log_id == entry["log_id"]
     assert "bytes=" in repr(entry)
 
 
@@ -106,3 +107,25 @@ def test_a_log_record_applies_the_policy_and_keeps_a_given_time() -> None:
     entry = LogRecord.encode({"inputs": {"ssn": "1"}, "time": moment}, InputPolicy("redact", frozenset({"ssn"})))
     assert entry["inputs"] == {"ssn": "<redacted>"}
     assert entry.time == "2025-01-31T12:00:00.000000+00:00"
+
+
+def test_each_record_gets_a_unique_log_id_that_sorts_by_time() -> None:
+    ids = [LogRecord.encode({"request_id": "same"}).log_id for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(log_id) == 32 and int(log_id, 16) >= 0 for log_id in ids)
+    assert [log_id[:12] for log_id in ids] == sorted(log_id[:12] for log_id in ids)  # milliseconds first
+    assert int(ids[0][:12], 16) == pytest.approx(datetime.now(UTC).timestamp() * 1000, abs=60_000)
+
+
+def test_a_given_log_id_is_kept_and_survives_decoding() -> None:
+    entry = LogRecord.encode({"log_id": "mine", "request_id": "r"})
+    again = LogRecord.decode(entry.json)
+    assert (entry.log_id, again.log_id, again.request_id, again.time) == ("mine", "mine", "r", entry.time)
+    assert next(iter(again)) == "log_id"
+
+
+def test_a_line_without_log_id_gets_the_hash_of_its_content() -> None:
+    line = orjson.dumps({"request_id": "r", "model": "m"})
+    assert LogRecord.decode(line).log_id == hashlib.sha256(line).hexdigest()[:32]
+    with pytest.raises(ValueError, match="a log record is a JSON object, got list"):
+        LogRecord.decode(b"[1]")

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import sys
+import time
+import uuid
 from pathlib import Path
 
+import asyncpg
 import numpy as np
 import pytest
+import redis.asyncio
 
 from asyncserve.exceptions import ConfigurationError
 from asyncserve.predlog import (
@@ -21,7 +25,7 @@ from asyncserve.predlog import (
     open_sink,
     prediction_record,
 )
-from tests.predlog.conftest import Backend, read_jsonl, record
+from tests.predlog.conftest import Backend, read_jsonl, read_stream, record, until
 
 
 def encoded(*indexes: int) -> list[LogRecord]:
@@ -29,16 +33,18 @@ def encoded(*indexes: int) -> list[LogRecord]:
 
 
 async def test_a_sink_stores_each_batch_whole_and_in_order(backend: Backend) -> None:
+    last = encoded(3)
     await backend.sink.open()
     try:
         await backend.sink.write(encoded(0, 1, 2))
-        await backend.sink.write(encoded(3))
+        await backend.sink.write([])  # how the logger checks that a failing sink answers again
+        await backend.sink.write(last)
     finally:
         await backend.sink.aclose()
 
     stored = await backend.read_back()
     assert [r["request_id"] for r in stored] == ["r0", "r1", "r2", "r3"]
-    assert stored[3] == dict(encoded(3)[0]) | {"time": stored[3]["time"]}
+    assert stored[3] == dict(last[0]) | {"time": stored[3]["time"]}
 
 
 async def test_a_logger_writes_a_full_prediction_record_through_every_sink(backend: Backend, tmp_path: Path) -> None:
@@ -138,7 +144,7 @@ def test_options_are_checked_when_a_sink_is_built() -> None:
         ("var/p.sqlite3", SQLiteSink, "sqlite:var/p.sqlite3:predictions"),
         ("postgresql://app:secret@db:5432/ml?table=preds&sslmode=disable", PostgresSink, "postgres:preds"),
         ("postgres://db/ml", PostgresSink, "postgres:predictions"),
-        ("redis://cache:6379/0?stream=preds&maxlen=500", RedisStreamSink, "redis:preds"),
+        ("redis://cache:6379/0?stream=preds&maxlen=500&dedup_window_s=60", RedisStreamSink, "redis:preds"),
     ],
 )
 def test_open_sink_chooses_the_sink_by_url(url: str, kind: type, detail: str) -> None:
@@ -154,7 +160,10 @@ def test_open_sink_leaves_the_drivers_options_in_the_url() -> None:
     assert isinstance(postgres, PostgresSink)
     assert isinstance(redis, RedisStreamSink)
     assert postgres.dsn == "postgresql://db/ml?sslmode=disable"
-    assert (redis.url, redis.maxlen) == ("redis://cache/0?socket_timeout=2", None)
+    assert (redis.url, redis.maxlen, redis.dedup_window_s) == ("redis://cache/0?socket_timeout=2", None, 3600.0)
+    assert open_sink("redis://cache/0?dedup_window_s=none").dedup_window_s is None  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="dedup_window_s must be a number of seconds"):
+        open_sink("redis://cache/0?dedup_window_s=soon")
 
 
 @pytest.mark.parametrize("url", ["kafka://broker/topic", "predictions.csv", "jsonl://"])
@@ -173,3 +182,166 @@ def test_a_missing_driver_says_what_to_install(
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ConfigurationError, match=rf"pip install 'asyncserve\[{extra}\]'"):
         open_sink(url)
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ]
+)
+def keyed_backend(request: pytest.FixtureRequest) -> Backend:
+    """The backends that store a record once per log_id."""
+    found: Backend = request.getfixturevalue(f"{request.param}_backend")
+    return found
+
+
+async def test_a_batch_written_again_stores_only_what_is_missing(keyed_backend: Backend) -> None:
+    first, again = encoded(0, 1, 2), encoded(3)
+    await keyed_backend.sink.open()
+    try:
+        await keyed_backend.sink.write(first)
+        await keyed_backend.sink.write(first[1:] + again)  # a retry after a write that landed, with a new record
+        await keyed_backend.sink.write(again)
+    finally:
+        await keyed_backend.sink.aclose()
+    stored = await keyed_backend.read_back()
+    assert [r["request_id"] for r in stored] == ["r0", "r1", "r2", "r3"]
+    assert [r["log_id"] for r in stored] == [r.log_id for r in first + again]
+
+
+async def test_a_cancelled_jsonl_write_leaves_nothing_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "predictions.jsonl"
+    sink = JsonlSink(path)
+    await sink.open()
+    await sink.write(encoded(0))
+    expected, cancelled = ["r0"], 0
+    for index in range(1, 30):  # cancelled before, while or after its thread writes
+        write = asyncio.ensure_future(sink.write(encoded(index)))
+        for _ in range(index % 4):
+            await asyncio.sleep(0)
+        write.cancel()
+        try:
+            await write
+        except asyncio.CancelledError:
+            cancelled += 1
+        else:
+            expected.append(f"r{index}")  # it had finished: it stays
+    await sink.aclose()
+    assert [r["request_id"] for r in await read_jsonl(path)] == expected
+    assert cancelled > 0
+
+
+async def test_a_write_to_a_locked_sqlite_database_times_out_spills_and_is_replayed(tmp_path: Path) -> None:
+    database, spill = tmp_path / "p.db", tmp_path / "spill.jsonl"
+    sink = SQLiteSink(database)
+    log = PredictionLogger(
+        sink, batch_size=50, flush_interval_s=0.01, write_timeout_s=0.2, replay_interval_s=0.1, spill_path=spill
+    )
+    await log.start()
+    other = await asyncio.to_thread(sqlite3.connect, database, isolation_level=None, check_same_thread=False)
+    await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")  # another process holds the write lock
+    started = time.monotonic()
+    for i in range(200):
+        log.record(record(i))
+    await log.flush()
+    assert time.monotonic() - started < 1.0  # not SQLite's busy timeout (5 s): the write timeout
+    assert log.statistics().spilled == 200
+    await asyncio.to_thread(other.execute, "COMMIT")
+    await asyncio.to_thread(other.close)
+    await until(lambda: log.statistics().replayed >= 200)
+    await log.aclose()
+
+    def count() -> tuple[int, int]:
+        with sqlite3.connect(database) as connection:
+            rows, ids = connection.execute("SELECT count(*), count(DISTINCT log_id) FROM predictions").fetchone()
+            return int(rows), int(ids)
+
+    assert await asyncio.to_thread(count) == (200, 200)
+
+
+async def test_sqlite_adds_the_log_id_column_to_a_table_of_an_earlier_version(tmp_path: Path) -> None:
+    database = tmp_path / "p.db"
+
+    def create_old_table() -> None:
+        with sqlite3.connect(database) as connection:
+            connection.execute(
+                "CREATE TABLE predictions (id INTEGER PRIMARY KEY, request_id TEXT, model TEXT, version TEXT, "
+                "time TEXT, record TEXT NOT NULL)"
+            )
+            connection.execute("INSERT INTO predictions (request_id, record) VALUES ('old', '{}')")
+
+    await asyncio.to_thread(create_old_table)
+    sink = SQLiteSink(database)
+    await sink.open()
+    await sink.write(encoded(0))
+    await sink.write(encoded(0)[:0])
+    await sink.aclose()
+
+    def read() -> list[tuple[str, str | None]]:
+        with sqlite3.connect(database) as connection:
+            return connection.execute("SELECT request_id, log_id FROM predictions ORDER BY id").fetchall()
+
+    rows = await asyncio.to_thread(read)
+    assert [row[0] for row in rows] == ["old", "r0"]
+    assert rows[0][1] is None
+
+
+@pytest.mark.postgres
+async def test_postgres_adds_the_log_id_column_to_a_table_of_an_earlier_version(postgres_dsn: str) -> None:
+    table = f"predlog_old_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(postgres_dsn)
+    try:
+        await connection.execute(
+            f"CREATE TABLE {table} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id text, "
+            "model text, version text, time timestamptz, record jsonb NOT NULL)"
+        )
+        await connection.execute(f"INSERT INTO {table} (request_id, record) VALUES ('old', '{{}}')")
+        sink = PostgresSink(postgres_dsn, table=table)
+        await sink.open()
+        batch = encoded(0)
+        await sink.write(batch)
+        await sink.write(batch)
+        await sink.aclose()
+        rows = await connection.fetch(f"SELECT request_id, log_id FROM {table} ORDER BY id")
+        assert [(row["request_id"], row["log_id"]) for row in rows] == [("old", None), ("r0", batch[0].log_id)]
+    finally:
+        await connection.execute(f"DROP TABLE IF EXISTS {table}")
+        await connection.close()
+
+
+@pytest.mark.redis
+async def test_redis_remembers_log_ids_for_its_dedup_window(redis_url: str) -> None:
+    stream = f"asyncserve:test:{uuid.uuid4().hex[:12]}"
+    sink = RedisStreamSink(redis_url, stream=stream, dedup_window_s=120)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    batch = encoded(0, 1)
+    try:
+        await sink.open()
+        await sink.write(batch)
+        await sink.aclose()
+        key = sink.dedup_key(batch[0].log_id)
+        assert await client.smembers(key) == {r.log_id.encode() for r in batch}
+        assert 110 < await client.ttl(key) <= 120
+    finally:
+        await client.delete(stream, *await client.keys(f"{stream}:*"))
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_without_dedup_stores_every_write(redis_url: str) -> None:
+    stream = f"asyncserve:test:{uuid.uuid4().hex[:12]}"
+    sink = RedisStreamSink(redis_url, stream=stream, dedup_window_s=None)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await sink.open()
+        batch = encoded(0)
+        await sink.write(batch)
+        await sink.write(batch)
+        await sink.aclose()
+        assert [r["request_id"] for r in await read_stream(client, stream)] == ["r0", "r0"]
+        assert await client.keys(f"{stream}:*") == []
+    finally:
+        await client.delete(stream)
+        await client.aclose()

@@ -78,6 +78,7 @@ class HttpApp:
         """API keys; with none configured every route is open."""
         self.allowed_hosts = allowed_hosts(settings)
         """The Host names answered; None: any."""
+        self._hosts_answered: set[str] = set()
         self.inference = InferenceRoutes(settings, registry, pipeline, deferred, jobs)
         self.repository = RepositoryRoutes(registry)
         self.jobs = jobs
@@ -173,13 +174,18 @@ class HttpApp:
         in the types a page may send without the browser asking first (forms, plain text)."""
         if self.allowed_hosts is not None:
             host = headers.get("host")
-            if host is not None and _host_name(host) not in self.allowed_hosts:
-                raise HostNotAllowed(
-                    f"this server does not answer to Host {host!r}; add it to --allowed-hosts "
-                    "(ASYNCSERVE_ALLOWED_HOSTS)"
-                )
-        if method == "POST":
-            media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+            # The few Host values a server sees are remembered: this check runs on every request.
+            if host is not None and host not in self._hosts_answered:
+                if _host_name(host) not in self.allowed_hosts:
+                    raise HostNotAllowed(
+                        f"this server does not answer to Host {host!r}; add it to --allowed-hosts "
+                        "(ASYNCSERVE_ALLOWED_HOSTS)"
+                    )
+                if len(self._hosts_answered) < 64:
+                    self._hosts_answered.add(host)
+        content_type = headers.get("content-type")
+        if method == "POST" and content_type is not None and content_type not in NOT_FORMS:
+            media_type = content_type.partition(";")[0].strip().lower()
             if media_type in FORM_TYPES:
                 raise UnsupportedMediaType(
                     f"content type {media_type!r} is not taken on POST (a web page could send it from another site); "
@@ -373,6 +379,9 @@ def _as_is(response: Response) -> Response:
 
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
 """The body types a web page may POST to another site without the browser asking it first (CORS)."""
+
+NOT_FORMS = frozenset({"application/json", "application/octet-stream"})
+"""Content-Type values seen on most requests, known at once not to be forms."""
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 

@@ -28,6 +28,9 @@ from asyncserve.http.auth import ApiKey
 
 JSON_TYPE = "application/json"
 
+MATCHES_KEPT = 1024
+"""Paths with parameters whose match is remembered; past that, others are matched each time."""
+
 
 @dataclass(slots=True)
 class Request:
@@ -128,6 +131,8 @@ class Router:
         self._routes: list[Route] = []
         self._static: dict[tuple[str, str], Route] = {}
         self._dynamic: list[Route] = []
+        self._matched: dict[tuple[str, str], tuple[Route, dict[str, str]]] = {}
+        """Paths with parameters matched before (the few of the models served): no regex for them."""
 
     def add(
         self, method: str, path: str, handler: Handler, name: str, *, scope: str | None, inference: bool = False
@@ -136,6 +141,7 @@ class Router:
         is_async = inspect.iscoroutinefunction(handler)
         route = Route(method, re.compile(f"^{regex}$"), handler, name, is_async, inference, scope)
         self._routes.append(route)
+        self._matched.clear()
         if "{" in path:
             self._dynamic.append(route)
         else:
@@ -150,6 +156,15 @@ class Router:
         route = self._static.get((method, path))
         if route is not None:
             return route, {}
+        known = self._matched.get((method, path))
+        if known is not None:
+            return known[0], dict(known[1])
+        found_route, params = self._match_dynamic(method, path)
+        if len(self._matched) < MATCHES_KEPT:
+            self._matched[(method, path)] = (found_route, params)
+        return found_route, dict(params)
+
+    def _match_dynamic(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         for route in self._dynamic:
             if route.method == method:
                 found = route.pattern.match(path)

@@ -1,9 +1,12 @@
 """Prediction logging: every prediction can be recorded, off the request path, to a family of sinks.
 
-Layout: ``logger`` is the core (buffer, writer, retries, spill); ``records`` says what a record is
-and how it is encoded; ``sinks`` holds the ``LogSink`` contract and ``open_sink(url)``; ``metrics``
-the Prometheus series; ``files``, ``sqlite``, ``postgres`` and ``redis`` are the backends, the last
-two importing their optional dependency only when built. This package imports only leaves
+Layout: ``logger`` is the core (buffer, writer, lifecycle); ``delivery`` writes a batch to the
+sink within its time limit, retries, or spills it; ``spill`` is the spill file, shared safely by
+processes; ``replay`` stores the spill file in the sink once it answers again; ``records`` says
+what a record is (with its unique ``log_id``) and how it is encoded; ``sinks`` holds the
+``LogSink`` contract and ``open_sink(url)``; ``metrics`` the Prometheus series; ``files``,
+``sqlite``, ``postgres`` and ``redis`` are the backends, the last two importing their optional
+dependency only when built. This package imports only leaves
 (``exceptions``) from asyncserve, and nothing imports it but the composition and edge layers.
 
 Example::

@@ -1,35 +1,19 @@
-"""JSON Lines files with size-based rotation: the embedded default sink, and the logger's spill file."""
+"""JSON Lines files with size-based rotation: the embedded default sink."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 from asyncserve.exceptions import ConfigurationError
 from asyncserve.predlog.records import LogRecord
+from asyncserve.predlog.spill import in_thread
 
 MiB = 1024 * 1024
-T = TypeVar("T")
-
-
-async def _in_thread(function: Callable[..., T], *args: object) -> T:
-    """Run ``function`` in a worker thread; if cancelled, let the thread finish before re-raising.
-
-    A cancelled ``to_thread`` leaves its thread running: without the wait, the sink's lock would be
-    released while a write is still under way, and the next write could interleave with it.
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(function, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait({task})
-        if not task.cancelled():
-            task.exception()  # retrieved, so that asyncio does not report it as never retrieved
-        raise
 
 
 class JsonlSink:
@@ -37,9 +21,14 @@ class JsonlSink:
 
     A batch is written with one ``write`` call in a worker thread, never on the event loop. When
     a batch would take the file past ``rotate_bytes``, the file is rotated first; the oldest
-    backup beyond ``keep`` is deleted. ``rotate_bytes=None`` never rotates (the spill file uses
-    that: it must lose nothing). ``fsync=True`` makes each batch durable against a power cut
-    before ``write`` returns; without it, a batch survives the process dying but not the machine.
+    backup beyond ``keep`` is deleted. ``rotate_bytes=None`` never rotates. ``fsync=True`` makes
+    each batch durable against a power cut before ``write`` returns; without it, a batch survives
+    the process dying but not the machine.
+
+    A write that raised left nothing in the file: a failed one is cut off, and one cancelled (by
+    the logger's write timeout) is waited for, then cut off if it had finished. So a batch written
+    again after a failure (a retry, a replay of the spill file) is not stored twice. (A file
+    cannot look up a ``log_id`` as the database sinks do.)
 
     Example::
 
@@ -69,19 +58,27 @@ class JsonlSink:
 
     async def open(self) -> None:
         async with self._lock:
-            await _in_thread(self._open)
+            await in_thread(self._open)
 
     async def write(self, records: Sequence[LogRecord]) -> None:
         if not records:
             return
         data = b"".join(record.json + b"\n" for record in records)
         async with self._lock:
-            await _in_thread(self._append, data)
+            task = asyncio.ensure_future(in_thread(self._append, data))
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                await asyncio.wait({task})
+                if not task.cancelled() and task.exception() is None:
+                    # It finished in its thread after all: take it back, since the caller counts it as not written.
+                    await asyncio.wait({asyncio.ensure_future(in_thread(self._truncate, task.result()))})
+                raise
 
     async def aclose(self) -> None:
         async with self._lock:
             if self._file is not None:
-                await _in_thread(self._file.close)
+                await in_thread(self._file.close)
                 self._file = None
 
     # Everything below runs in a worker thread.
@@ -92,7 +89,8 @@ class JsonlSink:
             self._file = open(self.path, "ab")  # noqa: SIM115 (kept open across batches, closed in aclose)
             self._size = self._file.tell()
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, data: bytes) -> int:
+        """Append ``data`` (rotating first if it would not fit) and return the file's size before it."""
         self._open()
         if self.rotate_bytes is not None and self._size > 0 and self._size + len(data) > self.rotate_bytes:
             self._rotate()
@@ -112,7 +110,13 @@ class JsonlSink:
             with contextlib.suppress(OSError):
                 os.truncate(self.path, self._size)
             raise
-        self._size += len(data)
+        before, self._size = self._size, self._size + len(data)
+        return before
+
+    def _truncate(self, size: int) -> None:
+        if self._file is not None and self._size > size:
+            self._file.truncate(size)
+            self._size = size
 
     def _rotate(self) -> None:
         if self._file is not None:

@@ -6,12 +6,23 @@ How a record travels:
    the buffer, or, when the buffer is full, drops it and counts it or raises ``Overloaded``.
 2. The writer task takes a batch when ``batch_size`` records wait, when the oldest has waited
    ``flush_interval_s``, when ``flush()`` asks, or when the logger closes.
-3. It writes the batch to the sink, retrying with exponential backoff and jitter. A batch the
-   sink still refuses is appended to the spill file (JSON Lines, fsynced), so nothing accepted is
-   lost; only a failing spill (a full disk) loses records, and those are counted and logged.
-4. ``aclose()`` stops accepting, writes out everything buffered, then closes the sink.
+3. It writes the batch to the sink, each write within ``write_timeout_s``, retrying quick
+   failures with exponential backoff and jitter (``delivery.py``). A batch the sink still
+   refuses, or whose write timed out, is appended to the spill file (JSON Lines, fsynced), and
+   later batches go straight there while the sink is failing; so nothing accepted is lost, and a
+   hanging sink never fills the buffer. Only a failing spill (a full disk) loses records, and
+   those are counted and logged.
+4. The replay task (``replay.py``) tries the sink again every ``replay_interval_s`` and, once it
+   answers, stores the spill file in it, chunk by chunk, in turn with the writer's new batches.
+   Each record carries a unique ``log_id`` and the sinks store it once, so a write that timed out
+   but landed in the end, then was spilled and replayed, is not stored twice.
+5. ``aclose()`` stops accepting, writes out everything buffered, then closes the sink.
 
-Invariant: ``accepted == written + spilled + lost + buffered``.
+A sink that is down when the logger starts does not stop it: a warning is logged, records are
+spilled, and the replay task opens the sink once it answers.
+
+Invariant: ``accepted == written + spilled + lost + buffered``; ``replayed`` counts the spilled
+records stored in the sink since (those of earlier runs included).
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from asyncserve.exceptions import ConfigurationError, Overloaded
 from asyncserve.predlog.delivery import Delivery
 from asyncserve.predlog.metrics import SinkMeter
 from asyncserve.predlog.records import InputPolicy, LogRecord
+from asyncserve.predlog.replay import Replayer
 from asyncserve.predlog.sinks import LogSink
 
 if TYPE_CHECKING:
@@ -44,6 +56,8 @@ logger = logging.getLogger(__name__)
 OverflowPolicy = Literal["refuse", "drop"]
 DROP_WARNING_INTERVAL_S = 10.0
 """At most one warning about dropped records per this many seconds (each one gives the count)."""
+START_WAIT_S = 1.0
+"""How long ``start()`` waits for the sink to open; a sink slower than that opens in the background."""
 
 
 class LoggerState(enum.Enum):
@@ -56,7 +70,11 @@ class LoggerState(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class LogStatistics:
-    """Counts since the logger started. ``accepted == written + spilled + lost + buffered``."""
+    """Counts since the logger started. ``accepted == written + spilled + lost + buffered``.
+
+    ``replayed`` counts records taken from the spill file and stored in the sink (spilled by
+    this logger, or left by an earlier run).
+    """
 
     accepted: int
     written: int
@@ -68,6 +86,7 @@ class LogStatistics:
     invalid: int
     retried: int
     failures: int
+    replayed: int = 0
 
 
 class PredictionLogger:
@@ -82,11 +101,16 @@ class PredictionLogger:
         overflow: ``"drop"`` drops a record that finds the buffer full (counted, and warned about);
             ``"refuse"`` raises ``Overloaded`` (503) instead, so that no prediction goes unlogged.
         retries: further attempts at a batch the sink refused, with exponential backoff and jitter.
-            While the sink keeps failing, later batches get one attempt each, so the buffer drains
-            to the spill file at disk speed instead of filling up.
+            A write that timed out is not retried: its batch is spilled at once. Once a batch is
+            spilled, later batches go straight to the spill file until the sink is back, so the
+            buffer drains at disk speed instead of filling up.
         retry_backoff_s: the first retry's delay; each later one doubles it.
-        write_timeout_s: how long one sink write may take before it counts as failed.
-        spill_path: the JSON Lines file that receives the batches the sink would not take.
+        write_timeout_s: how long one sink call (a write, or opening it) may take before it counts as failed.
+        spill_path: the JSON Lines file that receives the batches the sink would not take; replayed
+            into the sink once it is back (and at start, if an earlier run left records in it).
+            It belongs to one sink: loggers of different sinks need different spill paths.
+        replay_interval_s: while the sink is failing, how often it is tried again (by opening it
+            if it never opened, and by replaying the spill file), scaled by a random factor in [0.5, 1].
         input_policy: how record inputs are kept (in full, hashed, or redacted).
         registry: a Prometheus registry for the ``asyncserve_predlog_*`` metrics, or ``None``.
 
@@ -112,10 +136,13 @@ class PredictionLogger:
         retry_backoff_s: float = 0.2,
         write_timeout_s: float | None = 10.0,
         spill_path: Path | str = Path("var/predlog-spill.jsonl"),
+        replay_interval_s: float = 1.0,
         input_policy: InputPolicy = InputPolicy(),  # noqa: B008 (frozen, so sharing the default is safe)
         registry: CollectorRegistry | None = None,
     ) -> None:
         _validate(sink, max_buffer, batch_size, flush_interval_s, overflow, retries, retry_backoff_s, write_timeout_s)
+        if replay_interval_s <= 0:
+            raise ConfigurationError(f"replay_interval_s must be a number of seconds > 0, got {replay_interval_s}")
         self.sink = sink
         self.max_buffer, self.batch_size, self.flush_interval_s = max_buffer, batch_size, flush_interval_s
         self.overflow, self.retries, self.retry_backoff_s = overflow, retries, retry_backoff_s
@@ -125,8 +152,10 @@ class PredictionLogger:
         self._meter = SinkMeter(registry, sink.name, lambda: self._pending)
         self._delivery = Delivery(
             sink, self.spill_path, retries=retries, retry_backoff_s=retry_backoff_s,
-            write_timeout_s=write_timeout_s, meter=self._meter,
+            write_timeout_s=write_timeout_s, meter=self._meter, on_spill=lambda: self._replayer.wake(),
         )  # fmt: skip
+        self._replayer = Replayer(self._delivery, batch_size=batch_size, interval_s=replay_interval_s)
+        self._replaying: asyncio.Task[None] | None = None
         self._state = LoggerState.NEW
         self._buffer: deque[tuple[float, LogRecord]] = deque()
         self._in_flight: list[LogRecord] = []
@@ -150,22 +179,37 @@ class PredictionLogger:
         await self.aclose()
 
     async def start(self) -> None:
-        """Open the sink and start the writer. Raises what the sink's ``open()`` raises."""
+        """Open the sink, start the writer and the replay of the spill file (if an earlier run left one).
+
+        A sink that cannot be opened does not stop the start. ``start()`` waits ``START_WAIT_S`` at
+        most for the sink to open (a store that answers, even to refuse, takes milliseconds); a
+        slower one goes on opening in the background, within ``write_timeout_s``, while records are
+        accepted into the buffer. If the open fails, a warning is logged, records are spilled, and
+        the sink is opened in the background once it answers, then the spill file replayed into it.
+        """
         if self._state is not LoggerState.NEW:
             raise RuntimeError(
                 f"cannot start {self!r}: it is {self._state.value}; a logger starts once, so build a new one"
             )
         self._state = LoggerState.STARTING
+        opening = self._delivery.start_opening()
         try:
-            await self.sink.open()
+            await asyncio.wait({opening}, timeout=START_WAIT_S)
         except BaseException:
+            opening.cancel()
             self._state = LoggerState.NEW
             raise
+        if not opening.done():
+            logger.info("prediction log sink %s is slow to open; records wait in the buffer meanwhile", self.sink.name)
         if self._state is not LoggerState.STARTING:
             await self._delivery.aclose()
             raise RuntimeError(f"{self!r} was closed while it was starting")
-        self._writer = asyncio.get_running_loop().create_task(self._run(), name=f"asyncserve-predlog-{self.sink.name}")
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._run(), name=f"asyncserve-predlog-{self.sink.name}")
         self._writer.add_done_callback(self._writer_done)
+        self._replaying = loop.create_task(self._replayer.run(), name=f"asyncserve-predlog-replay-{self.sink.name}")
+        self._replaying.add_done_callback(self._replayer_done)
+        self._replayer.wake()
         self._state = LoggerState.RUNNING
 
     async def aclose(self, timeout_s: float | None = None) -> None:
@@ -182,6 +226,8 @@ class PredictionLogger:
             return
         self._state = LoggerState.CLOSING
         self._wakeup.set()
+        # The replay stops first: what it has not replayed stays in the spill file for the next start.
+        await _cancel(self._replaying)
         try:
             await self._drain(timeout_s)
         finally:
@@ -199,10 +245,7 @@ class PredictionLogger:
 
     async def _finish(self) -> None:
         writer, self._writer = self._writer, None
-        if writer is not None and not writer.done():
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+        await _cancel(writer)
         leftovers = self._in_flight + [entry for _, entry in self._buffer]
         self._in_flight, self._buffer = [], deque()
         if leftovers:
@@ -300,13 +343,15 @@ class PredictionLogger:
         return LogStatistics(
             accepted=self._accepted, written=d.written, spilled=d.spilled, lost=d.lost, buffered=self._pending,
             dropped=self._dropped, refused=self._refused, invalid=self._invalid, retried=d.retried, failures=d.failures,
+            replayed=d.replayed,
         )  # fmt: skip
 
     def __repr__(self) -> str:
         d = self._delivery
         return (
             f"<PredictionLogger sink={self.sink.name!r} state={self._state.value} accepted={self._accepted} "
-            f"written={d.written} spilled={d.spilled} dropped={self._dropped} buffered={self._pending}>"
+            f"written={d.written} spilled={d.spilled} replayed={d.replayed} dropped={self._dropped} "
+            f"buffered={self._pending}>"
         )
 
     async def flush(self) -> None:
@@ -370,10 +415,21 @@ class PredictionLogger:
                 await self._wakeup.wait()
 
     async def _deliver(self, batch: list[LogRecord]) -> None:
-        await self._delivery.deliver(batch)
-        # Cleared only now: if aclose() cancels the write, the batch is still here to be spilled.
-        self._in_flight = []
+        try:
+            await self._delivery.deliver(batch)
+        finally:
+            # Cleared once the batch is stored or spilled, even if aclose() cancelled us after
+            # that: a batch still here when the writer stops is spilled by aclose().
+            if self._delivery.delivered >= self._taken:
+                self._in_flight = []
         self._resolve_waiters()
+
+    def _replayer_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "prediction log %s: the replay of the spill file crashed; it resumes at the next start",
+                self.sink.name, exc_info=task.exception(),
+            )  # fmt: skip
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -382,6 +438,19 @@ class PredictionLogger:
                 if not waiter.done():
                     waiter.set_exception(RuntimeError(f"the writer of {self!r} crashed; see the log"))
             self._waiters = []
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` and wait for it to end; a cancellation of the caller itself goes on up."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 def _validate(

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-OUTCOMES = ("accepted", "written", "spilled", "lost", "dropped", "refused", "invalid")
+OUTCOMES = ("accepted", "written", "spilled", "replayed", "lost", "dropped", "refused", "invalid")
 """``accepted``: taken into the buffer; ``written``: stored by the sink; ``spilled``: sent to the
-spill file after the sink's retries; ``lost``: the spill failed too; ``dropped``: the buffer was
-full (overflow ``"drop"``); ``refused``: the buffer was full (overflow ``"refuse"``, 503);
+spill file (the sink failed, or timed out, or was failing); ``replayed``: taken from the spill
+file and stored by the sink; ``lost``: the spill failed too; ``dropped``: the buffer was full
+(overflow ``"drop"``); ``refused``: the buffer was full (overflow ``"refuse"``, 503);
 ``invalid``: the record could not be encoded as JSON."""
 WRITE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

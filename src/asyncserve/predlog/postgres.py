@@ -1,8 +1,7 @@
-"""PostgreSQL: each batch is one ``COPY`` into a table with the record as JSONB (needs ``asyncserve[postgres]``)."""
+"""PostgreSQL: each batch is one idempotent ``INSERT`` into a table, records as JSONB (``asyncserve[postgres]``)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -14,7 +13,7 @@ from asyncserve.exceptions import ConfigurationError
 from asyncserve.predlog.records import LogRecord, dumps
 from asyncserve.predlog.sinks import check_identifier
 
-COLUMNS = ("request_id", "model", "version", "time", "record")
+COLUMNS = ("log_id", "request_id", "model", "version", "time", "record")
 CLOSE_TIMEOUT_S = 10.0
 
 
@@ -29,12 +28,19 @@ def _import_asyncpg() -> Any:
 
 
 class PostgresSink:
-    """Writes each batch with one ``COPY`` (asyncpg's ``copy_records_to_table``) into ``table``.
+    """Inserts each batch with one statement into ``table``, storing each record once per ``log_id``.
 
-    ``open()`` creates a small connection pool and the table if it is missing: ``id`` (identity
-    primary key), ``request_id``, ``model``, ``version``, ``time`` (``timestamptz``, indexed) and
-    ``record`` (the whole record, ``jsonb``). A connection the server dropped is replaced by the
-    pool on the next batch, so the sink recovers by itself once the server is back.
+    ``open()`` connects and creates the table if it is missing: ``id`` (identity primary key),
+    ``log_id`` (unique), ``request_id``, ``model``, ``version``, ``time`` (``timestamptz``,
+    indexed) and ``record`` (the whole record, ``jsonb``); a table of an earlier version gets its
+    ``log_id`` column and index. A batch is one ``INSERT ... SELECT FROM unnest(...) ON CONFLICT
+    (log_id) DO NOTHING``, so writing a batch again (a retry, a replay of the spill file) stores
+    only the records that are not there yet.
+
+    The sink holds one connection (the logger writes one batch at a time). A write that fails or
+    is cancelled (the logger's write timeout) *terminates* the connection at once: asyncpg would
+    otherwise wait for the server to acknowledge a cancel request, which a server that hangs never
+    does. The next write connects again, within ``connect_timeout_s``.
 
     When asyncpg opens a connection it looks for ``~/.pgpass`` and the TLS files in
     ``~/.postgresql/`` with blocking calls (only then: never per batch). A DSN with its password
@@ -49,29 +55,39 @@ class PostgresSink:
         -- select record -> 'outputs' from predictions where model = 'churn' order by time desc;
     """
 
-    def __init__(self, dsn: str, *, table: str = "predictions", pool_max_size: int = 2) -> None:
+    def __init__(self, dsn: str, *, table: str = "predictions", connect_timeout_s: float = 10.0) -> None:
         self._asyncpg = _import_asyncpg()
+        if connect_timeout_s <= 0:
+            raise ConfigurationError(f"connect_timeout_s must be a number of seconds > 0, got {connect_timeout_s}")
         self.dsn = dsn
         self.table = check_identifier("table", table)
         self.name = f"postgres:{table}"
-        self.pool_max_size = pool_max_size
-        self._pool: Any = None
+        self.connect_timeout_s = connect_timeout_s
+        self._insert = (
+            f'INSERT INTO "{table}" ({", ".join(COLUMNS)}) '
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[]) "
+            "ON CONFLICT (log_id) DO NOTHING"
+        )
+        self._open = False
+        self._connection: Any = None
 
     def __repr__(self) -> str:
         # The DSN may hold a password: the repr names the table only.
         return f"PostgresSink(table={self.table!r})"
 
     async def open(self) -> None:
-        if self._pool is not None:
+        if self._open:
             raise RuntimeError(f"{self!r} is already open")
-        pool = await self._asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_max_size)
+        connection = await self._connect()
         try:
-            async with pool.acquire() as connection:
-                await self._create_table(connection)
+            await self._create_table(connection)
         except BaseException:
-            pool.terminate()
+            connection.terminate()
             raise
-        self._pool = pool
+        self._connection, self._open = connection, True
+
+    async def _connect(self) -> Any:
+        return await self._asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
 
     async def _create_table(self, connection: Any) -> None:
         table = self.table
@@ -80,27 +96,47 @@ class PostgresSink:
             await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"asyncserve.predlog.{table}")
             await connection.execute(
                 f'CREATE TABLE IF NOT EXISTS "{table}" ('
-                "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id text, model text, version text, "
-                "time timestamptz, record jsonb NOT NULL)"
+                "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, log_id text, request_id text, model text, "
+                "version text, time timestamptz, record jsonb NOT NULL)"
             )
+            if not await connection.fetchval(
+                "SELECT count(*) > 0 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = 'log_id' "
+                "AND NOT attisdropped",
+                f'"{table}"',
+            ):
+                await connection.execute(f'ALTER TABLE "{table}" ADD COLUMN log_id text')  # a table of 0.x
+            await connection.execute(f'CREATE UNIQUE INDEX IF NOT EXISTS "{table}_log_id" ON "{table}" (log_id)')
             await connection.execute(f'CREATE INDEX IF NOT EXISTS "{table}_time" ON "{table}" (time)')
 
     async def write(self, records: Sequence[LogRecord]) -> None:
-        if self._pool is None:
+        if not self._open:
             raise RuntimeError(f"{self!r} is not open; call open() first")
-        rows = [(_text(r.request_id), _text(r.model), _text(r.version), _timestamp(r.time), _jsonb(r)) for r in records]
-        async with self._pool.acquire() as connection:
-            await connection.copy_records_to_table(self.table, records=rows, columns=COLUMNS)
+        columns = (
+            [r.log_id for r in records], [_text(r.request_id) for r in records], [_text(r.model) for r in records],
+            [_text(r.version) for r in records], [_timestamp(r.time) for r in records], [_jsonb(r) for r in records],
+        )  # fmt: skip
+        if self._connection is None:
+            self._connection = await self._connect()
+        connection = self._connection
+        try:
+            await connection.execute(self._insert, *columns)
+        except BaseException:
+            # Its state is unknown (a statement may be under way): drop it without a goodbye.
+            self._connection = None
+            connection.terminate()
+            raise
 
     async def aclose(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
+        connection, self._connection, self._open = self._connection, None, False
+        if connection is None:
             return
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await pool.close()
+            await connection.close(timeout=CLOSE_TIMEOUT_S)
         except TimeoutError:
-            pool.terminate()
+            connection.terminate()
+        except BaseException:
+            connection.terminate()
+            raise
 
 
 def _timestamp(text: str) -> datetime | None:

@@ -3,15 +3,21 @@
 A record is encoded to JSON the moment the logger accepts it. That snapshot is what every sink
 writes (and what the spill file keeps), so a caller that later mutates its inputs or reuses an
 array cannot change a record already accepted, and the writer never touches caller objects.
+
+Each record gets a unique ``log_id`` then, which travels with it through retries, the spill file
+and its replay: the sinks store a record once per ``log_id`` (a unique key, a dedup set), so a
+batch written again after a timeout whose write did land in the end is not stored twice.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from time import time_ns
 from typing import Any, Literal
 
 import orjson
@@ -29,6 +35,20 @@ _CANONICAL = _OPTIONS | orjson.OPT_SORT_KEYS
 def utc_now() -> str:
     """The current time as UTC ISO 8601 with microseconds: ``2025-01-31T12:00:00.123456+00:00``."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def new_log_id() -> str:
+    """A unique record id that sorts by time: 12 hex digits of Unix milliseconds, then 80 random bits.
+
+    Sorting by time keeps a database's unique index appending at its end, and lets the Redis sink
+    group ids by the time they were made (``log_id[:TIME_BUCKET_DIGITS]``).
+    """
+    return f"{time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+def _content_id(json: bytes) -> str:
+    """The id of a record that came without one (a spill file of an older version): its content's hash."""
+    return hashlib.sha256(json).hexdigest()[:32]
 
 
 def _default(obj: Any) -> Any:
@@ -145,14 +165,17 @@ class LogRecord(Mapping[str, Any]):
     """One accepted record, frozen as JSON: what a sink receives.
 
     ``json`` is the record's encoding (one line of a JSON Lines file, one Redis field, one JSONB
-    value), and ``request_id``, ``model``, ``version`` and ``time`` are copied out for the sinks
-    that store them as columns. As a mapping it reads the decoded JSON, for sinks of your own.
+    value), and ``log_id``, ``request_id``, ``model``, ``version`` and ``time`` are copied out for
+    the sinks that store them as columns. As a mapping it reads the decoded JSON, for sinks of
+    your own. ``log_id`` is unique per record: a sink that stores a record at most once per
+    ``log_id`` makes its writes safe to repeat. Without one, the hash of ``json`` stands in.
     """
 
-    __slots__ = ("_decoded", "json", "model", "request_id", "time", "version")
+    __slots__ = ("_decoded", "json", "log_id", "model", "request_id", "time", "version")
 
-    def __init__(self, json: bytes, *, request_id: str, model: str, version: str, time: str) -> None:
+    def __init__(self, json: bytes, *, request_id: str, model: str, version: str, time: str, log_id: str = "") -> None:
         self.json = json
+        self.log_id = log_id or _content_id(json)
         self.request_id = request_id
         self.model = model
         self.version = version
@@ -161,21 +184,40 @@ class LogRecord(Mapping[str, Any]):
 
     @classmethod
     def encode(cls, record: Mapping[str, Any], policy: InputPolicy = InputPolicy()) -> LogRecord:
-        """Apply ``policy`` to the record's inputs, stamp its time if missing, and encode it."""
-        fields = dict(record)
+        """Apply ``policy`` to the record's inputs, give it a ``log_id`` and a time if missing, and encode it."""
+        fields = {"log_id": new_log_id(), **record}
         if "inputs" in fields and policy.mode != "full":
             fields["inputs"] = policy.apply(fields["inputs"])
         time = fields.get("time")
         if isinstance(time, datetime):
-            time = fields["time"] = time.isoformat(timespec="microseconds")
+            fields["time"] = time.isoformat(timespec="microseconds")
         elif not time:
-            time = fields["time"] = utc_now()
+            fields["time"] = utc_now()
+        return cls._of(dumps(fields), fields)
+
+    @classmethod
+    def decode(cls, json: bytes) -> LogRecord:
+        """The record a line of JSON holds (one line of the spill file, say).
+
+        Raises:
+            ValueError: the line is not a JSON object.
+        """
+        fields = orjson.loads(json)
+        if not isinstance(fields, dict):
+            raise ValueError(f"a log record is a JSON object, got {type(fields).__name__}")
+        entry = cls._of(json, fields)
+        entry._decoded = fields
+        return entry
+
+    @classmethod
+    def _of(cls, json: bytes, fields: Mapping[str, Any]) -> LogRecord:
         return cls(
-            dumps(fields),
+            json,
+            log_id=_text(fields.get("log_id")),
             request_id=_text(fields.get("request_id")),
             model=_text(fields.get("model")),
             version=_text(fields.get("version")),
-            time=str(time),
+            time=_text(fields.get("time")),
         )
 
     def _fields(self) -> dict[str, Any]:
@@ -193,7 +235,10 @@ class LogRecord(Mapping[str, Any]):
         return len(self._fields())
 
     def __repr__(self) -> str:
-        return f"<LogRecord request_id={self.request_id!r} model={self.model!r} bytes={len(self.json)}>"
+        return (
+            f"<LogRecord log_id={self.log_id!r} request_id={self.request_id!r} model={self.model!r} "
+            f"bytes={len(self.json)}>"
+        )
 
 
 def _text(value: Any) -> str:

@@ -17,7 +17,7 @@ SUPPORTED_URLS = (
     "jsonl:///abs/path.jsonl (or a plain path ending in .jsonl)",
     "sqlite:///abs/path.db (or a plain path ending in .db, .sqlite or .sqlite3)",
     "postgresql://user@host:5432/db?table=predictions",
-    "redis://host:6379/0?stream=asyncserve:predictions&maxlen=1000000",
+    "redis://host:6379/0?stream=asyncserve:predictions&maxlen=1000000&dedup_window_s=3600",
 )
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -27,10 +27,16 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 class LogSink(Protocol):
     """Where the prediction logger writes its batches.
 
-    The logger calls ``open()`` once, then ``write()`` one batch at a time (never concurrently),
-    then ``aclose()`` once. ``write`` either stores the whole batch or raises: the logger retries
-    a batch that raised and, past its retries, spills it to a local file. ``name`` (like
-    ``"postgres:predictions"``) labels the sink's metrics and log lines, so it must not hold secrets.
+    The logger calls ``open()`` (again after it raised, until it succeeds), then ``write()`` one
+    batch at a time (never concurrently), then ``aclose()`` once. ``write`` either stores the
+    whole batch or raises: the logger retries a batch that raised and, past its retries, spills it
+    to a local file, to write it again later. While the sink is failing, the logger calls
+    ``write`` with no records to learn whether it answers again: a sink should then reach its
+    store if it has one (a round trip), and return. Each call may be cancelled by the logger's write
+    timeout, and should then end promptly. A write that raised (or was cancelled) may have landed
+    anyway, so a sink should store a record at most once per ``LogRecord.log_id`` (a unique key);
+    the sinks here all do. ``name`` (like ``"postgres:predictions"``) labels the sink's metrics and
+    log lines, so it must not hold secrets.
 
     Example, a sink of your own::
 
@@ -78,9 +84,10 @@ def open_sink(url: str) -> LogSink:
     if scheme in ("redis", "rediss"):
         from asyncserve.predlog.redis import DEFAULT_STREAM, RedisStreamSink
 
-        redis_url, options = _pop_query(url, ("stream", "maxlen"))
+        redis_url, options = _pop_query(url, ("stream", "maxlen", "dedup_window_s"))
         stream = options.get("stream", DEFAULT_STREAM)
-        return RedisStreamSink(redis_url, stream=stream, maxlen=_maxlen(options.get("maxlen")))
+        maxlen, window_s = _maxlen(options.get("maxlen")), _window_s(options.get("dedup_window_s"))
+        return RedisStreamSink(redis_url, stream=stream, maxlen=maxlen, dedup_window_s=window_s)
     raise _unsupported(url)
 
 
@@ -130,6 +137,19 @@ def _maxlen(raw: str | None) -> int | None:
     if not raw.isdigit():
         raise ConfigurationError(f"maxlen must be a whole number of entries (or 'none'), got {raw!r}")
     return int(raw)
+
+
+def _window_s(raw: str | None) -> float | None:
+    from asyncserve.predlog.redis import DEFAULT_DEDUP_WINDOW_S
+
+    if raw is None:
+        return DEFAULT_DEDUP_WINDOW_S
+    if raw.lower() in ("", "none", "0"):
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"dedup_window_s must be a number of seconds (or 'none'), got {raw!r}") from None
 
 
 def _unsupported(url: str) -> ConfigurationError:
