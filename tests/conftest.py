@@ -78,7 +78,9 @@ def serve_in_thread(
         yield running
     finally:
         if started:
-            started[0].loop.call_soon_threadsafe(started[0].stop.set)
+            # The test may have stopped the server already, and its loop may be closed by now.
+            with contextlib.suppress(RuntimeError):
+                started[0].loop.call_soon_threadsafe(started[0].stop.set)
         thread.join(timeout=30)
         sock.close()
 
