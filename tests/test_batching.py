@@ -17,6 +17,7 @@ import pytest
 
 from asyncserve import Model, Service, Settings, Tensor
 from tests.conftest import RunningServer, serving
+from tests.models import Adder, Sleeper
 
 POISON = 666
 
@@ -236,7 +237,7 @@ class _Runs:
         if len(self.batches) == 1:
             self.first_started.set()
             await self.release.wait()
-        return {"y": columns["x"] * 2}, 0.001 * rows
+        return {"y": columns["x"] * 2}, 0.001 * rows, 0.0
 
 
 def _batcher(runs: _Runs, **settings: Any) -> Any:
@@ -307,7 +308,7 @@ class _Sleeps:
     async def __call__(self, columns: dict[str, npt.NDArray[Any]], rows: int, deadline: float) -> Any:
         self.seen.extend(columns["x"].tolist())
         await asyncio.sleep(0.05 * rows)
-        return {"y": columns["x"] * 2}, 0.05 * rows
+        return {"y": columns["x"] * 2}, 0.05 * rows, 0.0
 
 
 async def test_an_item_whose_deadline_would_pass_during_its_batch_is_answered_before_the_model_runs() -> None:
@@ -336,3 +337,28 @@ async def test_an_item_whose_deadline_would_pass_during_its_batch_is_answered_be
         await batcher.aclose()
     assert answered_after < 0.2  # when the batch formed, not at the deadline
     assert 200 not in runs.seen  # the model's time went to the rows that could still make it
+
+
+async def test_the_cost_model_learns_compute_not_the_wait_for_a_worker() -> None:
+    # One executor worker, shared: the adder's batches wait behind the sleeper's 0.3 s ones. Their
+    # cost must stay the adder's own (a few ms), or the batcher would refuse its requests for
+    # deadlines that the adder meets easily.
+    sleeper = Sleeper()
+    settings = Settings(executor_workers=1, jobs="", loop_lag_interval_s=0.01)
+    async with serving(Service(sleeper, Adder(), name="shared"), settings) as running, running.client() as client:
+        for _ in range(4):
+            sleeper.started.clear()
+            slow = asyncio.create_task(client.post("/v1/models/sleeper/predict", json={"seconds": 0.3}))
+            await asyncio.to_thread(sleeper.started.wait, 5)
+            waiting = await client.post("/v1/models/adder/predict", json={"a": [1, 2, 3], "b": [1, 1, 1]})
+            assert waiting.status_code == 200
+            assert (await slow).status_code == 200
+        registry = running.app.metrics.registry
+        per_batch = registry.get_sample_value("asyncserve_batch_cost_seconds", {"model": "adder", "term": "per_batch"})
+        per_row = registry.get_sample_value("asyncserve_batch_cost_seconds", {"model": "adder", "term": "per_row"})
+        waited = registry.get_sample_value("asyncserve_batch_worker_wait_seconds_sum", {"model": "adder"})
+    assert waited is not None
+    assert waited > 0.5
+    assert per_batch is not None
+    assert per_row is not None
+    assert per_batch + per_row < 0.05, f"the adder's cost learned {per_batch + per_row:.3f} s for one row"

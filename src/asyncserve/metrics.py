@@ -83,6 +83,11 @@ class Metrics:
             "asyncserve_batch_rows", "Rows in each predict call the batcher made.",
             ["model"], buckets=BATCH_ROWS_BUCKETS, registry=r,
         )  # fmt: skip
+        self.batch_worker_wait = LoopHistogram(
+            "asyncserve_batch_worker_wait_seconds",
+            "Time a batch waited for an executor worker (behind other batches), in seconds.",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
         self.batch_queue_wait = LoopHistogram(
             "asyncserve_batch_queue_wait_seconds", "Time a request's rows waited in the batcher's queue, in seconds.",
             ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
@@ -295,6 +300,7 @@ class BatchMetrics:
         self._metrics, self._model = metrics, model
         self.batch_rows = metrics.batch_rows.labels(model)
         self.queue_wait = metrics.batch_queue_wait.labels(model)
+        self.worker_wait = metrics.batch_worker_wait.labels(model)
         self.queue_rows = metrics.batch_queue_rows.labels(model)
         self.isolations = metrics.batch_isolations.labels(model)
         self._per_row = metrics.batch_cost.labels(model, "per_row")

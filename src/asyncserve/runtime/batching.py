@@ -40,8 +40,9 @@ from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)
 
-Runner = Callable[[Columns, int, float], Awaitable[tuple[Columns, float]]]
-"""Runs one batch: ``(columns, rows, deadline) -> (outputs, seconds the model took)``."""
+Runner = Callable[[Columns, int, float], Awaitable[tuple[Columns, float, float]]]
+"""Runs one batch: ``(columns, rows, deadline) -> (outputs, seconds the model took, seconds it waited for a
+worker)``."""
 
 LOOP_HOPS = 3
 """Event-loop turns a queued request waits for besides the model: at admission, each counts as the loop's lag."""
@@ -379,9 +380,11 @@ class Batcher:
         started = time.monotonic()
         try:
             # The cost model learns the batch's time as the batcher sees it (hand-offs to and from the
-            # executor included, which a busy event loop makes longer), not only the model's.
-            outputs, _ = await self._runner(_concatenate(items), rows, deadline)
-            seconds = time.monotonic() - started
+            # executor included, which a busy event loop makes longer), less the time the batch waited
+            # for a worker: that wait is the pool's (other models' batches ahead), not this model's.
+            outputs, _, waited = await self._runner(_concatenate(items), rows, deadline)
+            seconds = time.monotonic() - started - waited
+            self._metrics.worker_wait.observe(waited)
         except DeadlineExceeded as exc:
             _fail(items, exc)
         except Exception as exc:

@@ -24,8 +24,8 @@ from asyncserve.runtime import lifeline
 from asyncserve.tensors import Columns
 
 T = TypeVar("T")
-Prediction = tuple[Columns, float]
-"""The checked outputs and the seconds predict took."""
+Prediction = tuple[Columns, float, float]
+"""The checked outputs, the seconds predict took, and the seconds the work waited for a worker first."""
 
 
 class Executor(Protocol):
@@ -45,13 +45,17 @@ class Executor(Protocol):
         """Let running predictions finish, drop queued ones, release the workers."""
 
 
-def predict_unless_expired(spec: ModelSpec, columns: Columns, rows: int, deadline: float) -> Prediction:
-    # Checked when a worker picks the work up: it may have waited in the pool's queue.
-    if time.monotonic() >= deadline:
+def predict_unless_expired(
+    spec: ModelSpec, columns: Columns, rows: int, deadline: float, submitted: float
+) -> Prediction:
+    # Checked when a worker picks the work up: it may have waited in the pool's queue (behind other
+    # models' batches), a wait that is the pool's, not the model's (``submitted``: time.monotonic()).
+    picked = time.monotonic()
+    if picked >= deadline:
         raise DeadlineExceeded(f"the deadline passed before model {spec.label!r} could start")
     started = time.perf_counter()
     outputs = check_outputs(spec, call_predict(spec, columns), rows)
-    return outputs, time.perf_counter() - started
+    return outputs, time.perf_counter() - started, max(0.0, picked - submitted)
 
 
 def load_and_warm(spec: ModelSpec) -> None:
@@ -99,7 +103,7 @@ class ThreadExecutor:
         await self._submit(load_and_warm, spec)
 
     async def run(self, spec: ModelSpec, columns: Columns, rows: int, deadline: float) -> Prediction:
-        future = self._submit(predict_unless_expired, spec, columns, rows, deadline)
+        future = self._submit(predict_unless_expired, spec, columns, rows, deadline, time.monotonic())
         return await await_until(future, spec, deadline)
 
     def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -143,8 +147,11 @@ def _load_in_worker(models: list[Model], barrier: Any, server_pid: int) -> None:
         _worker_specs[spec.key] = spec
 
 
-def _predict_in_worker(key: tuple[str, str | None], columns: Columns, rows: int, deadline: float) -> Prediction:
-    return predict_unless_expired(_worker_specs[key], columns, rows, deadline)
+def _predict_in_worker(
+    key: tuple[str, str | None], columns: Columns, rows: int, deadline: float, submitted: float
+) -> Prediction:
+    # (time.monotonic() is one clock for every process of the machine.)
+    return predict_unless_expired(_worker_specs[key], columns, rows, deadline, submitted)
 
 
 def _check_picklable(spec: ModelSpec) -> None:
@@ -204,7 +211,7 @@ class ProcessExecutor:
     async def run(self, spec: ModelSpec, columns: Columns, rows: int, deadline: float) -> Prediction:
         pool = self._pool
         try:
-            future = self._submit(_predict_in_worker, spec.key, columns, rows, deadline)
+            future = self._submit(_predict_in_worker, spec.key, columns, rows, deadline, time.monotonic())
             return await await_until(future, spec, deadline)
         except BrokenProcessPool:
             # A worker died (killed, out of memory, a crash in native code): replace the pool.

@@ -151,9 +151,9 @@ class ModelRegistry:
         async def run(columns: Columns, rows: int, deadline: float) -> Prediction:
             try:
                 if spec.is_async:
-                    outputs, seconds = await self._predict_async(spec, columns, rows, deadline)
+                    outputs, seconds, waited = await self._predict_async(spec, columns, rows, deadline)
                 else:
-                    outputs, seconds = await self._executor.run(spec, columns, rows, deadline)
+                    outputs, seconds, waited = await self._executor.run(spec, columns, rows, deadline)
             except AsyncServeError:
                 raise
             except Exception as exc:
@@ -163,7 +163,7 @@ class ModelRegistry:
                 ) from exc
             inference_duration.observe(seconds)
             inference_rows.inc(rows)
-            return outputs, seconds
+            return outputs, seconds, waited
 
         return run
 
@@ -292,7 +292,7 @@ class ModelRegistry:
                     result = await call_predict(spec, columns)
         except TimeoutError:
             raise DeadlineExceeded(f"model {spec.label!r} did not answer before the request's deadline") from None
-        return check_outputs(spec, result, rows), time.perf_counter() - started
+        return check_outputs(spec, result, rows), time.perf_counter() - started, 0.0
 
 
 def _load_failed(exc: Exception) -> str:
