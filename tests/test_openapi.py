@@ -11,6 +11,7 @@ import numpy.typing as npt
 import orjson
 import pytest
 
+from asyncserve import demo
 from asyncserve.http.jsonapi import decode_rows
 from asyncserve.http.openapi import docs_html, openapi_document, row_schema, tensor_schema
 from asyncserve.model import Model, describe
@@ -47,9 +48,22 @@ class Thumbnail(Model):
         return image
 
 
+class Words(Model):
+    name = "words"
+    inputs: ClassVar[Mapping[str, Tensor]] = {"text": Tensor("BYTES")}
+    outputs: ClassVar[Mapping[str, Tensor]] = {"word": Tensor("BYTES")}
+
+    def predict(self, text: npt.NDArray[Any]) -> Iterator[dict[str, Any]]:
+        for word in str(text[0]).split():
+            yield {"word": [word]}
+
+
 IRIS = describe(Iris())
 THUMBNAIL = describe(Thumbnail())
-ERROR_STATUSES = ["400", "404", "413", "415", "422", "500", "503", "504"]
+KEY_STATUSES = ["401", "403", "429"]
+PREDICT_STATUSES = sorted(["200", "202", "400", *KEY_STATUSES, "413", "415", "422", "500", "503", "504"])
+INFER_STATUSES = sorted(["200", "400", *KEY_STATUSES, "404", "413", "415", "422", "500", "502", "503", "504"])
+OPEN_ROUTES = ["/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}/ready", "/openapi.json", "/docs"]
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +161,9 @@ def test_each_model_gets_a_typed_predict_operation(document: dict[str, Any]) -> 
     schema = operation["requestBody"]["content"]["application/json"]["schema"]
     row, rows = schema["oneOf"]
     assert follow(document, row) == row_schema(IRIS.inputs)
-    assert rows == {"type": "array", "items": row, "minItems": 1}
+    assert rows == {"type": "array", "items": row, "minItems": 1, "maxItems": IRIS.max_batch_size}
     answer = operation["responses"]["200"]["content"]["application/json"]["schema"]
-    assert follow(document, answer["oneOf"][0]) == row_schema(IRIS.outputs)
+    assert follow(document, answer["oneOf"][0]) == row_schema(IRIS.outputs, outputs=True)
     assert answer["oneOf"][1]["type"] == "array"
 
 
@@ -168,12 +182,14 @@ def test_a_model_without_example_has_no_examples(document: dict[str, Any]) -> No
 
 def test_predict_documents_every_error_with_the_error_schema(document: dict[str, Any]) -> None:
     responses = document["paths"]["/v1/models/iris/predict"]["post"]["responses"]
-    assert sorted(responses) == ["200", *ERROR_STATUSES]
-    for status in ERROR_STATUSES:
+    assert sorted(responses) == PREDICT_STATUSES
+    for status in PREDICT_STATUSES[2:]:
         response = follow(document, responses[status])
         assert response["description"]
         assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
-    assert "Retry-After" in follow(document, responses["503"])["headers"]
+    assert follow(document, responses["503"])["headers"]["Retry-After"]["required"] is True
+    assert "Retry-After" in follow(document, responses["429"])["headers"]
+    assert "WWW-Authenticate" in follow(document, responses["401"])["headers"]
     assert document["components"]["schemas"]["Error"] == {
         "type": "object",
         "properties": {
@@ -184,11 +200,29 @@ def test_predict_documents_every_error_with_the_error_schema(document: dict[str,
     }
 
 
-def test_predict_takes_the_request_timeout_header(document: dict[str, Any]) -> None:
+def test_predict_takes_the_timeout_priority_and_prefer_headers(document: dict[str, Any]) -> None:
     operation = document["paths"]["/v1/models/iris/predict"]["post"]
-    (parameter,) = [follow(document, p) for p in operation["parameters"]]
-    assert parameter["name"] == "X-Request-Timeout"
-    assert parameter["in"] == "header"
+    parameters = [follow(document, p) for p in operation["parameters"]]
+    assert [p["name"] for p in parameters] == ["X-Request-Timeout", "X-Priority", "Prefer"]
+    assert all(p["in"] == "header" and not p["required"] for p in parameters)
+
+
+@pytest.mark.parametrize(("value", "taken"), [("0", True), ("9", True), ("07", True), ("-0", True), ("10", False),
+                                              ("-1", False), ("1.0", False), ("", False), ("x", False)])  # fmt: skip
+def test_the_priority_header_takes_what_the_server_takes(document: dict[str, Any], value: str, taken: bool) -> None:
+    pattern = document["components"]["parameters"]["Priority"]["schema"]["pattern"]
+    assert (re.search(pattern, value) is not None) is taken
+
+
+def test_predict_with_prefer_lazy_answers_a_handle(document: dict[str, Any]) -> None:
+    deferred = document["paths"]["/v1/models/iris/predict"]["post"]["responses"]["202"]
+    assert set(deferred["headers"]) == {"Location", "Preference-Applied"}
+    handle = follow(document, deferred["content"]["application/json"]["schema"])
+    assert handle["required"] == ["id", "model", "url", "expires_in_s"]
+    read = document["paths"]["/v1/predictions/{handle}"]["get"]
+    outputs = read["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
+    assert len(outputs) == 2  # iris and thumbnail
+    assert "404" in read["responses"]
 
 
 def test_the_v1_route_documents_the_highest_version() -> None:
@@ -197,12 +231,12 @@ def test_the_v1_route_documents_the_highest_version() -> None:
         document = openapi_document("demo", "1", specs)
         schema = document["components"]["schemas"]["iris.Inputs"]
         assert schema["properties"]["features"]["items"]["format"] == "double"
-        assert [p for p in document["paths"] if p.startswith("/v1/")] == ["/v1/models/iris/predict"]
+        assert [p for p in document["paths"] if p.startswith("/v1/models/")] == ["/v1/models/iris/predict"]
 
 
 def test_a_service_without_models_still_has_the_generic_routes() -> None:
     document = openapi_document("empty", "1", [])
-    assert not [p for p in document["paths"] if p.startswith("/v1/")]
+    assert not [p for p in document["paths"] if p.startswith("/v1/models/")]
     assert "/v2/health/ready" in document["paths"]
 
 
@@ -221,6 +255,8 @@ def test_a_service_without_models_still_has_the_generic_routes() -> None:
         ("/v2/models/{model_name}/versions/{model_version}/ready", "get"),
         ("/v2/models/{model_name}/infer", "post"),
         ("/v2/models/{model_name}/versions/{model_version}/infer", "post"),
+        ("/v2/models/{model_name}/generate", "post"),
+        ("/v2/models/{model_name}/generate_stream", "post"),
         ("/v2/repository/index", "post"),
         ("/v2/repository/models/{model_name}/load", "post"),
         ("/v2/repository/models/{model_name}/unload", "post"),
@@ -241,11 +277,97 @@ def test_v2_infer_uses_the_inference_schemas(document: dict[str, Any]) -> None:
     response = follow(document, operation["responses"]["200"]["content"]["application/json"]["schema"])
     assert response["required"] == ["model_name", "outputs"]
     assert "application/octet-stream" in operation["requestBody"]["content"]
-    assert sorted(operation["responses"]) == ["200", *ERROR_STATUSES]
+    assert sorted(operation["responses"]) == INFER_STATUSES
+    assert "application/octet-stream" in operation["responses"]["200"]["content"]
 
 
 def test_metrics_are_plain_text(document: dict[str, Any]) -> None:
     assert "text/plain" in document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+def test_v2_inputs_require_their_data(document: dict[str, Any]) -> None:
+    item = document["components"]["schemas"]["RequestInput"]
+    assert item["required"] == ["name", "datatype", "shape", "data"]
+    assert item["properties"]["shape"]["items"] == {"type": "integer", "minimum": 0}
+    # A model's metadata gives -1 for the rows.
+    assert document["components"]["schemas"]["TensorMetadata"]["properties"]["shape"]["items"]["minimum"] == -1
+
+
+def test_the_repository_index_documents_its_body_and_its_errors(document: dict[str, Any]) -> None:
+    operation = document["paths"]["/v2/repository/index"]["post"]
+    assert operation["requestBody"]["required"] is False
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["ready"]["type"] == "boolean"
+    assert sorted(operation["responses"]) == sorted(["200", "400", *KEY_STATUSES, "413", "415", "422"])
+
+
+def test_every_operation_documents_a_refused_host(document: dict[str, Any]) -> None:
+    for _, _, _, operation in operations(document):
+        assert "400" in operation["responses"]
+
+
+def test_routes_that_need_a_key_say_so_and_health_checks_do_not(document: dict[str, Any]) -> None:
+    for path, _, _, operation in operations(document):
+        if path in OPEN_ROUTES or path == "/v2/models/{model_name}/versions/{model_version}/ready":
+            assert "security" not in operation, path
+            assert "401" not in operation["responses"], path
+        else:
+            # Optional ({}): a server without keys opens every route.
+            assert operation["security"] == [{"bearer": []}, {"apiKey": []}, {}], path
+            assert {"401", "403", "429"} <= set(operation["responses"]), path
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearer"] == {"type": "http", "scheme": "bearer", "description": schemes["bearer"]["description"]}
+    assert schemes["apiKey"]["name"] == "X-API-Key"
+
+
+def test_405_is_described_with_its_allow_header(document: dict[str, Any]) -> None:
+    response = document["components"]["responses"]["MethodNotAllowed"]
+    assert response["headers"]["Allow"]["required"] is True
+
+
+def test_path_parameters_give_the_served_models_as_examples(document: dict[str, Any]) -> None:
+    parameters = document["components"]["parameters"]
+    assert list(parameters["ModelName"]["examples"]) == ["iris", "thumbnail"]
+    assert parameters["ModelVersion"]["examples"] == {"2": {"value": "2"}}
+
+
+def test_a_streaming_model_answers_its_parts_as_json_events_or_lines() -> None:
+    document = openapi_document("demo", "1", [describe(Words())])
+    operation = document["paths"]["/v1/models/words/predict"]["post"]
+    assert sorted(operation["responses"]) == sorted(set(PREDICT_STATUSES) - {"202"})
+    answer = operation["responses"]["200"]["content"]
+    assert list(answer) == ["application/json", "text/event-stream", "application/x-ndjson"]
+    parts = answer["application/json"]["schema"]
+    assert parts["type"] == "array"
+    assert follow(document, parts["items"]["oneOf"][0]) == row_schema(describe(Words()).outputs, outputs=True)
+    assert [follow(document, p)["name"] for p in operation["parameters"]] == ["X-Request-Timeout", "X-Priority"]
+    # Nothing batches a stream's rows, so nothing caps them; and a stream is never deferred.
+    rows = operation["requestBody"]["content"]["application/json"]["schema"]["oneOf"][1]
+    assert "maxItems" not in rows
+    assert document["paths"]["/v1/predictions/{handle}"]["get"]["responses"]["200"]["content"]["application/json"] == {
+        "schema": {}
+    }
+
+
+def test_generate_answers_the_outputs_by_name_and_generate_stream_events(document: dict[str, Any]) -> None:
+    generate = document["paths"]["/v2/models/{model_name}/generate"]["post"]
+    answer = follow(document, generate["responses"]["200"]["content"]["application/json"]["schema"])
+    assert answer["required"] == ["model_name", "model_version"]
+    stream = document["paths"]["/v2/models/{model_name}/generate_stream"]["post"]
+    assert list(stream["responses"]["200"]["content"]) == ["text/event-stream"]
+    for operation in (generate, stream):
+        assert sorted(operation["responses"]) == INFER_STATUSES
+
+
+def test_a_model_with_features_documents_its_inputs_and_its_feature_errors() -> None:
+    churn = describe(demo.ChurnModel())
+    document = openapi_document("demo", "1", [churn])
+    operation = document["paths"]["/v1/models/churn/predict"]["post"]
+    # The model's example also holds feature values (for its warm-up); a request sends its inputs only.
+    examples = operation["requestBody"]["content"]["application/json"]["examples"]
+    assert examples["row"]["value"] == {"customer_id": demo.CHURN_EXAMPLE}
+    assert "502" in operation["responses"]
+    assert "X-Degraded" in operation["responses"]["200"]["headers"]
 
 
 # -- tensor schemas ------------------------------------------------------------------------------
@@ -264,10 +386,35 @@ def test_every_datatype_has_its_json_type(datatype: Datatype) -> None:
     assert schema["description"] == f"{datatype}, one value per row."
 
 
+@pytest.mark.parametrize(("datatype", "limit"), [("FP16", 65520.0), ("FP32", 2.0**128 - 2.0**103)])
+def test_floats_are_bounded_where_they_would_overflow(datatype: str, limit: float) -> None:
+    schema = tensor_schema(Tensor(datatype))
+    assert (schema["exclusiveMinimum"], schema["exclusiveMaximum"]) == (-limit, limit)
+    # The first number refused is the first that the cast makes infinite.
+    dtype = Datatype(datatype).numpy_dtype.type
+    with np.errstate(over="ignore"):
+        assert np.isinf(dtype(limit))
+        assert np.isfinite(dtype(np.nextafter(limit, 0)))
+
+
+def test_output_floats_may_be_null() -> None:
+    schema = tensor_schema(Tensor("FP32", shape=(2,)), output=True)
+    assert schema["items"] == {"type": ["number", "null"], "format": "float"}
+    assert tensor_schema(Tensor("INT8"), output=True)["type"] == "integer"
+
+
 def test_binary_bytes_are_base64_strings() -> None:
     schema = tensor_schema(Tensor("BYTES", binary=True))
     assert schema["type"] == "string"
     assert schema["contentEncoding"] == "base64"
+    assert [re.search(schema["pattern"], v) is not None for v in ("", "YQ==", "YWI=", "YWJj", "YQ", "Y Q==")] == [
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
     assert "base64" in schema["description"]
     assert "contentEncoding" not in tensor_schema(Tensor("BYTES"))
 

@@ -43,3 +43,8 @@ def settle(
         target.set_exception(error)
     else:
         target.set_result(source.result() if result is None else result(source.result()))
+
+
+def is_count(text: str) -> bool:
+    """Whether ``text`` is a whole number in ASCII digits (str.isdigit also takes "²", which int() refuses)."""
+    return text.isascii() and text.isdigit()

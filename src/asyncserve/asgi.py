@@ -32,6 +32,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from asyncserve._utils import is_count
 from asyncserve.app import App
 from asyncserve.config import Settings
 from asyncserve.exceptions import PayloadTooLarge
@@ -144,7 +145,7 @@ async def _disconnected(receive: Receive) -> None:
 
 async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
     declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and is_count(declared) and int(declared) > limit:
         raise PayloadTooLarge(_too_large(int(declared), limit))
     chunks: list[bytes] = []
     size = 0

@@ -209,3 +209,14 @@ async def test_the_v2_generate_extension(running: RunningServer) -> None:
 def test_a_plain_generator_cannot_stream_from_worker_processes() -> None:
     with pytest.raises(ConfigurationError, match="use --executor thread, or make its predict an async generator"):
         App(Service(Counter(), name="procs"), Settings(executor="process", executor_workers=1, jobs=""))
+
+
+async def test_routes_that_cannot_stream_say_where_to_go(running: RunningServer) -> None:
+    v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a b"]}]}
+    async with running.client() as client:
+        infer = await client.post("/v2/models/words/infer", json=v2)
+        headers = [(b"X-Priority", "\u00b2".encode("latin-1"))]
+        priority = await client.post("/v1/models/adder/predict", json={"a": [1, 2, 3], "b": [1, 1, 1]}, headers=headers)
+    assert (infer.status_code, infer.json()["code"]) == (400, "invalid_request")
+    assert "generate_stream" in infer.json()["error"]
+    assert priority.status_code == 422  # a superscript two is no priority (it was a 500)

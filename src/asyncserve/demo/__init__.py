@@ -223,6 +223,7 @@ class FaqMatches(Model):
         "score": Tensor("FP32", description="Cosine similarity of the two questions (1 is identical)."),
     }
     example = {"question": FAQ_EXAMPLE}
+    max_batch_size = 1  # a stream answers one question
     top = 3
 
     def load(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from asyncserve._utils import is_count
 from asyncserve.composition.deferred import DeferredPredictions, Handle, LazyPrediction
 from asyncserve.config import Settings
 from asyncserve.exceptions import InvalidRequest, NotFound, SchemaViolation, ShuttingDown, UnsupportedMediaType
@@ -54,6 +55,11 @@ class InferenceRoutes:
 
     def infer(self, request: Request) -> Reply:
         entry, deadline = self.admit(request)
+        if entry.spec.streams:
+            raise InvalidRequest(
+                f"model {entry.spec.label!r} answers in parts: call POST /v2/models/{entry.spec.name}/generate_stream, "
+                "or its JSON API with Accept: text/event-stream"
+            )
         if self.jobs_api is not None and _prefers(request, "respond-async"):
             submitted = self.jobs_api.submit_v2(request, entry, request.body)
             return Pending(asyncio.get_running_loop().create_task(submitted), _as_is)
@@ -235,7 +241,7 @@ def _degraded_header(prediction: Prediction) -> dict[str, str]:
 
 def _parse_priority(value: object, where: str) -> int:
     """A priority lane: 0 (the default) to 9, served first; from V2 parameters or the X-Priority header."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and is_count(value.strip().lstrip("-")):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < PRIORITY_LEVELS:
         raise SchemaViolation(
@@ -248,7 +254,7 @@ def _binary_header_length(request: Request) -> int | None:
     value = request.headers.get("inference-header-content-length")
     if value is None:
         return None
-    if not value.isdigit():
+    if not is_count(value):
         raise InvalidRequest(f"Inference-Header-Content-Length must be a byte count, got {value!r}")
     return int(value)
 

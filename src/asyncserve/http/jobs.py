@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from asyncserve._utils import is_count
 from asyncserve.config import WebhookSettings
 from asyncserve.exceptions import InvalidRequest, NotFound, SchemaViolation
 from asyncserve.http import jsonapi, v2
@@ -98,6 +99,9 @@ class JobsAPI:
             if field not in document:
                 raise SchemaViolation(f"{path}.{field}".lstrip("."), "field required")
         entry = self.registry.find(str(document["model"]), document.get("version"))
+        if entry.spec.streams:
+            label = entry.spec.label
+            raise InvalidRequest(f"model {label!r} answers in parts, which a job cannot keep; stream it instead")
         # The inputs are checked now, so a job never fails later for a malformed body.
         jsonapi.decode_rows(orjson.dumps(document["inputs"]), entry.spec)
         webhook = document.get("webhook")
@@ -224,7 +228,7 @@ def _query(request: Request) -> dict[str, str]:
 
 
 def _limit(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 1000:
+    if not is_count(value) or not 1 <= int(value) <= 1000:
         raise InvalidRequest(f"limit must be an integer from 1 to 1000, got {value!r}")
     return int(value)
 

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 import httptools
 
+from asyncserve._utils import is_count
 from asyncserve.exceptions import (
     AsyncServeError,
     ExpectationFailed,
@@ -379,7 +380,7 @@ class HttpProtocol(asyncio.Protocol):
         if declared is not None:
             if encoding is not None:
                 raise InvalidRequest("a request cannot have both Content-Length and Transfer-Encoding")
-            if not declared.isdigit():
+            if not is_count(declared):
                 raise InvalidRequest(f"Content-Length must be a byte count, got {declared!r}")
             if int(declared) > self.limits.max_body_bytes:
                 return PayloadTooLarge(_too_large(int(declared), self.limits.max_body_bytes))

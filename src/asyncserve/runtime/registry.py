@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from asyncserve._utils import is_count
 from asyncserve.calls import deadline_scope, request_deadline
 from asyncserve.composition.ensemble import Ensemble
 from asyncserve.exceptions import (
@@ -60,7 +61,7 @@ def _version_order(version: str | None) -> tuple[int, int, str]:
     # Numeric versions compare as numbers ("10" > "9"); others after them, by text.
     if version is None:
         return (0, 0, "")
-    return (1, int(version), "") if version.isdigit() else (2, 0, version)
+    return (1, int(version), "") if is_count(version) else (2, 0, version)
 
 
 class ModelRegistry:
