@@ -19,14 +19,14 @@ LAYERS = {
     "runtime": 4,
     "service": 5,
     "http": 6,
-    "app": 7, "server": 8, "asgi": 8, "cli": 8, "demo": 8, "__main__": 8,
+    "app": 7, "server": 8, "asgi": 8, "cli": 8, "demo": 8, "__main__": 8, "client": 8,
 }  # fmt: skip
 """What each module or folder may import: its own layer or below (docs/architecture.md draws them).
 
 0 leaves; 1 the backend families (feature sources, prediction-log sinks, job brokers); 2 the Model API;
 3 composition (ensembles, coalescing, caches, deferred predictions); 4 the runtime (registry, batching,
 executor, pipeline); 5 the Service; 6 the HTTP edge; 7 the composition root (App); 8 the entry points
-(server, ASGI, CLI, demo).
+(server, ASGI, CLI, demo, client).
 A folder counts as one unit: its modules may import each other."""
 
 

@@ -27,7 +27,8 @@
     └── ConfigurationError              (start-up only)          a service or setting is wrong
 
 The HTTP layer renders any of them as ``{"error": "<message>", "code": "<code>"}`` with the
-status code, the body the Open Inference Protocol prescribes plus a stable machine code.
+status code, the body the Open Inference Protocol prescribes plus a stable machine code; the client
+(``asyncserve.AsyncClient``) maps the code back to its class with ``AsyncServeError.for_code``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,24 @@ class AsyncServeError(Exception):
 
     status_code: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
+    _by_code: ClassVar[dict[str, type[AsyncServeError]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The first class to declare a code owns it: a later subclass cannot take "overloaded" over.
+        if "code" in cls.__dict__:
+            AsyncServeError._by_code.setdefault(cls.code, cls)
+
+    @staticmethod
+    def for_code(code: str) -> type[AsyncServeError]:
+        """The class whose ``code`` is ``code``; AsyncServeError itself for a code no class declares.
+
+        Example::
+
+            AsyncServeError.for_code("overloaded")  # Overloaded
+            AsyncServeError.for_code("no_such_code")  # AsyncServeError
+        """
+        return AsyncServeError._by_code.get(code, AsyncServeError)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
