@@ -185,3 +185,19 @@ async def test_v2_respond_async_makes_a_job_with_a_v2_result() -> None:
 
 def test_result_arrays_are_plain_json() -> None:
     assert orjson.loads(orjson.dumps(np.zeros(2).tolist())) == [0.0, 0.0]
+
+
+async def test_an_idempotency_key_reused_for_other_inputs_is_a_conflict() -> None:
+    key = {"Idempotency-Key": "k-1"}
+    other = {"a": [9, 9, 9], "b": [1, 1, 1]}
+    async with serving(SERVICE, SETTINGS) as running, running.client() as client:
+        first = await client.post("/v1/jobs", json={"model": "adder", "inputs": ROW}, headers=key)
+        again = await client.post("/v1/jobs", json={"model": "adder", "inputs": ROW}, headers=key)
+        reused = await client.post("/v1/jobs", json={"model": "adder", "inputs": other}, headers=key)
+        item = {"model": "adder", "inputs": other, "idempotency_key": "k-1"}
+        batch = await client.post("/v1/jobs/batch", json=[item])
+    assert (first.status_code, again.status_code, again.json()["id"]) == (202, 200, first.json()["id"])
+    assert (reused.status_code, reused.json()["code"]) == (409, "idempotency_conflict")
+    assert first.json()["id"] in reused.json()["error"]
+    assert (batch.status_code, batch.json()["code"]) == (409, "idempotency_conflict")
+    assert batch.json()["error"].startswith("job [0]: ")

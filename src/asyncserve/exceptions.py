@@ -6,6 +6,7 @@
     │   └── HostNotAllowed              400 host_not_allowed     a Host header the server does not answer to
     ├── Unauthorized                    401 unauthorized         no API key, or a wrong one
     ├── Forbidden                       403 forbidden            the key lacks the route's scope
+    ├── IdempotencyConflict             409 idempotency_conflict an idempotency key reused for another job
     ├── NotFound                        404 not_found            unknown route
     │   └── ModelNotFound               404 model_not_found      unknown model or version
     ├── MethodNotAllowed                405 method_not_allowed
@@ -102,6 +103,11 @@ class NotFound(AsyncServeError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class IdempotencyConflict(AsyncServeError):
+    status_code = 409
+    code = "idempotency_conflict"
 
 
 class Unauthorized(AsyncServeError):

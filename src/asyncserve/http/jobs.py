@@ -18,7 +18,7 @@ import orjson
 
 from asyncserve._utils import is_count
 from asyncserve.config import WebhookSettings
-from asyncserve.exceptions import InvalidRequest, NotFound, SchemaViolation
+from asyncserve.exceptions import IdempotencyConflict, InvalidRequest, NotFound, SchemaViolation
 from asyncserve.http import jsonapi, v2
 from asyncserve.http.routing import Request, Response, Router, StreamingResponse
 from asyncserve.jobs import Broker, Job, JobRequest
@@ -58,6 +58,7 @@ class JobsAPI:
         document = _parse(request.body)
         job_request = await self._job_request(document, "", request.headers.get("idempotency-key"), _owner(request))
         job, created = await self.broker.enqueue(job_request)
+        _check_same_job(job, job_request, created)
         return _accepted(job, 202 if created else 200)
 
     async def submit_batch(self, request: Request) -> Response:
@@ -68,6 +69,8 @@ class JobsAPI:
         owner = _owner(request)
         requests = [await self._job_request(item, f"[{index}]", None, owner) for index, item in enumerate(items)]
         jobs = await self.broker.enqueue_many(requests)
+        for index, (job, job_request) in enumerate(zip(jobs, requests, strict=True)):
+            _check_same_job(job, job_request, created=False, where=f"job [{index}]: ")
         body = {"jobs": [{"id": job.id, "status": job.status.value, "url": _url(job)} for job in jobs]}
         return Response.json(body, 202)
 
@@ -83,6 +86,7 @@ class JobsAPI:
             idempotency_key=request.headers.get("idempotency-key"), owner=_owner(request),
         )  # fmt: skip
         job, created = await self.broker.enqueue(job_request)
+        _check_same_job(job, job_request, created)
         return _accepted(job, 202 if created else 200)
 
     async def _job_request(
@@ -171,6 +175,20 @@ class JobsAPI:
         rows = len(next(iter(columns.values())))
         prediction = await self.pipeline.run(entry, columns, rows, deadline, priority=job.priority, request_id=job.id)
         return orjson.loads(jsonapi.encode_rows(entry.spec, prediction.outputs, as_list))
+
+
+def _check_same_job(job: Job, request: JobRequest, created: bool, where: str = "") -> None:
+    """A job found by its idempotency key must be the one asked for again: the key reused for another model or
+    other inputs is a mistake to report (409), not a reason to answer with someone else's job."""
+    if created or request.idempotency_key is None:
+        return
+    same = job.model == request.model and job.version == request.version
+    if same and (job.inputs is None or job.inputs == request.inputs):  # (an expired job keeps no inputs)
+        return
+    raise IdempotencyConflict(
+        f"{where}idempotency key {request.idempotency_key!r} was used for job {job.id} with another model or other "
+        "inputs; send a new key for a new job"
+    )
 
 
 def _owner(request: Request) -> str | None:
