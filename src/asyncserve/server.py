@@ -27,6 +27,7 @@ from pathlib import Path
 
 import uvloop
 
+import asyncserve
 from asyncserve._utils import import_string
 from asyncserve.app import App
 from asyncserve.config import Settings
@@ -90,7 +91,7 @@ async def run_app(
     async with app:
         await server.start(sockets)
         for url in server.urls:
-            logger.info("asyncserve %s serving %s on %s", asyncserve_version(), app.service.name, url)
+            logger.info("asyncserve %s serving %s on %s", asyncserve.__version__, app.service.name, url)
         if tune_gc:
             freezing = asyncio.get_running_loop().create_task(_freeze_when_loaded(app))
         await stop.wait()
@@ -100,12 +101,6 @@ async def run_app(
         if tune_gc:
             freezing.cancel()
     return cut
-
-
-def asyncserve_version() -> str:
-    import asyncserve
-
-    return asyncserve.__version__
 
 
 async def _freeze_when_loaded(app: App) -> None:

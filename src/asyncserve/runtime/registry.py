@@ -174,8 +174,9 @@ class ModelRegistry:
             entry.batcher.start()
 
     async def aclose(self) -> None:
-        """Stop admitting rows, let running batches finish, fail what is still queued."""
+        """Stop admitting rows, let running batches finish, fail what is still queued; close ended streams."""
         await asyncio.gather(*(entry.batcher.aclose() for entry in self._entries.values()))
+        await asyncio.gather(*(entry.streams.aclose() for entry in self._entries.values() if entry.streams))
 
     @property
     def entries(self) -> list[ModelEntry]:

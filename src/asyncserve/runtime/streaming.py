@@ -69,6 +69,13 @@ class Streams:
         self.metrics = metrics
         self.limit = limit
         self.open = 0
+        self._closing: set[asyncio.Task[None]] = set()
+        """Sync generators being closed after their stream ended: each waits for its step under way."""
+
+    async def aclose(self) -> None:
+        """Wait for the generators being closed (before the executor they close in goes)."""
+        if self._closing:
+            await asyncio.wait(self._closing)
 
     def start(self, columns: Columns, rows: int, deadline: float) -> AsyncIterator[Columns]:
         """The parts of one request's answer; close the iterator to stop the model at its next step."""
@@ -108,7 +115,48 @@ class Streams:
         generator = call_predict(self.spec, columns)
         if self.spec.is_async:
             return _async_steps(generator, self.spec, deadline)
-        return _sync_steps(generator, self.spec, self.stepper, deadline)
+        return self._sync_steps(generator, deadline)
+
+    async def _sync_steps(self, generator: Generator[Any, None, None], deadline: float) -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        stepping: asyncio.Future[tuple[bool, Any]] | None = None
+        try:
+            while True:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise _past_deadline(self.spec)
+                stepping = loop.create_task(self.stepper.step(generator))
+                try:
+                    # Shielded: a step under way runs to its end in its thread, whatever happens here.
+                    more, part = await asyncio.wait_for(asyncio.shield(stepping), left_s)
+                except TimeoutError:
+                    raise _past_deadline(self.spec) from None
+                stepping = None
+                if not more:
+                    return
+                yield part
+        finally:
+            # A step under way cannot be stopped in its thread: the generator is closed once it is done.
+            task = loop.create_task(self._close_when_done(stepping, generator), name="asyncserve-close-stream")
+            self._closing.add(task)
+            task.add_done_callback(self._closed)
+
+    async def _close_when_done(
+        self, stepping: asyncio.Future[tuple[bool, Any]] | None, generator: Generator[Any, None, None]
+    ) -> None:
+        if stepping is not None:
+            with contextlib.suppress(BaseException):
+                await stepping  # the step's own thread finishes it; its result is not wanted
+        await self.stepper.close_generator(generator)
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("closing a stream of model %s failed", self.spec.label, exc_info=task.exception())
+
+
+def _past_deadline(spec: ModelSpec) -> DeadlineExceeded:
+    return DeadlineExceeded(f"model {spec.label!r} did not finish its answer before the deadline")
 
 
 async def _async_steps(generator: AsyncGenerator[Any, None], spec: ModelSpec, deadline: float) -> AsyncIterator[Any]:
@@ -121,56 +169,7 @@ async def _async_steps(generator: AsyncGenerator[Any, None], spec: ModelSpec, de
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                raise DeadlineExceeded(f"model {spec.label!r} did not finish its answer before the deadline") from None
+                raise _past_deadline(spec) from None
             yield part
     finally:
         await generator.aclose()  # its finally blocks run now, on the loop
-
-
-async def _sync_steps(
-    generator: Generator[Any, None, None], spec: ModelSpec, stepper: Stepper, deadline: float
-) -> AsyncIterator[Any]:
-    loop = asyncio.get_running_loop()
-    stepping: asyncio.Future[tuple[bool, Any]] | None = None
-    try:
-        while True:
-            left_s = deadline - time.monotonic()
-            if left_s <= 0:
-                raise DeadlineExceeded(f"model {spec.label!r} did not finish its answer before the deadline")
-            stepping = loop.create_task(stepper.step(generator))
-            try:
-                # Shielded: a step under way runs to its end in its thread, whatever happens here.
-                more, part = await asyncio.wait_for(asyncio.shield(stepping), left_s)
-            except TimeoutError:
-                raise DeadlineExceeded(f"model {spec.label!r} did not finish its answer before the deadline") from None
-            stepping = None
-            if not more:
-                return
-            yield part
-    finally:
-        # A step under way cannot be stopped in its thread: the generator is closed once it is done.
-        _close_when_done(stepping, generator, stepper)
-
-
-_closing: set[asyncio.Task[None]] = set()
-"""Generators being closed after their stream ended (kept here so that their tasks are not collected)."""
-
-
-def _close_when_done(
-    stepping: asyncio.Future[tuple[bool, Any]] | None, generator: Generator[Any, None, None], stepper: Stepper
-) -> None:
-    async def close() -> None:
-        if stepping is not None:
-            with contextlib.suppress(BaseException):
-                await stepping  # the step's own thread finishes it; its result is not wanted
-        await stepper.close_generator(generator)
-
-    task = asyncio.get_running_loop().create_task(close(), name="asyncserve-close-stream")
-    _closing.add(task)
-    task.add_done_callback(_closed)
-
-
-def _closed(task: asyncio.Task[None]) -> None:
-    _closing.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("closing a model's stream failed", exc_info=task.exception())
