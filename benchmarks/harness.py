@@ -113,8 +113,9 @@ def check_cpus(*cpus: int) -> None:
 
 
 @contextlib.contextmanager
-def running_server(spec: ServerSpec, cpu: int, log_dir: Path, ready_timeout_s: float = 60.0) -> Iterator[Server]:
-    """Start ``spec`` pinned to ``cpu``, yield it once ready, then SIGTERM it and check it exits cleanly."""
+def running_server(spec: ServerSpec, cpu: int | str, log_dir: Path, ready_timeout_s: float = 60.0) -> Iterator[Server]:
+    """Start ``spec`` pinned to ``cpu`` (or a list such as ``"0,1"``), yield it once ready, then SIGTERM it and
+    check it exits cleanly."""
     port = free_port()
     log_path = log_dir / f"{spec.label}.log"
     command = ["taskset", "-c", str(cpu), *(part.format(port=port) for part in spec.command)]

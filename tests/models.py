@@ -229,3 +229,16 @@ class FailsFirst(Model):
         if calls == 1:
             raise RuntimeError(f"the first call for {path} fails")
         return np.array([calls], dtype=np.int64)
+
+
+class OwnProcess(Model):
+    """Runs in a process of its own (as an instance group of kind process): answers that process's pid."""
+
+    name = "own_process"
+    inputs = {"x": Tensor("FP32")}
+    outputs = {"pid": Tensor("INT64")}
+    instances = 1
+    instance_kind = "process"
+
+    def predict(self, x: Array) -> Array:
+        return np.full(len(x), os.getpid(), dtype=np.int64)

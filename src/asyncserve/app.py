@@ -78,6 +78,7 @@ class App:
         self.registry = ModelRegistry(
             service.specs, self.executor, self.metrics,
             loop_delay_s=self.loop_lag.current_lag_s, input_pending=lambda: self.input_pending(),
+            threads_per_call=self.settings.threads_per_call,
         )  # fmt: skip
         self.pipeline = Pipeline(
             self.registry, self.metrics, make_prediction_logger(self.settings, self.metrics),
@@ -263,8 +264,8 @@ class App:
 
 def make_executor(settings: Settings) -> Executor:
     if settings.executor == "process":
-        return ProcessExecutor(settings.pool_size)
-    return ThreadExecutor(settings.pool_size)
+        return ProcessExecutor(settings.pool_size, threads_per_call=settings.threads_per_call)
+    return ThreadExecutor(settings.pool_size, threads_per_call=settings.threads_per_call)
 
 
 def make_prediction_logger(settings: Settings, metrics: Metrics) -> PredictionLogger | None:

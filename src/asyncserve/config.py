@@ -97,6 +97,17 @@ def _cast_webhook(variable: str, raw: str, default: object) -> object:
     return raw  # str, or the comma-separated allowed_hosts
 
 
+def _usable_cores() -> int:
+    # The cores this process may run on (taskset, cgroups' cpusets), where the system tells.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+"""Variables by which a user already chose the threads of the native libraries."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """How the server runs. Build it directly, or from the environment with :meth:`from_env`.
@@ -115,6 +126,9 @@ class Settings:
     """Where plain (CPU-bound) ``predict`` functions run: a thread pool or a process pool."""
     executor_workers: int = 0
     """Threads or processes in the pool; 0 means one per CPU core."""
+    compute_threads: int = 0
+    """Threads one predict call's native libraries (BLAS, OpenMP) may use; 0: the cores shared out among the
+    executor's workers, so that workers computing at once never oversubscribe the cores."""
     max_body_bytes: int = 64 * 1024 * 1024
     decode_off_loop_bytes: int = 1024 * 1024
     """Inference bodies larger than this are decoded in a thread, so that the event loop keeps serving."""
@@ -197,6 +211,7 @@ class Settings:
         _require(self.workers >= 1, "workers", "an integer >= 1", self.workers)
         _require(self.executor in _EXECUTORS, "executor", "'thread' or 'process'", self.executor)
         _require(self.executor_workers >= 0, "executor_workers", "an integer >= 0", self.executor_workers)
+        _require(self.compute_threads >= 0, "compute_threads", "an integer >= 0", self.compute_threads)
         _require(self.max_body_bytes >= 1024, "max_body_bytes", "an integer >= 1024", self.max_body_bytes)
         for name in ("max_url_bytes", "max_header_count", "max_header_bytes"):
             _require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
@@ -228,6 +243,16 @@ class Settings:
     @property
     def pool_size(self) -> int:
         return self.executor_workers or os.cpu_count() or 1
+
+    @property
+    def threads_per_call(self) -> int:
+        """``compute_threads``, or by default the cores this process may use shared among the workers; 0 (leave
+        the libraries alone) when the environment sets their threads (``OMP_NUM_THREADS`` and the like)."""
+        if self.compute_threads:
+            return self.compute_threads
+        if any(name in os.environ for name in _THREAD_VARIABLES):
+            return 0
+        return max(1, _usable_cores() // self.pool_size)
 
     @classmethod
     def from_env(

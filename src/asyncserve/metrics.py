@@ -85,8 +85,21 @@ class Metrics:
         )  # fmt: skip
         self.batch_worker_wait = LoopHistogram(
             "asyncserve_batch_worker_wait_seconds",
-            "Time a batch waited for an executor worker (behind other batches), in seconds.",
+            "Time a batch waited for an executor worker (its turn among the models, behind other batches), in seconds.",
             ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.model_compute = LoopCounter(
+            "asyncserve_model_compute_seconds",
+            "Seconds the model's batches occupied executor workers (its compute, waits for a worker excluded).",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.batches_running = Gauge(
+            "asyncserve_batches_running", "The model's batches running right now.", ["model"], registry=r
+        )
+        self.executor_share = Gauge(
+            "asyncserve_executor_share",
+            "Fraction of its executor's workers the model kept busy lately (decayed over 10 s).",
+            ["model"], registry=r,
         )  # fmt: skip
         self.batch_queue_wait = LoopHistogram(
             "asyncserve_batch_queue_wait_seconds", "Time a request's rows waited in the batcher's queue, in seconds.",
@@ -303,6 +316,9 @@ class BatchMetrics:
         self.worker_wait = metrics.batch_worker_wait.labels(model)
         self.queue_rows = metrics.batch_queue_rows.labels(model)
         self.isolations = metrics.batch_isolations.labels(model)
+        self.compute_seconds = metrics.model_compute.labels(model)
+        self.running = metrics.batches_running.labels(model)
+        self.executor_share = metrics.executor_share.labels(model)
         self._per_row = metrics.batch_cost.labels(model, "per_row")
         self._per_batch = metrics.batch_cost.labels(model, "per_batch")
 

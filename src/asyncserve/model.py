@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -54,6 +55,14 @@ class Model:
     """Longest a row may wait for more rows to join its batch; spent only when it pays (see batching.py)."""
     max_concurrent_batches: ClassVar[int | None] = None
     """Batches of this model running at once; None means one per executor worker (64 for async models)."""
+    weight: ClassVar[float] = 1.0
+    """This model's share of the server's executor against other models' when both have work (fair queuing
+    by compute time: a model of weight 2 gets twice the compute seconds of one of weight 1)."""
+    instances: ClassVar[int | None] = None
+    """Workers of this model's own (as Triton's instance groups): None shares the server's executor with the
+    other models; a number gives the model that many workers nobody else uses."""
+    instance_kind: ClassVar[Literal["thread", "process"]] = "thread"
+    """Where the model's own ``instances`` run: threads, or processes of its own (for code that holds the GIL)."""
     max_queue_size: ClassVar[int] = 1024
     """Most rows waiting for this model; more are refused at once with 503 and Retry-After."""
     example: ClassVar[Mapping[str, Any] | None] = None
@@ -86,6 +95,15 @@ class Model:
 
 
 @dataclass(frozen=True)
+class Capacity:
+    """Where a model's batches run and its share there (see ``Model.weight``, ``Model.instances``)."""
+
+    weight: float = 1.0
+    instances: int | None = None
+    instance_kind: Literal["thread", "process"] = "thread"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model's declaration, checked once when it is added to a service."""
 
@@ -99,6 +117,7 @@ class ModelSpec:
     max_wait_s: float
     max_concurrent_batches: int | None
     max_queue_size: int
+    capacity: Capacity
     example: Mapping[str, Any] | None
     features: tuple[Feature, ...]
     deterministic: bool
@@ -169,6 +188,7 @@ def describe(model: Model) -> ModelSpec:
         max_wait_s=float(max_wait_s),
         max_concurrent_batches=max_concurrent_batches,
         max_queue_size=max_queue_size,
+        capacity=_checked_capacity(owner, model),
         example=model.example,
         features=features,
         deterministic=bool(model.deterministic),
@@ -176,6 +196,16 @@ def describe(model: Model) -> ModelSpec:
         model=model,
         streams=_streams(owner, predict, features),
     )
+
+
+def _checked_capacity(owner: str, model: Model) -> Capacity:
+    weight: object = model.weight
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < math.inf:
+        raise ConfigurationError(f"{owner}.weight must be a number > 0 (1 is every model's default), got {weight!r}")
+    instances = None if model.instances is None else _positive_int(owner, "instances", model.instances)
+    if model.instance_kind not in ("thread", "process"):
+        raise ConfigurationError(f"{owner}.instance_kind must be 'thread' or 'process', got {model.instance_kind!r}")
+    return Capacity(float(weight), instances, model.instance_kind)
 
 
 def _streams(owner: str, predict: Callable[..., Any], features: tuple[Feature, ...]) -> bool:

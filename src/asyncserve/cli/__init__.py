@@ -95,6 +95,9 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
     parser.add_argument("--executor", choices=["thread", "process"], help="where CPU-bound predict runs")
     parser.add_argument("--executor-workers", type=int, help="threads or processes in the executor pool")
+    parser.add_argument(
+        "--compute-threads", type=int, help="threads of BLAS/OpenMP per predict call (default: cores / workers)"
+    )
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--ssl-certfile", help="PEM certificate chain: serve HTTPS (with --ssl-keyfile)")
     parser.add_argument("--ssl-keyfile", help="PEM private key of --ssl-certfile")
@@ -120,6 +123,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         workers=args.workers,
         executor=args.executor,
         executor_workers=args.executor_workers,
+        compute_threads=args.compute_threads,
         log_level=args.log_level,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,

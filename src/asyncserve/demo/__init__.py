@@ -178,6 +178,10 @@ class Embedder(Model):
         "embedding": Tensor("FP32", shape=(DIMENSIONS,), description="L2-normalised sentence embedding."),
     }
     example = {"text": EMBED_EXAMPLE}
+    # A process of its own: its forward pass is NumPy driven from Python, which holds the GIL often
+    # enough to slow the event loop and the other models when it runs in the server's threads.
+    instances = 1
+    instance_kind = "process"
 
     def load(self) -> None:
         self.encoder = shared_minilm()

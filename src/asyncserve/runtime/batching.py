@@ -36,6 +36,7 @@ import numpy as np
 from asyncserve.exceptions import DeadlineExceeded, InvalidRequest, Overloaded, ShuttingDown
 from asyncserve.metrics import BatchMetrics
 from asyncserve.runtime.cost import CostModel
+from asyncserve.runtime.scheduler import Share
 from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)
@@ -148,8 +149,15 @@ class Batcher:
         *,
         loop_delay_s: Callable[[], float] = lambda: 0.0,
         input_pending: Callable[[], bool] = lambda: False,
+        share: Share | None = None,
     ) -> None:
         self.label = label
+        self._share = share
+        """This model's use of a shared executor's workers (None: the runner needs no worker, an async model)."""
+        self._holds_worker = False
+        """Whether the dispatcher holds a worker from the scheduler for the batch it is forming."""
+        self._worker_wait_s = 0.0
+        """How long the dispatcher waited for the worker it holds."""
         self._loop_delay_s = loop_delay_s
         self._input_pending = input_pending
         """Whether requests already received wait for the event loop to parse them: rows on their way."""
@@ -159,15 +167,22 @@ class Batcher:
         self._metrics = metrics
         self._queue = _Queue()
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.max_concurrent_batches)
+        # With a scheduler, it caps the model's batches (max_concurrent_batches) and the dispatcher waits
+        # there: a batcher that waited on slots of its own first would not be in line when a worker frees up.
+        self._slots = asyncio.Semaphore(settings.max_concurrent_batches if share is None else 1 << 30)
         self._running: dict[asyncio.Task[None], float] = {}
         """Running batches and when each is expected to end (time.monotonic())."""
+        if share is not None:
+            share.running_until = self._running
         self._dispatcher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         """The running loop, from ``start`` (asking for it on every request costs a system call)."""
         self._closing = False
         self._arrival_rate = _RateMeter()
         metrics.queue_rows.set_function(lambda: self._queue.rows)
+        metrics.running.set_function(lambda: len(self._running))
+        if share is not None:
+            metrics.executor_share.set_function(share.executor_share)
 
     # Submitting
 
@@ -236,7 +251,8 @@ class Batcher:
 
     def _until_a_slot_frees_s(self) -> float:
         if len(self._running) < self.settings.max_concurrent_batches:
-            return 0.0
+            # A slot of its own is free; a worker may still have to free up (other models' batches).
+            return 0.0 if self._share is None else self._share.expected_wait_s()
         now = time.monotonic()
         return max(0.0, min(self._running.values()) - now)
 
@@ -259,8 +275,11 @@ class Batcher:
                 batch, reason = await self._next_batch()
             except BaseException:
                 self._slots.release()
+                self._give_worker_back(0.0)
                 raise
-            task = asyncio.get_running_loop().create_task(self._execute(batch, reason))
+            # The worker held (if any) goes with the batch, which gives it back when it ends.
+            worker_wait_s, self._holds_worker, self._worker_wait_s = self._worker_wait_s, False, 0.0
+            task = asyncio.get_running_loop().create_task(self._execute(batch, reason, worker_wait_s))
             # When the batch is expected to end, from the cost model as it is now (read at admission).
             self._running[task] = time.monotonic() + self.cost.seconds(sum(item.rows for item in batch))
             task.add_done_callback(self._batch_done)
@@ -275,8 +294,13 @@ class Batcher:
         while True:
             self._drop_dead_heads()
             if self._queue.rows == 0:
+                self._give_worker_back(0.0)  # nothing left to run: another model may use it
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                continue
+            if not self._holds_worker and self._share is not None:
+                # Rows pile up while the model waits its turn for a worker, and leave together.
+                await self._wait_for_worker(self._share)
                 continue
             if self._queue.rows >= self.settings.max_batch_size:
                 return self._take(), "full"
@@ -289,6 +313,24 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(release_at - time.monotonic()):
                     await self._wakeup.wait()
+
+    async def _wait_for_worker(self, share: Share) -> None:
+        asked = time.monotonic()
+        granted = share.acquire()
+        if granted is not None:
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    share.release(0.0)  # granted in the same turn the dispatcher was cancelled
+                raise
+        self._worker_wait_s = time.monotonic() - asked if granted is not None else 0.0
+        self._holds_worker = True
+
+    def _give_worker_back(self, compute_s: float) -> None:
+        if self._holds_worker and self._share is not None:
+            self._holds_worker = False
+            self._share.release(compute_s)
 
     def _release_time(self) -> tuple[float, str]:
         """When a partial batch must leave, and why, while another batch runs or requests are yet to be parsed."""
@@ -342,15 +384,21 @@ class Batcher:
 
     # Executing
 
-    async def _execute(self, batch: list[Item], reason: str) -> None:
-        live = self._live(batch)
-        if not live:
-            return
-        self._metrics.reason(reason).inc()
-        now = time.monotonic()
-        for item in live:
-            self._metrics.queue_wait.observe(now - item.arrived)
-        await self._run(live, isolate=True)
+    async def _execute(self, batch: list[Item], reason: str, worker_wait_s: float) -> None:
+        compute_s = 0.0
+        try:
+            live = self._live(batch)
+            if not live:
+                return
+            self._metrics.reason(reason).inc()
+            now = time.monotonic()
+            for item in live:
+                self._metrics.queue_wait.observe(now - item.arrived)
+            compute_s = await self._run(live, isolate=True, worker_wait_s=worker_wait_s)
+        finally:
+            self._metrics.compute_seconds.inc(compute_s)
+            if self._share is not None:
+                self._share.release(compute_s)
 
     def _live(self, items: list[Item]) -> list[Item]:
         """Drop the items nobody waits for any more, those whose deadline passed, and those whose
@@ -373,38 +421,43 @@ class Batcher:
                 live.append(item)
         return live
 
-    async def _run(self, items: list[Item], *, isolate: bool) -> None:
+    async def _run(self, items: list[Item], *, isolate: bool, worker_wait_s: float = 0.0) -> float:
+        """Run one batch; the seconds it occupied its worker (for the scheduler's fair order)."""
         rows = sum(item.rows for item in items)
         deadline = max(item.deadline for item in items)
         self._metrics.batch_rows.observe(rows)
         started = time.monotonic()
         try:
             # The cost model learns the batch's time as the batcher sees it (hand-offs to and from the
-            # executor included, which a busy event loop makes longer), less the time the batch waited
-            # for a worker: that wait is the pool's (other models' batches ahead), not this model's.
+            # executor included, which a busy event loop makes longer), less any time the batch waited
+            # in the pool for a worker: that wait is the pool's, not this model's. The wait for the
+            # scheduler's turn came before ``started``: it is the queue's, and never counted here.
             outputs, _, waited = await self._runner(_concatenate(items), rows, deadline)
             seconds = time.monotonic() - started - waited
-            self._metrics.worker_wait.observe(waited)
+            self._metrics.worker_wait.observe(worker_wait_s + waited)
         except DeadlineExceeded as exc:
             _fail(items, exc)
         except Exception as exc:
             if isolate and len(items) > 1:
-                await self._isolate(items)
-            else:
-                _fail(items, exc)
+                return await self._isolate(items)
+            _fail(items, exc)
         else:
             self.cost.observe(rows, seconds)
             self._metrics.observe_cost(self.cost.per_row_s, self.cost.per_batch_s)
             _resolve(items, outputs)
+            return seconds
+        return time.monotonic() - started
 
-    async def _isolate(self, items: list[Item]) -> None:
+    async def _isolate(self, items: list[Item]) -> float:
         """Bisect a failed batch so that only the items that make the model fail get its error."""
         self._metrics.isolations.inc()
         middle = len(items) // 2
+        compute_s = 0.0
         for half in (items[:middle], items[middle:]):
             live = self._live(half)
             if live:
-                await self._run(live, isolate=len(live) > 1)
+                compute_s += await self._run(live, isolate=len(live) > 1)
+        return compute_s
 
     def _shed(self, reason: str) -> None:
         self._metrics.shed(reason).inc()

@@ -28,7 +28,8 @@ from asyncserve.exceptions import (
 from asyncserve.metrics import Metrics
 from asyncserve.model import ModelSpec, call_predict, check_outputs
 from asyncserve.runtime.batching import Batcher, BatchSettings, Runner
-from asyncserve.runtime.executor import Executor, Prediction, ThreadExecutor, load_and_warm
+from asyncserve.runtime.executor import Executor, Prediction, ProcessExecutor, ThreadExecutor, load_and_warm
+from asyncserve.runtime.scheduler import WorkerScheduler
 from asyncserve.runtime.streaming import Streams
 from asyncserve.tensors import Columns
 
@@ -75,10 +76,16 @@ class ModelRegistry:
         *,
         loop_delay_s: Callable[[], float] = lambda: 0.0,
         input_pending: Callable[[], bool] = lambda: False,
+        threads_per_call: int = 0,
     ) -> None:
         self._loop_delay_s = loop_delay_s
         self._input_pending = input_pending
         self._executor = executor
+        self._scheduler = WorkerScheduler(executor.workers)
+        """Shares the server's executor between the models that have no workers of their own."""
+        self._own_executors = {
+            spec.key: _own_executor(spec, threads_per_call) for spec in specs if _has_own_workers(spec)
+        }
         self._metrics = metrics
         self._entries = {spec.key: ModelEntry(spec, self._batcher(spec), streams=self._streams(spec)) for spec in specs}
         self._by_name: dict[str, list[ModelEntry]] = {}
@@ -112,25 +119,37 @@ class ModelRegistry:
             ensemble.check_members(specs)
             ensemble.bind(caller)
 
+    def executor_for(self, spec: ModelSpec) -> Executor:
+        """Where the model's batches run: its own workers, or the server's executor."""
+        return self._own_executors.get(spec.key, self._executor)
+
     def _batcher(self, spec: ModelSpec) -> Batcher:
-        # By default a model may keep every executor worker busy: one batch per worker.
-        default_concurrency = 64 if spec.is_async else self._executor.workers
+        share = None
+        if spec.is_async:
+            concurrency = spec.max_concurrent_batches or 64
+        else:
+            # By default a model may keep every worker busy, one batch per worker, as long as the other
+            # models have no work (the scheduler keeps a worker for them when they do).
+            executor = self.executor_for(spec)
+            concurrency = spec.max_concurrent_batches or executor.workers
+            scheduler = self._scheduler if executor is self._executor else WorkerScheduler(executor.workers)
+            share = scheduler.share(spec.label, weight=spec.capacity.weight, cap=concurrency)
         settings = BatchSettings(
             max_batch_size=spec.max_batch_size,
             max_wait_s=spec.max_wait_s,
-            max_concurrent_batches=spec.max_concurrent_batches or default_concurrency,
+            max_concurrent_batches=concurrency,
             max_queue_size=spec.max_queue_size,
         )
         metrics = self._metrics.for_batcher(spec.label)
         return Batcher(
             spec.label, self._runner(spec), settings, metrics,
-            loop_delay_s=self._loop_delay_s, input_pending=self._input_pending,
+            loop_delay_s=self._loop_delay_s, input_pending=self._input_pending, share=share,
         )  # fmt: skip
 
     def _streams(self, spec: ModelSpec) -> Streams | None:
         if not spec.streams:
             return None
-        stepper = self._executor
+        stepper = self.executor_for(spec)
         if not spec.is_async and not isinstance(stepper, ThreadExecutor):
             raise ConfigurationError(
                 f"model {spec.label!r} streams from a plain generator, which cannot run in worker processes; "
@@ -148,13 +167,14 @@ class ModelRegistry:
     def _runner(self, spec: ModelSpec) -> Runner:
         inference_duration = self._metrics.inference_duration.labels(spec.label)
         inference_rows = self._metrics.inference_rows.labels(spec.label)
+        executor = self.executor_for(spec)
 
         async def run(columns: Columns, rows: int, deadline: float) -> Prediction:
             try:
                 if spec.is_async:
                     outputs, seconds, waited = await self._predict_async(spec, columns, rows, deadline)
                 else:
-                    outputs, seconds, waited = await self._executor.run(spec, columns, rows, deadline)
+                    outputs, seconds, waited = await executor.run(spec, columns, rows, deadline)
             except AsyncServeError:
                 raise
             except Exception as exc:
@@ -177,6 +197,7 @@ class ModelRegistry:
         """Stop admitting rows, let running batches finish, fail what is still queued; close ended streams."""
         await asyncio.gather(*(entry.batcher.aclose() for entry in self._entries.values()))
         await asyncio.gather(*(entry.streams.aclose() for entry in self._entries.values() if entry.streams))
+        await asyncio.gather(*(executor.aclose() for executor in self._own_executors.values()))
 
     @property
     def entries(self) -> list[ModelEntry]:
@@ -214,20 +235,30 @@ class ModelRegistry:
 
     async def load_all(self) -> None:
         """Load and warm every model; a model that fails becomes UNAVAILABLE with the reason."""
-        sync_entries = [e for e in self._entries.values() if not e.spec.is_async]
-        async_entries = [e for e in self._entries.values() if e.spec.is_async]
-        await asyncio.gather(self._load_sync(sync_entries), *(self._load_async(e) for e in async_entries))
-
-    async def _load_sync(self, entries: list[ModelEntry]) -> None:
+        shared = [e for e in self._entries.values() if not e.spec.is_async and e.spec.key not in self._own_executors]
+        loads = [self._load_sync(self._executor, shared)]
+        loads += [self._load_sync(self._own_executors[key], [self._entries[key]]) for key in self._own_executors]
+        loads += [self._load_async(e) for e in self._entries.values() if e.spec.is_async]
         started = time.perf_counter()
+        await asyncio.gather(*loads)
+        ready = sum(entry.state is ModelState.READY for entry in self._entries.values())
+        logger.info(
+            "loaded %d of %d model(s) in %.2fs with %r", ready, len(self._entries), time.perf_counter() - started,
+            self._executor,
+        )  # fmt: skip
+
+    async def _load_sync(self, executor: Executor, entries: list[ModelEntry]) -> None:
+        if isinstance(executor, ThreadExecutor):
+            # Threads load each model on its own: one that fails leaves the others serving.
+            await asyncio.gather(*(self._load_one(e, executor.start([e.spec])) for e in entries))
+            return
         try:
-            await self._executor.start([e.spec for e in entries])
+            await executor.start([e.spec for e in entries])  # each worker process loads them all at its start
         except Exception as exc:
             logger.exception("loading models %s failed", [e.spec.label for e in entries])
             for entry in entries:
                 self._set(entry, ModelState.UNAVAILABLE, _load_failed(exc))
             return
-        logger.info("loaded %d model(s) in %.2fs with %r", len(entries), time.perf_counter() - started, self._executor)
         for entry in entries:
             self._set(entry, ModelState.READY)
 
@@ -255,7 +286,7 @@ class ModelRegistry:
         for entry in entries:
             self._set(entry, ModelState.LOADING)
             spec = entry.spec
-            loading = asyncio.to_thread(load_and_warm, spec) if spec.is_async else self._executor.reload(spec)
+            loading = asyncio.to_thread(load_and_warm, spec) if spec.is_async else self.executor_for(spec).reload(spec)
             await self._load_one(entry, loading)
         return entries
 
@@ -295,6 +326,17 @@ class ModelRegistry:
         except TimeoutError:
             raise DeadlineExceeded(f"model {spec.label!r} did not answer before the request's deadline") from None
         return check_outputs(spec, result, rows), time.perf_counter() - started, 0.0
+
+
+def _has_own_workers(spec: ModelSpec) -> bool:
+    return spec.capacity.instances is not None and not spec.is_async
+
+
+def _own_executor(spec: ModelSpec, threads_per_call: int) -> Executor:
+    instances = spec.capacity.instances or 1
+    if spec.capacity.instance_kind == "process":
+        return ProcessExecutor(instances, threads_per_call=threads_per_call)
+    return ThreadExecutor(instances, name=spec.label, threads_per_call=threads_per_call)
 
 
 def _load_failed(exc: Exception) -> str:
