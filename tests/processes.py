@@ -64,13 +64,14 @@ async def launch(
     http: bool = True,
     program: Sequence[str] = PYTHON_M_ASYNCSERVE,
     cwd: Path = REPO,
+    port: int | None = None,
 ) -> AsyncIterator[Running]:
-    """Run ``python -m asyncserve ARGS`` (or ``program ARGS``; with ``--port`` when ``http``) in ``cwd``
-    and wait until it is ready.
+    """Run ``python -m asyncserve ARGS`` (or ``program ARGS``; with ``--port`` when ``http``: ``port``, or
+    a free one) in ``cwd`` and wait until it is ready.
 
     A server is ready when ``/v2/health/ready`` answers 200, a worker when it logs "worker ready".
     """
-    port = free_port() if http else None
+    port = (port or free_port()) if http else None
     command = [*program, *args, *(["--port", str(port)] if port else [])]
     log = log_dir / f"{args[0]}-{uuid.uuid4().hex[:8]}.log"
     output = await asyncio.to_thread(log.open, "wb")

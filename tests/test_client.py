@@ -39,7 +39,7 @@ from asyncserve import (
 )
 from asyncserve.client.events import Event, EventParser
 from asyncserve.exceptions import NotFound, Overloaded, ShuttingDown, Unauthorized, Unavailable
-from asyncserve.http.auth import new_key
+from asyncserve.http.auth import new_key, with_limits
 from asyncserve.http.inference import InferenceRoutes
 from asyncserve.http.routing import Request
 from asyncserve.runtime.registry import ModelEntry
@@ -399,6 +399,88 @@ async def test_a_400_or_a_500_is_never_retried(
         assert counted.calls == 2
 
 
+async def test_a_429_is_retried_after_its_retry_after(kind: str) -> None:
+    key, known = new_key("slow", ["infer"])
+    settings = Settings(
+        executor_workers=1, jobs="", api_keys=with_limits(known, rate_per_s=1, burst=1, concurrency=None).line()
+    )
+    async with serving(Service(AdderV2(), name="rate"), settings) as running:
+        async with api_for(kind, running.url, api_key=key, retries=2) as api:
+            assert await api("predict", "adder", ROW) == ANSWER
+            started = time.monotonic()
+            assert await api("predict", "adder", ROW) == ANSWER  # over the rate: 429, Retry-After: 1
+        assert time.monotonic() - started >= 0.9
+        assert answered(running, "v1_predict", "adder", 429) == 1
+
+
+class Refusing:
+    """A proxy that answers the first ``refuse`` requests 503 (``Retry-After: 0``), as a server starting up
+    does, then forwards to the server."""
+
+    def __init__(self, upstream: str, refuse: int) -> None:
+        self.upstream, self.refuse, self.seen = upstream, refuse, 0
+        self.session: ClientSession | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen += 1
+        if self.seen <= self.refuse:
+            refusal = {"error": "the server is starting (a test says so)", "code": "shutting_down"}
+            return web.json_response(refusal, status=503, headers={"Retry-After": "0"})
+        assert self.session is not None
+        async with self.session.request(request.method, self.upstream + request.path_qs) as answer:
+            return web.Response(status=answer.status, body=await answer.read(), content_type="application/json")
+
+
+@contextlib.asynccontextmanager
+async def refusing(upstream: str, refuse: int) -> AsyncIterator[tuple[Refusing, str]]:
+    proxy = Refusing(upstream, refuse)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    async with ClientSession() as proxy.session:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            host, port = runner.addresses[0][:2]
+            yield proxy, f"http://{host}:{port}"
+        finally:
+            await runner.cleanup()
+
+
+async def test_a_retry_budget_retries_past_the_count_until_the_server_answers(
+    kind: str, running: RunningServer
+) -> None:
+    async with refusing(running.url, refuse=4) as (proxy, url):
+        async with api_for(kind, url, retries=0, retry_budget_s=10) as api:
+            assert (await api("model_metadata", "adder"))["name"] == "adder"
+        assert proxy.seen == 5
+        async with api_for(kind, url, retries=0) as counted:
+            proxy.seen, proxy.refuse = 0, 1
+            with pytest.raises(ShuttingDown, match="starting"):
+                await counted("model_metadata", "adder")
+        assert proxy.seen == 1, "without a budget, retries=0 sends once"
+
+
+async def test_a_retry_budget_gives_up_once_spent(kind: str, running: RunningServer) -> None:
+    async with refusing(running.url, refuse=1000) as (proxy, url), api_for(kind, url, retry_budget_s=0.5) as api:
+        started = time.monotonic()
+        with pytest.raises(ShuttingDown):
+            await api("get", "0" * 32)
+        assert 0.5 <= time.monotonic() - started < 3
+        assert proxy.seen >= 3
+
+
+async def test_a_server_unreachable_for_longer_than_the_retry_budget_is_a_connection_error(kind: str) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    async with api_for(kind, url, retries=0, retry_budget_s=0.4) as api:
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match="could not connect"):
+            await api("model_metadata", "adder")
+    assert 0.4 <= time.monotonic() - started < 3, "the last retry falls at the budget's end"
+
+
 async def test_a_server_that_cannot_be_reached_is_a_connection_error(kind: str) -> None:
     with socket.socket() as sock:  # a port that was free a moment ago, and that nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -480,6 +562,38 @@ async def test_submit_many_makes_one_job_per_input(api: Api) -> None:
     done = [await api("wait", job["id"], timeout_s=10) for job in jobs]
     assert [job["version"] for job in done] == ["1", "1"]
     assert done[1]["result"] == [{"sum": [5.0, 7.0, 9.0], "total": 21.0}] * 2
+
+
+async def test_submit_many_takes_the_callers_keys_and_max_attempts(api: Api) -> None:
+    keys = [f"run-{api.kind}:1", f"run-{api.kind}:2"]
+    rows = [{"fail": True}, {"fail": False}]
+    jobs = await api("submit_many", "faulty", rows, max_attempts=1, idempotency_keys=keys)
+    again = await api("submit_many", "faulty", rows, max_attempts=1, idempotency_keys=keys)
+    assert [job["id"] for job in again] == [job["id"] for job in jobs], "a key seen before gives the job it made"
+    failed, succeeded = [await api("wait", job["id"], timeout_s=10) for job in jobs]
+    assert [failed["idempotency_key"], succeeded["idempotency_key"]] == keys
+    assert (failed["status"], failed["attempts"], failed["max_attempts"]) == ("failed", 1, 1)
+    assert (succeeded["status"], succeeded["result"]) == ("succeeded", {"ok": True})
+    with pytest.raises(ValueError, match="one key per input: 1 keys for 2 inputs"):
+        await api("submit_many", "faulty", rows, idempotency_keys=["only-one"])
+
+
+async def test_submit_passes_max_attempts(api: Api) -> None:
+    job = await api("submit", "faulty", {"fail": True}, max_attempts=2)
+    done = await api("wait", job["id"], timeout_s=20)
+    assert (done["status"], done["attempts"], done["max_attempts"]) == ("failed", 2, 2)
+
+
+async def test_model_metadata_describes_a_model_and_an_unknown_one_is_not_found(api: Api) -> None:
+    latest = await api("model_metadata", "adder")
+    first = await api("model_metadata", "adder", version="1")
+    assert latest["name"] == first["name"] == "adder"
+    assert (latest["versions"], first["versions"]) == (["2"], ["1"])
+    assert [tensor["name"] for tensor in first["inputs"]] == ["a", "b"]
+    with pytest.raises(ModelNotFound, match="nope"):
+        await api("model_metadata", "nope")
+    with pytest.raises(ModelNotFound):
+        await api("model_metadata", "adder", version="9")
 
 
 async def test_events_follow_a_job_until_it_is_final(api: Api, gate: Gate) -> None:

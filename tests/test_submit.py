@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pty
+import re
 import sys
+import termios
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +18,7 @@ import orjson
 import pytest
 
 from asyncserve.cli.inputfiles import parse_cell
-from tests.processes import REPO, SERVICE, Running, eventually, launch
+from tests.processes import REPO, SERVICE, Running, eventually, free_port, launch
 
 pytestmark = pytest.mark.e2e
 
@@ -27,14 +32,18 @@ async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runn
         yield running
 
 
-async def start_submit(server: Running, *args: str | Path) -> asyncio.subprocess.Process:
+async def start_submit(
+    server: Running | str, *args: str | Path, stderr: int = asyncio.subprocess.PIPE
+) -> asyncio.subprocess.Process:
+    """Start ``asyncserve jobs submit ARGS --url SERVER`` (a server, or a URL)."""
+    url = server if isinstance(server, str) else server.url or ""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "asyncserve", "jobs", "submit", *map(str, args), "--url", server.url or "",
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "asyncserve", "jobs", "submit", *map(str, args), "--url", url,
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=stderr,
     )  # fmt: skip
 
 
-async def submit(server: Running, *args: str | Path) -> tuple[int, str]:
+async def submit(server: Running | str, *args: str | Path) -> tuple[int, str]:
     """Run ``asyncserve jobs submit ARGS --url SERVER``; its exit status and stderr."""
     process = await start_submit(server, *args)
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
@@ -70,7 +79,11 @@ async def test_json_lines_every_result_written_with_its_line_and_failures_report
     assert status == 1, stderr
     assert "20 jobs" in stderr
     assert "2 failed, 1 rejected, 17 succeeded" in stderr
-    assert "\r" in stderr, "a progress line"
+    assert "\r" not in stderr, "not a terminal: plain lines, no bar"
+    assert "\x1b" not in stderr
+    progress = [line for line in stderr.splitlines() if line.startswith("rows ")]
+    assert 10 <= len(progress) <= 12, "a line at each tenth of the rows, the first and the last"
+    assert re.fullmatch(r"rows 20/20 \(100%\): 17 succeeded, 3 failed; submitted 20; [\d.]+ rows/s; done", progress[-1])
     expected = {number: orjson.loads(line) for number, line in enumerate(lines, 1) if line}
     assert sorted(written) == sorted(expected)
     for number, row in expected.items():
@@ -177,6 +190,82 @@ async def test_an_unknown_model_or_unreadable_file_is_a_clear_error(server: Runn
     assert (unknown, missing) == (2, 2)
     assert "unknown model 'nope'" in unknown_err
     assert "cannot read" in missing_err
+
+
+async def test_a_server_that_goes_away_and_comes_back_mid_run_runs_every_row_once(tmp_path: Path) -> None:
+    rows = "".join(orjson.dumps({"n": n, "seconds": 0.05}).decode() + "\n" for n in range(80))
+    source = await write(tmp_path / "inputs.jsonl", rows)
+    out = tmp_path / "results.jsonl"
+    # Jobs in a SQLite file that outlives the server; a killed server's leases end after 1 s.
+    env = {"ASYNCSERVE_JOBS": f"sqlite://{tmp_path / 'jobs.db'}", "ASYNCSERVE_JOB_CONCURRENCY": "4",
+           "ASYNCSERVE_JOB_LEASE_S": "1"}  # fmt: skip
+    port = free_port()
+    async with launch("serve", SERVICE, env=env, log_dir=tmp_path, port=port) as first:
+        running = await start_submit(first, source, "--model", "pid", "--out", out, "--batch-size", "5")
+        await eventually(lambda: _has_lines(out, 5), "the first results", timeout_s=20)
+        first.kill()  # SIGKILL: its connections break, and nothing listens on the port until the restart
+    before = len(await results(out))
+    async with launch("serve", SERVICE, env=env, log_dir=tmp_path, port=port) as second:
+        _, stderr = await asyncio.wait_for(running.communicate(), 60)
+        async with httpx.AsyncClient(base_url=second.url or "") as client:
+            jobs = (await client.get("/v1/jobs", params={"model": "pid", "limit": 1000})).json()["jobs"]
+    written = await results(out)
+    assert running.returncode == 0, stderr.decode()
+    assert "80 succeeded" in stderr.decode()
+    assert 5 <= before < 80, "the server went away mid-run"
+    assert sorted(written) == list(range(1, 81)), "every row once"
+    assert [written[line]["result"]["n"] for line in range(1, 81)] == list(range(80))
+    assert sorted(job["id"] for job in jobs) == sorted(record["id"] for record in written.values()), "no job twice"
+    assert {record["result"]["pid"] for record in written.values()} == {first.pid, second.pid}
+
+
+async def test_a_server_that_is_not_there_fails_fast_with_what_to_check(tmp_path: Path) -> None:
+    source = await write(tmp_path / "inputs.jsonl", '{"x": 1}\n')
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    status, stderr = await submit(url, source, "--model", "adder", "--out", tmp_path / "out.jsonl")
+    assert status == 2
+    assert stderr.splitlines() == [
+        f"asyncserve: error: {url} did not answer within 3 s: is the server running, and is --url right?"
+    ]
+    assert time.monotonic() - started < 10
+    assert not await asyncio.to_thread((tmp_path / "out.jsonl").exists)
+
+
+async def test_on_a_terminal_progress_is_a_bar_with_rows_rate_and_eta(server: Running, tmp_path: Path) -> None:
+    rows = "".join(orjson.dumps({"n": n, "seconds": 0.01}).decode() + "\n" for n in range(40))
+    source = await write(tmp_path / "inputs.jsonl", rows)
+    terminal, stderr = pty.openpty()
+    termios.tcsetwinsize(stderr, (24, 120))
+    try:
+        process = await start_submit(server, source, "--model", "pid", "--out", tmp_path / "o.jsonl", stderr=stderr)
+    finally:
+        os.close(stderr)  # the command holds the terminal's other end now
+    try:
+        screen = (await asyncio.wait_for(asyncio.to_thread(_read_until_closed, terminal), 30)).decode()
+    finally:
+        os.close(terminal)
+    assert await asyncio.wait_for(process.wait(), 10) == 0, screen
+    frames = [frame for frame in re.split(r"[\r\n]+", screen) if frame.startswith("rows")]
+    assert re.fullmatch(r"rows: +0%\|[ ]+\| 0/40 \[00:00<\?, \?.*", frames[0]), frames[0]
+    bar = r"rows: 100%\|█+\| 40/40 \[\d\d:\d\d<00:00, +[\d.]+ rows/s, submitted 40, failed 0\]"
+    assert re.fullmatch(bar, frames[-1]), frames[-1]
+    assert "rows 40/40 (100%)" not in screen, "a bar, not plain lines"
+    assert "40 succeeded" in screen
+
+
+def _read_until_closed(terminal: int) -> bytes:
+    """What the command wrote to its terminal, until it closed it (EIO, on Linux)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def test_csv_cells_become_json_values() -> None:

@@ -11,8 +11,9 @@ off to one poll a second) and each finished job becomes one line of ``--out`` as
     {"line": 3, "id": "01a2...", "status": "succeeded", "result": {...}}
     {"line": 4, "id": null, "status": "rejected", "error": "..."}
 
-``line`` is the row's line in the input file (a CSV header is line 1). A progress line on stderr
-counts submitted and finished jobs; the exit status is 0 if every job succeeded, 1 otherwise. An
+``line`` is the row's line in the input file (a CSV header is line 1). Progress goes to stderr: a bar
+on a terminal (rows done, rate, time left), plain lines otherwise (:mod:`asyncserve.cli.progress`);
+the exit status is 0 if every job succeeded, 1 otherwise. An
 existing ``--out`` is never replaced by accident: a new run refuses it unless given ``--overwrite``.
 
 Resuming: a run keeps a journal, ``OUT.jobs``: first the run's id, ``{"run": "<hex>"}``, then each
@@ -21,7 +22,11 @@ lines already in ``--out``, follows the journal's other jobs, and submits only r
 Every job carries the idempotency key ``<run>:<line>``, so a chunk the server accepted but the
 client died before journaling is found again when resubmitted, not run twice (while the server
 still has its jobs: a job's key goes with it when its ``ttl_s`` ends).
-Needs ``asyncserve[client]`` (httpx).
+
+The requests go through :class:`asyncserve.AsyncClient`: a server that goes away (a restart, say)
+or refuses (503, 429) is retried for up to ``unreachable_s`` (60 s) from each request's first
+failure, and a submission whose answer was lost is sent again with the same keys, which finds the
+jobs it made. Needs ``asyncserve[client]`` (aiohttp, tqdm).
 """
 
 from __future__ import annotations
@@ -29,22 +34,22 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sys
-import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
 from asyncserve.cli.inputfiles import Row, read_rows
-from asyncserve.exceptions import ConfigurationError
+from asyncserve.cli.progress import Progress
+from asyncserve.exceptions import AsyncServeError, ConfigurationError, NotFound
 
 if TYPE_CHECKING:
-    import httpx
+    from asyncserve.client import AsyncClient
 
-FINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
-_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 _MAX_POLL_S = 1.0
 
 
@@ -64,7 +69,7 @@ class SubmitOptions:
     overwrite: bool = False
     """Replace an existing ``--out`` (a new run refuses one otherwise)."""
     unreachable_s: float = 60.0
-    """Give up once the server has not answered for this long."""
+    """Give up on a request once the server has not answered it (or refused it) for this long."""
 
     @property
     def journal(self) -> Path:
@@ -156,72 +161,32 @@ def _write_flushed(file: IO[bytes], data: bytes) -> None:
     file.flush()
 
 
-@dataclass
-class Progress:
-    """Counts by status, and a ``\\r`` line on stderr redrawn at most every ``every_s``."""
-
-    total: int
-    submitted: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
-    stream: IO[str] = field(default_factory=lambda: sys.stderr)
-    every_s: float = 0.2
-    before: int = 0  # lines written by an earlier run (--resume)
-    started: float = field(default_factory=time.monotonic)
-    _drawn: float = 0.0
-
-    @property
-    def done(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def failed(self) -> int:
-        return self.done - self.counts.get("succeeded", 0)
-
-    def count(self, status: str) -> None:
-        self.counts[status] = self.counts.get(status, 0) + 1
-        self.draw()
-
-    def draw(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._drawn >= self.every_s:
-            self._drawn = now
-            rate = (self.done - self.before) / max(now - self.started, 1e-9)
-            self.stream.write(f"\rsubmitted {self.submitted}/{self.total}  done {self.done}/{self.total}  "
-                              f"failed {self.failed}  {rate:.1f} jobs/s ")  # fmt: skip
-            self.stream.flush()
-
-    def end(self) -> None:
-        """Draw the final counts and end the line, if a line was started."""
-        if self._drawn:
-            self.draw(force=True)
-            self.stream.write("\n")
-
-    def summary(self, out: Path) -> str:
-        parts = ", ".join(f"{n} {status}" for status, n in sorted(self.counts.items()))
-        return f"{self.done} jobs in {time.monotonic() - self.started:.1f}s: {parts or 'none'}; results in {out}"
-
-
 # --- the run -------------------------------------------------------------------------------------
 
 
-def _import_httpx() -> Any:
+TIMEOUT_S = 30.0
+"""The longest one request may take."""
+CHECK_PATIENCE_S = 3.0
+"""How long the first request (is the model there?) waits for an unreachable server: a wrong --url fails fast."""
+
+
+def _async_client() -> type[AsyncClient]:
     try:
-        import httpx
+        from asyncserve.client import AsyncClient
     except ImportError:
-        raise ConfigurationError("asyncserve jobs submit needs httpx: pip install 'asyncserve[client]'") from None
-    return httpx
+        raise ConfigurationError("asyncserve jobs submit needs aiohttp: pip install 'asyncserve[client]'") from None
+    return AsyncClient
 
 
 class Submission:
-    """One run: submits chunks and follows jobs over one HTTP client, writing results as they finish."""
+    """One run: submits chunks and follows jobs over one AsyncClient, writing results as they finish."""
 
-    def __init__(self, options: SubmitOptions, client: httpx.AsyncClient, progress: Progress, run: str | None) -> None:
+    def __init__(self, options: SubmitOptions, client: AsyncClient, progress: Progress, run: str | None) -> None:
         self.options, self.client, self.progress = options, client, progress
         self.run_id = run or secrets.token_hex(8)
         """The run's id, part of every job's idempotency key."""
         self._journal_run = run is None
         """Whether the id is new: it goes to the journal before any chunk is submitted."""
-        self.httpx = _import_httpx()
         self.results = LineWriter(options.out, append=options.resume)
         self.journal = LineWriter(options.journal, append=options.resume)
         self.to_follow: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
@@ -245,10 +210,15 @@ class Submission:
             await self.journal.aclose()
 
     async def check_model(self) -> None:
-        version = f"/versions/{self.options.version}" if self.options.version else ""
-        response = await self.request("GET", f"/v2/models/{self.options.model}{version}", patience_s=3.0)
-        if response.status_code != 200:
-            raise SubmitError(f"{self.options.url} cannot run model {self.options.model!r}: {_error(response)}")
+        options = self.options
+        try:
+            async with asyncio.timeout(CHECK_PATIENCE_S):
+                await self.client.model_metadata(options.model, version=options.version)
+        except AsyncServeError as exc:
+            raise SubmitError(f"{options.url} cannot run model {options.model!r}: {exc.message}") from None
+        except (ConnectionError, TimeoutError):
+            raise SubmitError(f"{options.url} did not answer within {CHECK_PATIENCE_S:g} s: is the server "
+                              "running, and is --url right?") from None  # fmt: skip
 
     async def submit_all(self, rows: Sequence[Row]) -> None:
         slots, size = asyncio.Semaphore(self.options.concurrency), self.options.batch_size
@@ -262,31 +232,26 @@ class Submission:
                 tasks.create_task(submit(rows[start : start + size]))
 
     async def submit_chunk(self, chunk: Sequence[Row]) -> None:
-        response = await self.request("POST", "/v1/jobs/batch", content=orjson.dumps([self.job(r) for r in chunk]),
-                                      headers={"content-type": "application/json"})  # fmt: skip
-        if response.status_code == 202:
-            await self.accepted(chunk, [job["id"] for job in response.json()["jobs"]])
-        elif 400 <= response.status_code < 500 and len(chunk) > 1:
-            for row in chunk:  # some row is bad: find which, and submit the rest
-                await self.submit_chunk([row])
-        else:
-            self.progress.submitted += len(chunk)
-            error = _error(response)
-            await self.write(*({"line": row.line, "id": None, "status": "rejected", "error": error} for row in chunk))
-
-    def job(self, row: Row) -> dict[str, Any]:
-        options = {"version": self.options.version, "max_attempts": self.options.max_attempts}
-        return {
-            "model": self.options.model,
-            "inputs": row.inputs,
-            "idempotency_key": f"{self.run_id}:{row.line}",
-            **{k: v for k, v in options.items() if v is not None},
-        }
+        """Submit the rows as jobs; a chunk refused for a bad row (4xx) is sent again row by row."""
+        try:
+            jobs = await self.client.submit_many(
+                self.options.model, [row.inputs for row in chunk], version=self.options.version,
+                max_attempts=self.options.max_attempts, idempotency_keys=[f"{self.run_id}:{row.line}" for row in chunk],
+            )  # fmt: skip
+        except AsyncServeError as exc:
+            if 400 <= exc.status_code < 500 and exc.status_code != 429 and len(chunk) > 1:
+                for row in chunk:
+                    await self.submit_chunk([row])
+            else:
+                self.progress.add_submitted(len(chunk))
+                rejected = ({"line": row.line, "id": None, "status": "rejected", "error": exc.message} for row in chunk)
+                await self.write(*rejected)
+            return
+        await self.accepted(chunk, [job["id"] for job in jobs])
 
     async def accepted(self, chunk: Sequence[Row], ids: Sequence[str]) -> None:
         await self.journal.write(*({"line": row.line, "id": job_id} for row, job_id in zip(chunk, ids, strict=True)))
-        self.progress.submitted += len(chunk)
-        self.progress.draw()
+        self.progress.add_submitted(len(chunk))
         for row, job_id in zip(chunk, ids, strict=True):
             self.to_follow.put_nowait((row.line, job_id))
 
@@ -298,10 +263,14 @@ class Submission:
         """Poll the job until it is final (or gone), then write its line."""
         delay = 0.05
         while True:
-            response = await self.request("GET", f"/v1/jobs/{job_id}")
-            job = response.json() if response.status_code == 200 else None
-            if job is None or job["status"] in FINAL:
-                await self.write(_outcome(line, job_id, job, response))
+            try:
+                job = await self.client.get(job_id)
+            except AsyncServeError as exc:  # a job the server no longer has (404), or would not show
+                status = "missing" if isinstance(exc, NotFound) else "unknown"
+                await self.write({"line": line, "id": job_id, "status": status, "error": exc.message})
+                return
+            if job["status"] in FINAL_STATUSES:
+                await self.write(_outcome(line, job))
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, _MAX_POLL_S)
@@ -311,86 +280,54 @@ class Submission:
         for record in records:
             self.progress.count(record["status"])
 
-    async def request(
-        self, method: str, path: str, *, patience_s: float | None = None, **kwargs: Any
-    ) -> httpx.Response:
-        """Send, retrying while the server is unreachable or overloaded, for up to ``unreachable_s``.
 
-        A POST is resent only when it never reached the server (a refused connection), never after
-        a broken answer: the server may have accepted it.
-        """
-        patience_s = self.options.unreachable_s if patience_s is None else patience_s
-        give_up, delay = time.monotonic() + patience_s, 0.1
-        while True:
-            response = await self._send(method, path, give_up, **kwargs)
-            if response is not None and (response.status_code not in _RETRY_STATUSES or time.monotonic() > give_up):
-                return response
-            delay = max(delay, _retry_after_s(response))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-    async def _send(self, method: str, path: str, give_up: float, **kwargs: Any) -> httpx.Response | None:
-        """One try: the response, or None for a failure worth retrying until ``give_up``."""
-        retried = self.httpx.ConnectError if method == "POST" else self.httpx.TransportError
-        try:
-            response: httpx.Response = await self.client.request(method, path, **kwargs)
-        except retried as exc:
-            if time.monotonic() > give_up:
-                raise SubmitError(f"{self.options.url} did not answer {method} {path} ({exc!r}); if jobs were "
-                                  "submitted, run again with --resume once it is back") from None  # fmt: skip
-            return None
-        except self.httpx.TransportError as exc:
-            raise SubmitError(f"{method} {path} broke off ({exc!r}), so whether the server took it is unknown: "
-                              "run again with --resume, which will not run its jobs twice") from None  # fmt: skip
-        return response
-
-
-def _outcome(line: int, job_id: str, job: dict[str, Any] | None, response: httpx.Response) -> dict[str, Any]:
-    """A finished job's line, or that of a job the server no longer has (404) or would not show."""
-    if job is None:
-        status = "missing" if response.status_code == 404 else "unknown"
-        return {"line": line, "id": job_id, "status": status, "error": _error(response)}
+def _outcome(line: int, job: dict[str, Any]) -> dict[str, Any]:
     if job["status"] == "succeeded":
-        return {"line": line, "id": job_id, "status": "succeeded", "result": job.get("result")}
-    return {"line": line, "id": job_id, "status": job["status"], "error": job.get("error") or job["status"]}
-
-
-def _error(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["error"])
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}"
-
-
-def _retry_after_s(response: httpx.Response | None) -> float:
-    try:
-        return min(float(response.headers.get("retry-after", "0")), 5.0) if response is not None else 0.0
-    except ValueError:
-        return 0.0
+        return {"line": line, "id": job["id"], "status": "succeeded", "result": job.get("result")}
+    return {"line": line, "id": job["id"], "status": job["status"], "error": job.get("error") or job["status"]}
 
 
 async def submit_file(options: SubmitOptions, *, stream: IO[str] | None = None) -> Progress:
     """Run a submission to the end; the returned progress holds the counts by status."""
-    httpx = _import_httpx()
+    client_class = _async_client()
     rows = await asyncio.to_thread(read_rows, options.file)
     left = await asyncio.to_thread(plan, options, rows)
-    progress = Progress(total=len(rows), submitted=len(rows) - len(left.todo), stream=stream or sys.stderr)
-    for status in left.done.values():
-        progress.counts[status] = progress.counts.get(status, 0) + 1
-    progress.before = len(left.done)
-    limits = httpx.Limits(max_connections=2 * options.concurrency)
+    counts = dict(Counter(left.done.values()))
+    progress = Progress(len(rows), stream or sys.stderr, counts=counts, submitted=len(rows) - len(left.todo))
+    # Every request is retried while the server cannot be reached or refuses (503, 429), for up to
+    # unreachable_s; a submission is safe to resend, since each job carries its idempotency key.
+    client = client_class(
+        options.url, timeout_s=TIMEOUT_S, max_connections=2 * options.concurrency, retry_budget_s=options.unreachable_s
+    )
     try:
-        async with httpx.AsyncClient(base_url=options.url, timeout=30.0, limits=limits) as client:
+        async with client:
             await Submission(options, client, progress, left.run).run(left.todo, left.follow)
     except BaseExceptionGroup as group:  # from the task groups: report the first error as it was raised
-        error: BaseException = group
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
-        raise error from None
+        raise _reported(options, _first(group)) from None
+    except (ConnectionError, TimeoutError) as exc:
+        raise _reported(options, exc) from None
     finally:
         progress.end()
     await asyncio.to_thread(options.journal.unlink, missing_ok=True)
     return progress
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def _reported(options: SubmitOptions, error: BaseException) -> BaseException:
+    """A server gone for longer than the retry budget (or too slow to answer) as a SubmitError; the rest as it is."""
+    if isinstance(error, ConnectionError):
+        return SubmitError(f"{options.url} could not be reached for {options.unreachable_s:g} s ({error}); run "
+                           "again with --resume once it is back: no job will run twice")  # fmt: skip
+    if isinstance(error, TimeoutError):
+        return SubmitError(f"{options.url} did not answer within {TIMEOUT_S:g} s; run again with --resume: "
+                           "no job will run twice")  # fmt: skip
+    return error
 
 
 def main(options: SubmitOptions) -> int:

@@ -42,9 +42,12 @@ class AsyncClient:
         api_key: Sent as ``Authorization: Bearer <key>``.
         timeout_s: The longest one attempt may take (past it, ``TimeoutError``), and the longest wait
             before a retry. A stream's or a job's events are bounded by the server, not by it.
-        retries: How many times a request the server refused with 503 (or that could not connect)
-            is sent again, after jittered exponential backoff that honours ``Retry-After``.
+        retries: How many times a request the server refused with 503 or 429 (or that could not
+            connect) is sent again, after jittered exponential backoff that honours ``Retry-After``.
         max_connections: Requests in flight at once; more wait for a connection.
+        retry_budget_s: Instead of counting ``retries``, retry for up to this many seconds from a
+            request's first failure, however many retries it takes (backoff grows to 10 s between
+            them): a client that rides out a server restart. None (the default) counts ``retries``.
 
     Raises (from every method): the server's error as its class (``asyncserve.ModelNotFound``,
     ``asyncserve.DeadlineExceeded``, ...), with the server's ``message`` and ``code``;
@@ -72,13 +75,22 @@ class AsyncClient:
         timeout_s: float = 30.0,
         retries: int = 3,
         max_connections: int = 256,
+        retry_budget_s: float | None = None,
     ) -> None:
         _check(timeout_s > 0, "timeout_s must be a number of seconds > 0", timeout_s)
         _check(retries >= 0, "retries must be an integer >= 0", retries)
         _check(max_connections >= 1, "max_connections must be an integer >= 1", max_connections)
         _check(base_url.startswith(("http://", "https://")), "base_url must start with http:// or https://", base_url)
+        _check(
+            retry_budget_s is None or retry_budget_s > 0, "retry_budget_s must be None or seconds > 0", retry_budget_s
+        )
         self._transport = Transport(
-            base_url, api_key=api_key, timeout_s=timeout_s, retries=retries, max_connections=max_connections
+            base_url,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            retries=retries,
+            max_connections=max_connections,
+            retry_budget_s=retry_budget_s,
         )
         self._state = _State.UNOPENED
 
@@ -200,6 +212,20 @@ class AsyncClient:
         answer = await self._transport.request("POST", url, body=body, headers=headers, deadline_s=deadline_s)
         return v2.decode_response(answer.body, answer.headers.get("Inference-Header-Content-Length"))
 
+    async def model_metadata(self, model: str, *, version: str | None = None) -> JSONObject:
+        """``GET /v2/models/{model}[/versions/{version}]``: the model's name, versions, platform, inputs and outputs.
+
+        Raises ``ModelNotFound`` for a model (or version) the server does not serve: a quick check
+        before sending it work.
+
+        Example::
+
+            metadata = await client.model_metadata("scaler")
+            [tensor["name"] for tensor in metadata["inputs"]]  # ["x"]
+        """
+        path = f"/v2/models/{_quote(model)}" + ("" if version is None else f"/versions/{_quote(version)}")
+        return _object(await self._open().request("GET", self._transport.url(path), idempotent=True))
+
     # Lazy predictions
 
     async def lazy(self, model: str, rows: Row | Sequence[Row]) -> LazyHandle:
@@ -233,18 +259,21 @@ class AsyncClient:
         webhook: str | None = None,
         priority: int | None = None,
         idempotency_key: str | None = None,
+        max_attempts: int | None = None,
     ) -> JSONObject:
         """``POST /v1/jobs``: the job, queued (202) or, for a key seen before, the job it made.
 
         Every submission carries an ``Idempotency-Key`` (``idempotency_key``, or a fresh one), the
-        same on each retry, so a retried submission never makes a second job.
+        same on each retry, so a retried submission never makes a second job. ``max_attempts``
+        bounds the runs of a job that fails (the server's default is 3).
 
         Example::
 
             job = await client.submit("iris", {"features": [5.1, 3.5, 1.4, 0.2]}, priority=5)
             job["id"], job["status"]  # ("0190...", "queued")
         """
-        document = _job(model, inputs, version=version, webhook=webhook, priority=priority)
+        options = {"version": version, "webhook": webhook, "priority": priority, "max_attempts": max_attempts}
+        document = _job(model, inputs, options)
         key = idempotency_key or uuid.uuid4().hex
         headers = {**_JSON_HEADERS, "Idempotency-Key": key}
         url = self._open().url("/v1/jobs")
@@ -259,22 +288,29 @@ class AsyncClient:
         version: str | None = None,
         webhook: str | None = None,
         priority: int | None = None,
+        max_attempts: int | None = None,
+        idempotency_keys: Sequence[str] | None = None,
     ) -> list[JSONObject]:
         """``POST /v1/jobs/batch``: one job per item of ``inputs``; each ``{"id", "status", "url"}``, in order.
 
-        Each job carries an idempotency key of its own, so a retried batch makes no job twice.
+        Each job carries an idempotency key of its own, so a retried batch makes no job twice:
+        ``idempotency_keys`` (one per item; a key seen before gives the job it made, so a program
+        that restarts and submits again with the same keys finds its jobs), or fresh ones.
+        ``max_attempts`` bounds the runs of a job that fails. The server checks every item before
+        it makes any job: one bad item refuses the batch (``InvalidRequest`` or ``SchemaViolation``,
+        naming it).
 
         Example::
 
             rows = [{"features": [5.1, 3.5, 1.4, 0.2]}, {"features": [6.7, 3.0, 5.2, 2.3]}]
-            jobs = await client.submit_many("iris", rows)
+            jobs = await client.submit_many("iris", rows, idempotency_keys=["run-7:1", "run-7:2"])
         """
+        keys = [uuid.uuid4().hex for _ in inputs] if idempotency_keys is None else list(idempotency_keys)
+        if len(keys) != len(inputs):
+            raise ValueError(f"idempotency_keys must give one key per input: {len(keys)} keys for {len(inputs)} inputs")
+        options = {"version": version, "webhook": webhook, "priority": priority, "max_attempts": max_attempts}
         documents = [
-            {
-                **_job(model, item, version=version, webhook=webhook, priority=priority),
-                "idempotency_key": uuid.uuid4().hex,
-            }
-            for item in inputs
+            {**_job(model, item, options), "idempotency_key": key} for item, key in zip(inputs, keys, strict=True)
         ]
         url = self._open().url("/v1/jobs/batch")
         answer = await self._transport.request(
@@ -367,11 +403,9 @@ class LazyHandle:
         return self._answer
 
 
-def _job(
-    model: str, inputs: Row | Sequence[Row], *, version: str | None, webhook: str | None, priority: int | None
-) -> JSONObject:
+def _job(model: str, inputs: Row | Sequence[Row], options: Mapping[str, object]) -> JSONObject:
+    """A job's document: the options that are not None (``version``, ``webhook``, ...) beside the inputs."""
     document: JSONObject = {"model": model, "inputs": inputs}
-    options = {"version": version, "webhook": webhook, "priority": priority}
     document.update((name, value) for name, value in options.items() if value is not None)
     return document
 

@@ -74,9 +74,15 @@ class Client:
         timeout_s: float = 30.0,
         retries: int = 3,
         max_connections: int = 256,
+        retry_budget_s: float | None = None,
     ) -> None:
         self._client = AsyncClient(
-            base_url, api_key=api_key, timeout_s=timeout_s, retries=retries, max_connections=max_connections
+            base_url,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            retries=retries,
+            max_connections=max_connections,
+            retry_budget_s=retry_budget_s,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="asyncserve-client", daemon=True)
@@ -165,6 +171,7 @@ class Client:
         return BlockingLazyHandle(self, self._run(self._client.lazy(model, rows)))
 
     infer = _blocking(AsyncClient.infer)
+    model_metadata = _blocking(AsyncClient.model_metadata)
     submit = _blocking(AsyncClient.submit)
     submit_many = _blocking(AsyncClient.submit_many)
     get = _blocking(AsyncClient.get)

@@ -1,14 +1,16 @@
 """One pooled aiohttp session: requests with retries and deadlines, and the server's errors as their classes.
 
-What is retried, up to ``retries`` times, with jittered exponential backoff that never comes back
-before the server's ``Retry-After``:
+What is retried, up to ``retries`` times (or, given ``retry_budget_s``, for up to that many seconds
+from the first failure, however many retries it takes), with jittered exponential backoff that never
+comes back before the server's ``Retry-After``:
 
-- a 503 (the server took nothing: overloaded, a model not ready, shutting down);
+- a 503 (the server took nothing: overloaded, a model not ready, shutting down), and a 429 (the API
+  key is over its rate or concurrency: nothing was taken either);
 - a connection that could not be made (no byte of the request was sent);
 - for a request marked idempotent (reads, cancels, job submissions with their idempotency key), a
   connection lost before the answer came too.
 
-Nothing else is: not a 4xx (the request is wrong, sending it again changes nothing), not a 500
+Nothing else is: not another 4xx (the request is wrong, sending it again changes nothing), not a 500
 (the model failed, and may have had effects), not a 504 (the deadline has passed). A retry that
 would start after the request's deadline (``deadline_s``), or wait longer than ``timeout_s``, is
 not made: the last error is raised. Each attempt sends what is left of the deadline as
@@ -41,6 +43,8 @@ BASE_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 10.0
 JITTER = 0.25
 """Each wait is stretched by a random share up to this, so that clients refused together do not return together."""
+_TAKEN_NOTHING = frozenset({429, 503})
+"""Answers that say the server did nothing with the request: sending it again is safe."""
 
 
 class Answer(NamedTuple):
@@ -70,11 +74,19 @@ class Transport:
     """
 
     def __init__(
-        self, base_url: str, *, api_key: str | None, timeout_s: float, retries: int, max_connections: int
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        timeout_s: float,
+        retries: int,
+        max_connections: int,
+        retry_budget_s: float | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.retries = retries
+        self.retry_budget_s = retry_budget_s
         self.max_connections = max_connections
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
@@ -115,7 +127,7 @@ class Transport:
         # The attempts are awaited here, not in a helper coroutine: with hundreds of requests in flight,
         # each frame less per request is fewer objects for the garbage collector to walk.
         budget = None if deadline_s is None else _Budget(deadline_s)
-        attempt = 0
+        attempt, failed_at = 0, 0.0
         while True:
             try:
                 response = await self._send(method, url, body, _timed(headers, budget), stream=False)
@@ -124,7 +136,8 @@ class Transport:
                 retry = await _refusal(response)
             except Exception as exc:
                 retry = _failure(exc, method, url, idempotent)
-            await self._pause(attempt, retry, budget)
+            failed_at = failed_at or time.monotonic()
+            await self._pause(attempt, retry, budget, failed_at)
             attempt += 1
 
     async def open(
@@ -143,7 +156,7 @@ class Transport:
         deadline on the server; a job's events, by the job): only connecting is bounded by ``timeout_s``.
         """
         budget = None if deadline_s is None else _Budget(deadline_s)
-        attempt = 0
+        attempt, failed_at = 0, 0.0
         while True:
             try:
                 response = await self._send(method, url, body, _timed(headers, budget), stream=True)
@@ -152,7 +165,8 @@ class Transport:
                 retry = await _refusal(response)
             except Exception as exc:
                 retry = _failure(exc, method, url, idempotent)
-            await self._pause(attempt, retry, budget)
+            failed_at = failed_at or time.monotonic()
+            await self._pause(attempt, retry, budget, failed_at)
             attempt += 1
 
     def _send(
@@ -163,10 +177,17 @@ class Transport:
             return session.request(method, url, data=body, headers=headers, timeout=self._stream_timeout)
         return session.request(method, url, data=body, headers=headers)
 
-    async def _pause(self, attempt: int, retry: _Retry, budget: _Budget | None) -> None:
+    async def _pause(self, attempt: int, retry: _Retry, budget: _Budget | None, failed_at: float) -> None:
         """Wait before retry ``attempt + 1``, or raise the error if none is left, or none would help in time."""
         delay_s = retry_delay_s(attempt, retry.retry_after_s)
-        if attempt >= self.retries or delay_s > self.timeout_s or (budget is not None and not budget.allows(delay_s)):
+        if self.retry_budget_s is None:
+            spent = attempt >= self.retries
+        else:
+            # The last retry falls at the budget's end, unless the server asked to wait longer.
+            left_s = failed_at + self.retry_budget_s - time.monotonic()
+            delay_s = max(min(delay_s, left_s), retry.retry_after_s or 0.0)
+            spent = left_s <= 0.0 or delay_s > left_s
+        if spent or delay_s > self.timeout_s or (budget is not None and not budget.allows(delay_s)):
             raise retry.error
         await asyncio.sleep(delay_s)
 
@@ -190,7 +211,7 @@ def _timed(headers: Mapping[str, str] | None, budget: _Budget | None) -> Mapping
 
 
 async def _refusal(response: aiohttp.ClientResponse) -> _Retry:
-    """The error of an answer >= 400: returned to be retried for a 503, raised otherwise."""
+    """The error of an answer >= 400: returned to be retried for a 503 or a 429, raised otherwise."""
     try:
         body = await response.read()
     except aiohttp.ClientError:
@@ -199,7 +220,7 @@ async def _refusal(response: aiohttp.ClientResponse) -> _Retry:
         response.release()
     retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
     error = server_error(response.status, body, response.headers, retry_after_s)
-    if response.status == 503:
+    if response.status in _TAKEN_NOTHING:
         return _Retry(error, retry_after_s)
     raise error
 
