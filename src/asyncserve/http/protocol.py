@@ -468,20 +468,16 @@ class HttpProtocol(asyncio.Protocol):
             self._work = self.loop.create_task(self._stream(response, request_id))
             return
         keep_alive = self._keep_alive and not self.server.closing
-        lines = [STATUS_LINES[response.status], self.server.date_line]
-        lines.extend(b"%s: %s\r\n" % header for header in response.header_lines(request_id))
-        lines.append(b"content-length: %d\r\n" % len(response.body))
-        lines.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
-        lines.append(response.body)
-        self.transport.write(b"".join(lines))
-        self._log_access(response.status, len(response.body))
+        body = response.body
+        framing = b"content-length: %d\r\n%s" % (len(body), b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
+        head = response.head(request_id)
+        self.transport.write(b"".join((STATUS_LINES[response.status], self.server.date_line, head, framing, body)))
+        self._log_access(response.status, len(body))
         self._answered(keep_alive)
 
     async def _stream(self, response: StreamingResponse, request_id: str) -> None:
-        lines = [STATUS_LINES[response.status], self.server.date_line]
-        lines.extend(b"%s: %s\r\n" % header for header in response.header_lines(request_id))
-        lines.append(b"transfer-encoding: chunked\r\n\r\n")
-        self.transport.write(b"".join(lines))
+        status_and_date = STATUS_LINES[response.status] + self.server.date_line
+        self.transport.write(status_and_date + response.head(request_id) + b"transfer-encoding: chunked\r\n\r\n")
         chunks = response.chunks
         try:
             async for chunk in chunks:
