@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,12 +78,26 @@ def run_loads(
         return dict(zip(models, pool.map(load, models), strict=True))
 
 
+def wait_until_idle(server: Server, timeout_s: float = 120.0) -> float:
+    """Wait until the server (its processes too) uses under a tenth of a core: the batches that the last
+    load left running have ended, and do not slow the next run. Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        before = harness.process_cpu_s(server.pid)
+        time.sleep(0.5)
+        if harness.process_cpu_s(server.pid) - before < 0.05:
+            break
+    return time.monotonic() - started
+
+
 def measure(servers: Sequence[Server], scripts: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     for number in range(args.repeats):
         order = list(servers[number % len(servers) :]) + list(servers[: number % len(servers)])
         for scenario, models in SCENARIOS.items():
             for server in order:
+                for other in servers:
+                    wait_until_idle(other)
                 harness.wait_for_quiet(args.quiet_wait_s)
                 results = run_loads(server, models, scripts, args.duration_s, args.load_cpu)
                 per_model = runs.setdefault(server.spec.label, {}).setdefault(scenario, {})
