@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 
 from asyncserve import demo
+from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
 from asyncserve.model import ModelSpec, call_predict, check_outputs, describe, warm_up
 from asyncserve.tensors import Columns
+from tests.conftest import serving
 
 IRIS_ROWS = {  # rows 0, 50 and 100 of the iris data set
     "setosa": [5.1, 3.5, 1.4, 0.2],
@@ -159,3 +162,21 @@ def test_churn_model_ranks_risky_customers_higher() -> None:
     risky, loyal = outputs["churn_probability"]
     assert risky > 0.6 > 0.3 > loyal
     assert list(outputs["risk"]) == ["high", "low"]
+
+
+async def test_the_demo_serves_iris_beside_minilm_in_its_own_process_and_refuses_impossible_flowers() -> None:
+    settings = Settings(executor_workers=2, loop_lag_interval_s=0.01, jobs="")
+    async with serving(demo.service, settings) as running, running.client() as client:
+        impossible = {"features": [3.4e38, 3.4e38, 3.4e38, 3.4e38]}
+        bad, good, embedded = await asyncio.gather(
+            client.post("/v1/models/iris/predict", json=impossible),
+            client.post("/v1/models/iris/predict", json={"features": IRIS_ROWS["setosa"]}),
+            client.post("/v1/models/minilm/predict", json={"text": "a flower"}),
+        )
+    assert bad.status_code == 422
+    assert bad.json() == {
+        "error": "features: measurements are lengths in cm, each above 0 and below 1000",
+        "code": "schema_violation",
+    }
+    assert good.json()["label"] == "setosa"
+    assert len(embedded.json()["embedding"]) == 384

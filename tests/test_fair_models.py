@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from asyncserve import Model, Service, Tensor
 from asyncserve.config import Settings
 from tests.conftest import RunningServer, serving
+from tests.models import OwnProcess
 from tests.processes import launch
 
 Array = npt.NDArray[Any]
@@ -288,3 +289,10 @@ def test_by_default_workers_share_the_cores_unless_the_environment_chose(monkeyp
     assert Settings(executor_workers=1, compute_threads=3).threads_per_call == 3
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     assert Settings(executor_workers=1).threads_per_call == 0  # the user's choice stands
+
+
+async def test_a_model_in_processes_of_its_own_starts_in_a_server_on_the_tests_loop() -> None:
+    # Spawning the pool's processes takes blocking calls: they are made off the event loop.
+    async with serving(Service(OwnProcess(), Quick()), settings(1)) as running, running.client() as client:
+        pid = (await predict(client, "own_process")).json()["pid"]
+    assert pid != os.getpid()

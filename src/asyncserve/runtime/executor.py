@@ -14,7 +14,7 @@ import pickle
 import time
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor as FuturesExecutor
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol, TypeVar
 
@@ -214,24 +214,25 @@ class ProcessExecutor:
             raise ModelError(f"model {spec.label!r} was not loaded by the worker processes at start-up")
 
     async def _start_pool(self) -> None:
-        # Made in a thread: the barrier's shared memory takes blocking system calls.
-        self._pool = await asyncio.to_thread(self._new_pool)
-        futures = [self._submit(_wait_for_all_workers, self._load_timeout_s) for _ in range(self.workers)]
+        # Made in a thread: the barrier's shared memory and spawning the processes (which the pool
+        # does on submit, until it has them all) take blocking system calls.
+        self._pool, loaded = await asyncio.to_thread(self._new_pool)
         try:
-            await asyncio.gather(*futures)
+            await asyncio.gather(*(asyncio.wrap_future(future) for future in loaded))
         except BrokenProcessPool:
             raise ModelError("a worker process failed to load the models; see its log above") from None
 
-    def _new_pool(self) -> ProcessPoolExecutor:
+    def _new_pool(self) -> tuple[ProcessPoolExecutor, list[Future[int]]]:
         # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
         context = multiprocessing.get_context("spawn")
         barrier = context.Barrier(self.workers)
-        return ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             self.workers,
             mp_context=context,
             initializer=_load_in_worker,
             initargs=(self._models, barrier, os.getpid(), self._threads_per_call),
         )
+        return pool, [pool.submit(_wait_for_all_workers, self._load_timeout_s) for _ in range(self.workers)]
 
     async def run(self, spec: ModelSpec, columns: Columns, rows: int, deadline: float) -> Prediction:
         pool = self._pool
@@ -259,8 +260,14 @@ class ProcessExecutor:
 
     async def aclose(self) -> None:
         if self._pool is not None:
-            await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
-            self._pool = None
+            # Handed over in a list the thread empties: the pool's last reference dies there, and with it
+            # the finalizers of its queues and barrier, which write to the resource tracker (blocking).
+            holder, self._pool = [self._pool], None
+            await asyncio.to_thread(_shut_down, holder)
 
     def __repr__(self) -> str:
         return f"ProcessExecutor(workers={self.workers})"
+
+
+def _shut_down(holder: list[ProcessPoolExecutor]) -> None:
+    holder.pop().shutdown(wait=True, cancel_futures=True)
