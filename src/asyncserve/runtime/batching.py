@@ -169,6 +169,11 @@ class Batcher:
         self._arrival_rate = _RateMeter()
         metrics.queue_rows.set_function(lambda: self._queue.rows)
 
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting in the queue right now."""
+        return self._queue.rows
+
     # Submitting
 
     async def submit(self, columns: Columns, rows: int, deadline: float, priority: int = 0) -> Columns:
