@@ -87,6 +87,14 @@ async def test_the_page_is_html_from_the_package_and_names_only_its_own_files(ru
             assert (again.status_code, again.content) == (304, b"")
 
 
+async def test_the_script_renders_server_data_as_text_only(running: RunningServer) -> None:
+    async with running.client() as client:
+        script = (await client.get("/ui/assets/app.js")).text
+    assert "textContent" in script
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script, sink
+
+
 async def test_the_chart_library_ships_with_its_licence(running: RunningServer) -> None:
     async with running.client() as client:
         licence = await client.get("/ui/assets/uPlot.LICENSE")

@@ -6,6 +6,8 @@ const POLL_MS = 1000;
 const POINTS = 120; // two minutes of history per chart
 const KEY_ITEM = "asyncserve-api-key";
 const FINAL = new Set(["succeeded", "failed", "cancelled", "expired"]);
+// Why a batcher sheds a request (asyncserve_batch_shed_rows in src/asyncserve/metrics.py).
+const SHED_REASONS = ["queue_full", "deadline_unreachable", "expired", "would_expire", "cancelled"];
 
 const models = new Map(); // label -> {card, charts, history}
 const server = { history: [[], [], []], chart: null };
@@ -103,7 +105,7 @@ function modelCard(model) {
     throughput: chart(grid, "throughput (requests/s)", "throughput", ["req/s"]),
     latency: chart(grid, "latency (ms)", "latency", ["p50", "p99"]),
     batch: chart(grid, "mean batch size, queue depth (rows)", "batch", ["batch", "queue"]),
-    shed: chart(grid, "shed (requests/s)", "shed", ["all reasons"]),
+    shed: chart(grid, "shed (requests/s) by reason", "shed", SHED_REASONS),
   };
   card.append(tryForm(model));
   document.getElementById("models").append(card);
@@ -122,7 +124,6 @@ function updateModel(model, time) {
   view.state.className = `state ${model.state}`;
   view.reason.textContent = model.reason || "";
   const s = model.stats;
-  const shed = Object.values(s.shed_per_s).reduce((a, b) => a + b, 0);
   const shedTotal = Object.entries(s.shed_total).filter(([, n]) => n > 0).map(([why, n]) => `${why} ${n}`).join(", ");
   figures(view.stats, [
     ["requests/s", fixed(s.requests_per_s)], ["p50", ms(s.p50_s)], ["p99", ms(s.p99_s)],
@@ -132,7 +133,7 @@ function updateModel(model, time) {
   push(view.charts.throughput, time, [s.requests_per_s]);
   push(view.charts.latency, time, [s.p50_s === null ? null : s.p50_s * 1000, s.p99_s === null ? null : s.p99_s * 1000]);
   push(view.charts.batch, time, [s.mean_batch_rows, s.queued_rows]);
-  push(view.charts.shed, time, [shed]);
+  push(view.charts.shed, time, SHED_REASONS.map((reason) => s.shed_per_s[reason] || 0));
 }
 
 // --- try it ------------------------------------------------------------------------------------
