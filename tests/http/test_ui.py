@@ -130,6 +130,7 @@ async def test_the_summary_describes_every_model_the_server_and_the_jobs(running
     assert set(body["server"]) == {"loop_lag_s", "in_flight", "executor_use"}
     assert body["server"]["in_flight"] >= 1  # this request
     assert [w["worker"] for w in body["workers"]] == [0]
+    assert body["workers_missing"] == 0
     assert set(body["jobs"]["counts"]) == {"queued", "running", "succeeded", "failed", "cancelled", "expired"}
 
 
@@ -236,7 +237,7 @@ async def test_with_two_workers_the_summary_adds_up_both_and_lists_each() -> Non
             async def both_counted() -> bool:
                 body = await summary(client)
                 return [w["worker"] for w in body["workers"]] == [0, 1] and (
-                    model(body, "adder")["stats"]["requests_total"] == 20
+                    model(body, "adder")["stats"]["requests_total"] == 20 and body["workers_missing"] == 0
                 )
 
             await eventually(both_counted, "both workers' reports, adding up to the 20 requests")

@@ -10,6 +10,7 @@ the jobs API under the ``jobs`` scope.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -138,16 +139,23 @@ class Dashboard:
             "version": asyncserve.__version__,
             "time": time.time(),
             **merged,
+            "workers_missing": 0 if self.peers is None else self.peers.group.size - len(reports),
             "models": models,
             "jobs": None if self.broker is None else {"counts": await self.broker.stats()},
         }
         return Response(200, orjson.dumps(body, default=_text), {"cache-control": "no-store"})
 
     async def _reports(self) -> list[dict[str, Any]]:
+        """Every worker's report that came in time (a worker being restarted may not answer, or not yet)."""
         if self.peers is None:
             return [self.window.report()]
-        answers = await self.peers.summaries()
-        return [orjson.loads(text) for text in answers.values()]
+        reports = []
+        for text in (await self.peers.summaries()).values():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                report = orjson.loads(text)
+                if isinstance(report, dict) and "models" in report:
+                    reports.append(report)
+        return reports
 
     def _declaration(self, entry: ModelEntry) -> dict[str, Any]:
         """What a model takes and gives, and its example (for the page's try-it form); made once per model."""
