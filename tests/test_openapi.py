@@ -63,7 +63,9 @@ THUMBNAIL = describe(Thumbnail())
 KEY_STATUSES = ["401", "403", "429"]
 PREDICT_STATUSES = sorted(["200", "202", "400", *KEY_STATUSES, "413", "415", "422", "500", "503", "504"])
 INFER_STATUSES = sorted(["200", "400", *KEY_STATUSES, "404", "413", "415", "422", "500", "502", "503", "504"])
-OPEN_ROUTES = ["/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}/ready", "/openapi.json", "/docs"]
+OPEN_ROUTES = [
+    "/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}/ready", "/openapi.json", "/docs", "/ui",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +264,8 @@ def test_a_service_without_models_still_has_the_generic_routes() -> None:
         ("/v2/repository/models/{model_name}/unload", "post"),
         ("/metrics", "get"),
         ("/openapi.json", "get"),
+        ("/ui", "get"),
+        ("/ui/summary", "get"),
     ],
 )
 def test_the_generic_routes_are_documented(document: dict[str, Any], path: str, method: str) -> None:

@@ -185,6 +185,10 @@ class Metrics:
     def request_finished(self, route: str) -> None:
         self._in_flight_counts[route] -= 1
 
+    def in_flight_total(self) -> int:
+        """Requests being handled right now, on every route."""
+        return sum(self._in_flight_counts.values())
+
     def for_source(self, source: str) -> SourceMetrics:
         return SourceMetrics(self, source)
 
@@ -229,6 +233,15 @@ class LoopHistogram(Collector):
             child = self._children[values] = LoopHistogramChild(self._bounds)
         return child
 
+    @property
+    def bounds(self) -> tuple[float, ...]:
+        """The buckets' upper bounds, the last one infinite."""
+        return self._bounds
+
+    def children(self) -> list[tuple[tuple[str, ...], LoopHistogramChild]]:
+        """Every label set observed so far, and its counts."""
+        return list(self._children.items())
+
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
         for values, child in list(self._children.items()):
@@ -265,6 +278,10 @@ class LoopCounter(Collector):
         if child is None:
             child = self._children[values] = LoopCounterChild()
         return child
+
+    def children(self) -> list[tuple[tuple[str, ...], LoopCounterChild]]:
+        """Every label set counted so far, and its count."""
+        return list(self._children.items())
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)

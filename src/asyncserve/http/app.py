@@ -31,6 +31,7 @@ from asyncserve.http.jobs import JobsAPI
 from asyncserve.http.protocol import Respond
 from asyncserve.http.routing import Pending, Request, Response, Route, Router
 from asyncserve.http.streams import GenerateRoutes
+from asyncserve.http.ui import Dashboard
 from asyncserve.metrics import CONTENT_TYPE, LoopLagProbe, Metrics
 from asyncserve.runtime.batching import LOOP_HOPS
 from asyncserve.runtime.peers import MetricsPeers
@@ -86,6 +87,10 @@ class HttpApp:
         """Inference requests in flight (the server is idle when there are none)."""
         self._model_names = {spec.name for spec in service.specs}
         self._openapi_json: bytes | None = None
+        self.dashboard = Dashboard(
+            service.name, registry, metrics, loop_lag, executor_workers=settings.pool_size,
+            broker=None if jobs is None else jobs.broker, peers=peers,
+        )  # fmt: skip
         self.router = self._build_router()
 
     @property
@@ -126,6 +131,7 @@ class HttpApp:
         r.add("GET", "/metrics", self.prometheus, "metrics", scope="metrics")
         r.add("GET", "/openapi.json", self.openapi_json, "openapi", scope=None)
         r.add("GET", "/docs", self.docs, "docs", scope=None)
+        self.dashboard.add_routes(r)
         return r
 
     # Serving a request

@@ -689,6 +689,38 @@ def _operations_paths() -> dict[str, Any]:
             "get": _operation("This OpenAPI document.", {"200": document}, (), scope=None, tag="operations")
         },
         "/docs": {"get": _operation("This document, rendered.", {"200": page}, (), scope=None, tag="operations")},
+        **_dashboard_paths(),
+    }
+
+
+def _dashboard_paths() -> dict[str, Any]:
+    page = {"description": "The dashboard.", "content": {"text/html": {"schema": {"type": "string"}}}}
+    numbers = {"type": "object", "additionalProperties": {"type": "number"}}
+    model = _object(
+        {
+            "label": {"type": "string"}, "name": {"type": "string"}, "version": _nullable({"type": "string"}),
+            "state": {"enum": ["LOADING", "READY", "UNAVAILABLE"]}, "reason": {"type": "string"},
+            "inputs": {"type": "array"}, "outputs": {"type": "array"}, "stats": {"type": "object"},
+        },
+        ["label", "name", "state", "reason", "inputs", "outputs", "stats"],
+    )  # fmt: skip
+    summary = _object(
+        {
+            "service": {"type": "string"}, "version": {"type": "string"}, "time": {"type": "number"},
+            "server": numbers, "workers": {"type": "array", "items": numbers},
+            "models": {"type": "array", "items": model},
+            "jobs": _nullable(_object({"counts": {"type": "object", "additionalProperties": {"type": "integer"}}}, [])),
+        },
+        ["service", "server", "workers", "models", "jobs"],
+    )  # fmt: skip
+    ok = {"description": "OK.", "content": {"application/json": {"schema": summary}}}
+    about = (
+        "What the dashboard shows: each model's state and recent throughput, latency (p50, p99), batch size, queue "
+        "depth and shed requests; the event loop's lag, requests in flight, executor use, each worker; job counts."
+    )
+    return {
+        "/ui": {"get": _operation("A live dashboard of the server.", {"200": page}, (), scope=None, tag="operations")},
+        "/ui/summary": {"get": _operation(about, {"200": ok}, (), scope="metrics", tag="operations")},
     }
 
 

@@ -184,6 +184,11 @@ class Batcher:
         if share is not None:
             metrics.executor_share.set_function(share.executor_share)
 
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting in the queue right now."""
+        return self._queue.rows
+
     # Submitting
 
     async def submit(self, columns: Columns, rows: int, deadline: float, priority: int = 0) -> Columns:

@@ -5,6 +5,8 @@ would jump from one worker's counts to another's. The supervisor gives every wor
 a directory of the group; each worker answers on a Unix socket there (``worker-<i>.sock``) with its
 own exposition, and the worker that gets ``GET /metrics`` asks the others and returns every
 worker's samples, each labelled ``worker="<i>"`` (``sum without (worker) (...)`` adds them up).
+The dashboard's summary (``GET /ui/summary``) gathers every worker's report the same way: the asker
+names what it wants in one line (``metrics`` or ``summary``) and reads the answer to the end.
 A worker that does not answer in time, such as one being restarted, is left out and counted in
 ``asyncserve_metrics_workers_missing``.
 """
@@ -28,6 +30,9 @@ logger = logging.getLogger(__name__)
 ASK_TIMEOUT_S = 1.0
 """How long a scrape waits for another worker's exposition."""
 
+METRICS, SUMMARY = b"metrics", b"summary"
+"""What a worker asks another for: its Prometheus exposition, or its dashboard report."""
+
 
 @dataclass(frozen=True)
 class WorkerGroup:
@@ -46,7 +51,12 @@ class MetricsPeers:
 
     def __init__(self, group: WorkerGroup, exposition: Callable[[], bytes]) -> None:
         self.group, self._exposition = group, exposition
+        self._summary: Callable[[], bytes] = lambda: b"{}"
         self._server: asyncio.Server | None = None
+
+    def answer_summaries(self, summary: Callable[[], bytes]) -> None:
+        """Give ``summary()`` (this worker's dashboard report, JSON) to the other workers that ask."""
+        self._summary = summary
 
     async def start(self) -> None:
         """Listen for the other workers' scrapes; a failure costs them this worker's metrics, not the worker."""
@@ -65,25 +75,35 @@ class MetricsPeers:
             await asyncio.to_thread(self.group.socket_path(self.group.index).unlink, missing_ok=True)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            writer.write(self._exposition())
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(ASK_TIMEOUT_S):
+                wanted = (await reader.readline()).strip()
+            writer.write(self._summary() if wanted == SUMMARY else self._exposition())
             await writer.drain()
         writer.close()
 
     async def exposition(self) -> bytes:
         """Every worker's metrics, labelled by worker; the ones that did not answer are counted."""
-        others = [index for index in range(self.group.size) if index != self.group.index]
-        answers = await asyncio.gather(*(self._ask(index) for index in others))
-        texts = {self.group.index: self._exposition(), **dict(zip(others, answers, strict=True))}
-        found = {index: text for index, text in texts.items() if text is not None}
+        found = await self._ask_all(METRICS, self._exposition)
         # Parsing a few thousand lines would hold the event loop for milliseconds.
         return await asyncio.to_thread(merge, found, self.group.size - len(found))
 
-    async def _ask(self, index: int) -> bytes | None:
+    async def summaries(self) -> dict[int, bytes]:
+        """Every worker's dashboard report that came in time, by worker index (this one's included)."""
+        return await self._ask_all(SUMMARY, self._summary)
+
+    async def _ask_all(self, wanted: bytes, mine: Callable[[], bytes]) -> dict[int, bytes]:
+        others = [index for index in range(self.group.size) if index != self.group.index]
+        answers = await asyncio.gather(*(self._ask(index, wanted) for index in others))
+        texts = {self.group.index: mine(), **dict(zip(others, answers, strict=True))}
+        return {index: text for index, text in texts.items() if text is not None}
+
+    async def _ask(self, index: int, wanted: bytes) -> bytes | None:
         try:
             async with asyncio.timeout(ASK_TIMEOUT_S):
                 reader, writer = await asyncio.open_unix_connection(self.group.socket_path(index))
                 try:
+                    writer.write(wanted + b"\n")
                     return await reader.read()
                 finally:
                     writer.close()
