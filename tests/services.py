@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from asyncserve import Service
-from tests.models import Adder, Busy, Cached, FailsFirst, Faulty, Pid, Sleeper, Spinner
+from tests.models import Adder, Busy, Cached, Echo, FailsFirst, Faulty, Pid, Sleeper, Spinner
 
 service = Service(Adder(), Sleeper(), Spinner(), Busy(), name="e2e")
 
@@ -11,3 +11,6 @@ cached = Service(Cached(), name="cached")
 
 jobs = Service(Pid(), FailsFirst(), Adder(), Faulty(), name="jobs")
 """For the jobs tests: who ran each job (pid), retries (fails_first), rows that fail (faulty)."""
+
+mixed = Service(Adder(), Busy(), Pid(), Echo(), name="mixed")
+"""Three sync models and an async one (Echo): the start-up log counts all four."""

@@ -214,9 +214,18 @@ class ModelRegistry:
 
     async def load_all(self) -> None:
         """Load and warm every model; a model that fails becomes UNAVAILABLE with the reason."""
-        sync_entries = [e for e in self._entries.values() if not e.spec.is_async]
-        async_entries = [e for e in self._entries.values() if e.spec.is_async]
+        started = time.perf_counter()
+        entries = list(self._entries.values())
+        sync_entries = [e for e in entries if not e.spec.is_async]
+        async_entries = [e for e in entries if e.spec.is_async]
         await asyncio.gather(self._load_sync(sync_entries), *(self._load_async(e) for e in async_entries))
+        ready = [e.spec.label for e in entries if e.state is ModelState.READY]
+        failed = [e.spec.label for e in entries if e.state is not ModelState.READY]
+        logger.info(
+            "loaded %d of %d model(s) in %.2fs (%d with %r, %d async): %s%s",
+            len(ready), len(entries), time.perf_counter() - started, len(sync_entries), self._executor,
+            len(async_entries), ", ".join(ready) or "none", f"; failed: {', '.join(failed)}" if failed else "",
+        )  # fmt: skip
 
     async def _load_sync(self, entries: list[ModelEntry]) -> None:
         started = time.perf_counter()
@@ -227,7 +236,9 @@ class ModelRegistry:
             for entry in entries:
                 self._set(entry, ModelState.UNAVAILABLE, _load_failed(exc))
             return
-        logger.info("loaded %d model(s) in %.2fs with %r", len(entries), time.perf_counter() - started, self._executor)
+        logger.debug(
+            "loaded %d sync model(s) in %.2fs with %r", len(entries), time.perf_counter() - started, self._executor
+        )
         for entry in entries:
             self._set(entry, ModelState.READY)
 
