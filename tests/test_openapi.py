@@ -13,7 +13,7 @@ import pytest
 
 from asyncserve import demo
 from asyncserve.http.jsonapi import decode_rows
-from asyncserve.http.openapi import docs_html, openapi_document, row_schema, tensor_schema
+from asyncserve.http.openapi import openapi_document, row_schema, tensor_schema
 from asyncserve.model import Model, describe
 from asyncserve.tensors import Datatype, Tensor
 
@@ -448,22 +448,3 @@ def test_a_row_requires_every_tensor_and_nothing_else() -> None:
     assert schema["required"] == ["image", "size"]
     assert schema["additionalProperties"] is False
     assert schema["properties"]["size"]["items"]["maximum"] == 65535
-
-
-# -- /docs ---------------------------------------------------------------------------------------
-
-
-def test_docs_load_swagger_ui_from_the_cdn() -> None:
-    page = docs_html("/openapi.json", "demo - asyncserve")
-    assert page.startswith("<!DOCTYPE html>")
-    assert "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js" in page
-    assert "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css" in page
-    assert 'url: "/openapi.json"' in page
-    assert "<title>demo - asyncserve</title>" in page
-
-
-def test_docs_escape_the_title_and_url() -> None:
-    page = docs_html('/x"</script><script>alert(1)//', "<b>demo</b>")
-    assert "<title>&lt;b&gt;demo&lt;/b&gt;</title>" in page
-    assert page.count("</script>") == 2
-    assert 'url: "/x\\"\\u003c/script>\\u003cscript>alert(1)//"' in page

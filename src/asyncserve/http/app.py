@@ -23,7 +23,7 @@ from asyncserve.exceptions import (
     Unavailable,
     UnsupportedMediaType,
 )
-from asyncserve.http import openapi, v2
+from asyncserve.http import docs, openapi, v2
 from asyncserve.http.admin import RepositoryRoutes
 from asyncserve.http.auth import ApiKey, Authenticator, audit_logger, is_loopback
 from asyncserve.http.inference import InferenceRoutes, parse_timeout
@@ -86,6 +86,7 @@ class HttpApp:
         """Inference requests in flight (the server is idle when there are none)."""
         self._model_names = {spec.name for spec in service.specs}
         self._openapi_json: bytes | None = None
+        self._docs_assets = docs.DocsAssets()
         self.router = self._build_router()
 
     @property
@@ -126,6 +127,8 @@ class HttpApp:
         r.add("GET", "/metrics", self.prometheus, "metrics", scope="metrics")
         r.add("GET", "/openapi.json", self.openapi_json, "openapi", scope=None)
         r.add("GET", "/docs", self.docs, "docs", scope=None)
+        for name in docs.ASSET_TYPES:
+            r.add("GET", f"/docs/{name}", self.docs_asset, "docs", scope=None)
         return r
 
     # Serving a request
@@ -369,8 +372,16 @@ class HttpApp:
         return Response(200, self._openapi_json)
 
     def docs(self, request: Request) -> Response:
-        html = openapi.docs_html("/openapi.json", f"{self.service.name} - asyncserve")
+        html = docs.docs_html("/openapi.json", f"{self.service.name} - asyncserve")
         return Response(200, html.encode(), content_type="text/html; charset=utf-8")
+
+    async def docs_asset(self, request: Request) -> Response:
+        """Swagger UI's script or stylesheet, from the package (``/docs`` works offline)."""
+        name = request.path.rpartition("/")[2]
+        body = await self._docs_assets.read(name)
+        # The page asks for them with ?v=<version>: a new version is a new URL, so a day's caching is safe.
+        headers = {"cache-control": "public, max-age=86400"}
+        return Response(200, body, headers, content_type=docs.ASSET_TYPES[name])
 
 
 def _as_is(response: Response) -> Response:

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 description of a service, and the Swagger UI page that renders it at ``/docs``.
+"""The OpenAPI 3.1 description of a service (``http/docs.py`` renders it at ``/docs``).
 
 Each model gets a typed ``POST /v1/models/{name}/predict`` operation whose request and response
 schemas come from its declared tensors, so ``/docs`` shows exactly what a row looks like. The
@@ -14,8 +14,6 @@ and caches it.
 
 from __future__ import annotations
 
-import html
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,9 +22,6 @@ import numpy as np
 from asyncserve._utils import is_count
 from asyncserve.model import ModelSpec
 from asyncserve.tensors import INTEGER_RANGES, Datatype, Tensor
-
-SWAGGER_UI = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5"
-"""Where ``/docs`` loads Swagger UI from (the jsDelivr CDN, as FastAPI does)."""
 
 _ERRORS: dict[int, tuple[str, str]] = {
     400: (
@@ -137,37 +132,6 @@ def tensor_schema(tensor: Tensor, *, output: bool = False) -> dict[str, Any]:
         bounds = {} if length == -1 else {"minItems": length, "maxItems": length}
         schema = {"type": "array", "items": schema, **bounds}
     return {**schema, "description": _tensor_description(tensor)}
-
-
-def docs_html(openapi_url: str, title: str) -> str:
-    """The Swagger UI page for ``GET /docs``, reading the document at ``openapi_url``."""
-    # json.dumps makes a JS string literal; escaping "<" keeps a "</script>" in it from ending the script.
-    url = json.dumps(openapi_url).replace("<", "\\u003c")
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)}</title>
-<link rel="stylesheet" href="{SWAGGER_UI}/swagger-ui.css">
-</head>
-<body>
-<div id="swagger-ui"></div>
-<script src="{SWAGGER_UI}/swagger-ui-bundle.js"></script>
-<script>
-window.ui = SwaggerUIBundle({{
-  url: {url},
-  dom_id: "#swagger-ui",
-  layout: "BaseLayout",
-  deepLinking: true,
-  showExtensions: true,
-  showCommonExtensions: true,
-  presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],
-}});
-</script>
-</body>
-</html>
-"""
 
 
 # -- models --------------------------------------------------------------------------------------
