@@ -231,7 +231,13 @@ def test_the_v1_route_documents_the_highest_version() -> None:
         document = openapi_document("demo", "1", specs)
         schema = document["components"]["schemas"]["iris.Inputs"]
         assert schema["properties"]["features"]["items"]["format"] == "double"
-        assert [p for p in document["paths"] if p.startswith("/v1/models/")] == ["/v1/models/iris/predict"]
+        assert sorted(p for p in document["paths"] if p.startswith("/v1/models/")) == [
+            "/v1/models/iris/predict",
+            "/v1/models/iris/versions/10/predict",
+            "/v1/models/iris/versions/2/predict",
+        ]
+        versioned = document["paths"]["/v1/models/iris/versions/2/predict"]["post"]["requestBody"]
+        assert versioned["content"]["application/json"]["schema"]["oneOf"][0]["$ref"].endswith("/iris.v2.Inputs")
 
 
 def test_a_service_without_models_still_has_the_generic_routes() -> None:

@@ -26,6 +26,7 @@ from asyncserve.exceptions import (
 from asyncserve.http import docs, openapi, v2
 from asyncserve.http.admin import RepositoryRoutes
 from asyncserve.http.auth import ApiKey, Authenticator, audit_logger, is_loopback
+from asyncserve.http.catalog import ModelCatalog
 from asyncserve.http.inference import InferenceRoutes, parse_timeout
 from asyncserve.http.jobs import JobsAPI
 from asyncserve.http.protocol import Respond
@@ -87,6 +88,7 @@ class HttpApp:
         self._model_names = {spec.name for spec in service.specs}
         self._openapi_json: bytes | None = None
         self._docs_assets = docs.DocsAssets()
+        self._catalog = ModelCatalog(registry)
         self.router = self._build_router()
 
     @property
@@ -99,6 +101,15 @@ class HttpApp:
         inference = self.inference
         r.add("POST", "/v2/models/{model}/infer", inference.infer, "v2_infer", scope="infer", inference=True)
         r.add("POST", "/v1/models/{model}/predict", inference.predict, "v1_predict", scope="infer", inference=True)
+        r.add(
+            "POST",
+            "/v1/models/{model}/versions/{version}/predict",
+            inference.predict,
+            "v1_predict",
+            scope="infer",
+            inference=True,
+        )
+        r.add("GET", "/v1/models", self.list_models, "v1_models", scope="infer")
         r.add("GET", "/v2/health/live", self.live, "live", scope=None)
         r.add("GET", "/v2/health/ready", self.ready, "ready", scope=None)
         r.add("GET", "/v2", self.server_metadata, "server_metadata", scope="infer")
@@ -354,6 +365,9 @@ class HttpApp:
     def model_metadata(self, request: Request) -> Response:
         entry = self.registry.find(request.params["model"], request.params.get("version"))
         return Response.json(v2.model_metadata(entry.spec))
+
+    def list_models(self, request: Request) -> Response:
+        return Response.json(self._catalog.models())
 
     def model_ready(self, request: Request) -> Response:
         entry = self.registry.get_ready(request.params["model"], request.params.get("version"))

@@ -28,6 +28,8 @@ from asyncserve.http.openapi_parts import (
     degraded_header,
     error_responses,
     error_schema,
+    json_response,
+    nullable,
     object_schema,
     param_ref,
     parameters,
@@ -66,11 +68,19 @@ def openapi_document(service_name: str, version: str, specs: Sequence[ModelSpec]
         "DeferredPrediction": _deferred_schema(),
         **openapi_v2.v2_schemas(),
     }
-    paths: dict[str, Any] = {}
+    schemas["ModelList"] = _model_list_schema()
+    paths: dict[str, Any] = {"/v1/models": {"get": _model_list_operation()}}
     for spec in served:
         schemas[f"{spec.name}.Inputs"] = row_schema(spec.inputs)
         schemas[f"{spec.name}.Outputs"] = row_schema(spec.outputs, outputs=True)
-        paths[f"/v1/models/{spec.name}/predict"] = {"post": _predict_operation(spec)}
+        paths[f"/v1/models/{spec.name}/predict"] = {"post": _predict_operation(spec, spec.name)}
+    for spec in specs:
+        if spec.version is not None:
+            key = f"{spec.name}.v{spec.version}"
+            schemas[f"{key}.Inputs"] = row_schema(spec.inputs)
+            schemas[f"{key}.Outputs"] = row_schema(spec.outputs, outputs=True)
+            path = f"/v1/models/{spec.name}/versions/{spec.version}/predict"
+            paths[path] = {"post": _predict_operation(spec, key, versioned=True)}
     paths["/v1/predictions/{handle}"] = _deferred_path(specs, served)
     paths.update(openapi_v2.v2_paths())
     paths.update(openapi_v2.operations_paths())
@@ -134,9 +144,10 @@ def _version_order(version: str | None) -> tuple[int, int, str]:
     return (1, int(version), "") if is_count(version) else (2, 0, version)
 
 
-def _predict_operation(spec: ModelSpec) -> dict[str, Any]:
-    rows = {"$ref": f"#/components/schemas/{spec.name}.Inputs"}
-    outputs = {"$ref": f"#/components/schemas/{spec.name}.Outputs"}
+def _predict_operation(spec: ModelSpec, key: str, *, versioned: bool = False) -> dict[str, Any]:
+    """``POST`` rows to ``spec``: at its version's own path when ``versioned``, else at its name's (the highest)."""
+    rows = {"$ref": f"#/components/schemas/{key}.Inputs"}
+    outputs = {"$ref": f"#/components/schemas/{key}.Outputs"}
     # A streaming model's request is not batched, so nothing caps its rows.
     request: dict[str, Any] = {"schema": _row_or_rows(rows, None if spec.streams else spec.max_batch_size)}
     if spec.example is not None:
@@ -146,7 +157,10 @@ def _predict_operation(spec: ModelSpec) -> dict[str, Any]:
             "row": {"summary": "One row", "value": example},
             "rows": {"summary": "A batch of rows", "value": [example, example]},
         }
-    description = (
+    which = f"Version {spec.version} of {spec.name!r}, whatever others it has. " if versioned else ""
+    if not versioned and spec.version is not None:
+        which = f"The highest version of {spec.name!r} ({spec.version}); `/versions/{{version}}/predict` for another. "
+    description = which + (
         "Send one row of inputs as a JSON object, or a batch as a list of them, and get one object of outputs or "
         "a list in the same order. Rows of a batch share each input's shape. "
         f"At most {spec.timeout_s:g} s per request; `X-Request-Timeout` can only shorten it."
@@ -168,7 +182,7 @@ def _predict_operation(spec: ModelSpec) -> dict[str, Any]:
         (*INFERENCE, *((502,) if spec.features else ())),
         scope="infer",
         tag="models",
-        operationId=f"predict_{spec.name}",
+        operationId=f"predict_{spec.name}_version_{spec.version}" if versioned else f"predict_{spec.name}",
         description=description,
         parameters=parameters,
         requestBody={"required": True, "content": {"application/json": request}},
@@ -249,6 +263,46 @@ def _service_description(specs: Sequence[ModelSpec]) -> str:
         "Once the server has API keys, every route but the health checks and the docs needs one, sent as "
         "`Authorization: Bearer <key>` (or `X-API-Key`), with the scope the route names."
     )
+
+
+# -- the list of models --------------------------------------------------------------------------
+
+
+def _model_list_operation() -> dict[str, Any]:
+    return build_operation(
+        "The models of this server: every version, its readiness, and the schemas of its rows.",
+        {"200": json_response("The models, by name; the versions of each, highest first.", "ModelList")},
+        (),
+        scope="infer",
+        tag="models",
+        operationId="list_models",
+    )
+
+
+def _model_list_schema() -> dict[str, Any]:
+    string = {"type": "string"}
+    version = object_schema(
+        {
+            "version": {**nullable(string), "description": "Null for a model without versions."},
+            "state": {"type": "string", "enum": ["LOADING", "READY", "UNAVAILABLE"]},
+            "ready": {"type": "boolean"},
+            "reason": {**nullable(string), "description": "Why it is not ready: its load error, or `unloaded`."},
+            "predict": {**string, "description": "Where to POST rows to this version (the JSON API)."},
+            "streams": {"type": "boolean", "description": "Whether it answers in parts."},
+            "inputs": {"type": "object", "description": "The JSON Schema of one row of inputs."},
+            "outputs": {"type": "object", "description": "The JSON Schema of one row of outputs."},
+        },
+        ["version", "state", "ready", "reason", "predict", "streams", "inputs", "outputs"],
+    )
+    model = object_schema(
+        {
+            "name": string,
+            "latest": {**nullable(string), "description": "The version `/v1/models/{name}/predict` serves."},
+            "versions": {"type": "array", "items": version},
+        },
+        ["name", "latest", "versions"],
+    )
+    return object_schema({"models": {"type": "array", "items": model}}, ["models"])
 
 
 # -- deferred (lazy) predictions -----------------------------------------------------------------

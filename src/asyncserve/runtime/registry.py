@@ -270,6 +270,11 @@ class ModelRegistry:
             await self._load_one(entry, loading)
         return entries
 
+    def versions(self, name: str) -> list[ModelEntry]:
+        """Every version of ``name``, highest first (ModelNotFound for an unknown name)."""
+        self.find(name)
+        return list(self._by_name[name])
+
     def _versions(self, name: str) -> list[ModelEntry]:
         self.find(name)
         return self._by_name[name]
