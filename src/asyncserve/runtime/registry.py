@@ -25,6 +25,7 @@ from asyncserve.exceptions import (
     ModelNotFound,
     ModelNotReady,
 )
+from asyncserve.features import fetch_features
 from asyncserve.metrics import Metrics
 from asyncserve.model import ModelSpec, call_predict, check_outputs
 from asyncserve.runtime.batching import Batcher, BatchSettings, Runner
@@ -104,11 +105,6 @@ class ModelRegistry:
                     specs[label] = self.find(name, version).spec
                 except ModelNotFound as exc:
                     raise ConfigurationError(f"ensemble {entry.spec.label!r}: {exc.message}") from None
-                if specs[label].features:
-                    raise ConfigurationError(
-                        f"ensemble {entry.spec.label!r}: member {label!r} declares features; "
-                        "declare them on the ensemble instead"
-                    )
             ensemble.check_members(specs)
             ensemble.bind(caller)
 
@@ -327,7 +323,12 @@ class RegistryCaller:
         self._registry = registry
 
     async def predict(self, name: str, columns: Columns, *, version: str | None = None) -> Columns:
+        """Run ``name`` on ``columns``; a model that declares features gets them looked up first, by its keys."""
         entry = self._registry.get_ready(name, version)
         deadline = request_deadline.get(time.monotonic() + entry.spec.timeout_s)
         rows = len(next(iter(columns.values())))
+        if entry.spec.features:
+            # The sources merge the keys of concurrent lookups: members keyed alike share round trips.
+            fetched = await fetch_features(entry.spec.features, columns, deadline)
+            columns = {**columns, **fetched.columns}
         return await self._registry.predict(entry, columns, rows, deadline)
