@@ -42,8 +42,8 @@ def serve_in_thread(
 ) -> Iterator[RunningServer]:
     """Run the real server (asyncserve's protocol on uvloop) on 127.0.0.1:0 until the block ends."""
     settings = settings or Settings(executor_workers=2, loop_lag_interval_s=0.01, jobs="memory://")
+    app = App(service, settings)  # first: a service App refuses leaves no socket open
     sock = bind_socket("127.0.0.1", 0)
-    app = App(service, settings)
     started: list[RunningServer] = []
     failed: list[BaseException] = []
     ready = threading.Event()

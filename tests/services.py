@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from asyncserve import Service
-from tests.models import Adder, Busy, Cached, FailsFirst, Faulty, OwnProcess, Pid, Sleeper, Spinner
+from tests.models import Adder, Busy, Cached, Echo, FailsFirst, Faulty, OwnProcess, Pid, Sleeper, Spinner
 
 service = Service(Adder(), Sleeper(), Spinner(), Busy(), name="e2e")
 
@@ -14,3 +14,6 @@ jobs = Service(Pid(), FailsFirst(), Adder(), Faulty(), name="jobs")
 
 own_process = Service(OwnProcess(), Adder(), name="own-process")
 """A model in a process of its own beside one on the shared threads."""
+
+mixed = Service(Adder(), Busy(), Pid(), Echo(), name="mixed")
+"""Three sync models and an async one (Echo): the start-up log counts all four."""

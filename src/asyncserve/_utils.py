@@ -6,8 +6,9 @@ import asyncio
 import importlib
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from asyncserve.exceptions import ConfigurationError
+from asyncserve.exceptions import ConfigurationError, StartupError
 
 
 def import_string(target: str) -> Any:
@@ -19,15 +20,40 @@ def import_string(target: str) -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise ConfigurationError(
-                f"cannot import module {module_name!r} ({exc}): run from the directory that holds it, "
-                "or add that directory to PYTHONPATH"
-            ) from None
-        raise
+            raise StartupError(
+                f"service {target}", f"cannot import module {module_name!r} ({exc})",
+                "run from the directory that holds it, or add that directory to PYTHONPATH",
+            ) from None  # fmt: skip
+        raise _import_failed(target, module_name, exc) from exc
+    except Exception as exc:
+        raise _import_failed(target, module_name, exc) from exc
     try:
         return getattr(module, attribute)
     except AttributeError:
         raise ConfigurationError(f"module {module_name!r} has no attribute {attribute!r}") from None
+
+
+def _import_failed(target: str, module_name: str, exc: Exception) -> StartupError:
+    return StartupError(
+        f"service {target}", f"importing {module_name} raised {type(exc).__name__}: {cause_of(exc)}",
+        "fix the module (--log-level debug shows the traceback)",
+    )  # fmt: skip
+
+
+def display_url(url: str) -> str:
+    """``url`` as it may be shown in a log or an error: without its password (``redis://:***@host/0``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def cause_of(exc: BaseException) -> str:
+    """One line that says what went wrong: the error's message, or its type when it has none."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 def settle(

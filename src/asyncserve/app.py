@@ -17,10 +17,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Self
 
 import asyncserve
+from asyncserve._utils import cause_of, display_url
 from asyncserve.composition.caches import MemoryPredictionCache, PredictionCache, RedisPredictionCache
 from asyncserve.composition.deferred import DeferredPredictions, LazyPrediction
 from asyncserve.config import Settings
-from asyncserve.exceptions import ConfigurationError
+from asyncserve.exceptions import ConfigurationError, StartupError
 from asyncserve.http.app import HttpApp
 from asyncserve.http.auth import Authenticator
 from asyncserve.http.jobs import JobsAPI
@@ -137,20 +138,18 @@ class App:
         self.loop_lag.start()
         self._on_close(stack, "the loop-lag probe", self.loop_lag.aclose)
         if self.broker is not None:
-            await self.broker.open()
+            url = display_url(self.settings.jobs)
+            fix = "start it, or set ASYNCSERVE_JOBS (--broker) to a broker that answers (sqlite://var/jobs.db)"
+            await _starting(f"job broker {url}", fix, self.broker.open())
             self._on_close(stack, "the job broker", self.broker.aclose)
         if self.peers is not None:
-            await self.peers.start()
+            fix = "check that the temporary directory (TMPDIR) is writable"
+            await _starting("the --workers metrics peers", fix, self.peers.start())
             self._on_close(stack, "the metrics peers", self.peers.aclose)
-        await self.webhooks.__aenter__()
+        await _starting("webhook delivery", "check the ASYNCSERVE_WEBHOOK_* settings", self.webhooks.__aenter__())
         self._on_close(stack, "webhook delivery", lambda: self.webhooks.aclose(timeout_s=grace_s))
         self._on_close(stack, "the executor", self.executor.aclose)
-        await self.pipeline.open()
-        self._on_close(stack, "the feature sources and caches", self.pipeline.aclose)
-        predlog = self.pipeline.predlog
-        if predlog is not None:
-            await predlog.start()
-            self._on_close(stack, "the prediction log", lambda: predlog.aclose(timeout_s=grace_s))
+        await self._start_pipeline(stack, grace_s)
         self.registry.start()
         self._on_close(stack, "the batchers", self.registry.aclose)
         self._on_close(stack, "the job workers", self._stop_job_workers)
@@ -162,6 +161,22 @@ class App:
         if self.auth.source is not None:
             watching = self._spawn(self._reload_keys(), "asyncserve-keys")
             stack.callback(watching.cancel)
+
+    async def _start_pipeline(self, stack: contextlib.AsyncExitStack, grace_s: float) -> None:
+        """Open what the pipeline uses: feature sources, the prediction cache and the prediction log."""
+        fix = "check the sources' settings in the service"
+        await _starting("feature sources", fix, self.pipeline.open())
+        self._on_close(stack, "the feature sources and caches", self.pipeline.aclose)
+        if self.pipeline.cache is not None:
+            url = display_url(self.settings.prediction_cache)
+            fix = "start Redis there, or set ASYNCSERVE_PREDICTION_CACHE to a URL that answers (or to memory)"
+            await _starting(f"prediction cache {url}", fix, self.pipeline.cache.open())
+        predlog = self.pipeline.predlog
+        if predlog is not None:
+            url = display_url(self.settings.prediction_log)
+            fix = "fix ASYNCSERVE_PREDICTION_LOG, or create what it names"
+            await _starting(f"prediction log {url}", fix, predlog.start())
+            self._on_close(stack, "the prediction log", lambda: predlog.aclose(timeout_s=grace_s))
 
     def _on_close(self, stack: contextlib.AsyncExitStack, what: str, close: Callable[[], Awaitable[Any]]) -> None:
         async def attempt() -> None:
@@ -260,6 +275,19 @@ class App:
 
     def __repr__(self) -> str:
         return f"App({self.service!r}, ready={self.registry.ready}, shutting_down={self.shutting_down})"
+
+
+async def _starting(component: str, fix: str, start: Awaitable[Any]) -> None:
+    """Await ``start``; a failure becomes a one-line :class:`StartupError` naming ``component`` and ``fix``.
+
+    A :class:`ConfigurationError` already says what to do, and passes as it is.
+    """
+    try:
+        await start
+    except ConfigurationError:
+        raise
+    except Exception as exc:
+        raise StartupError(component, cause_of(exc), fix) from exc
 
 
 def make_executor(settings: Settings) -> Executor:

@@ -93,7 +93,7 @@ def _cast_webhook(variable: str, raw: str, default: object) -> object:
         try:
             return type(default)(raw)
         except ValueError:
-            raise ConfigurationError(f"{variable}={raw!r} is not a valid {type(default).__name__}") from None
+            raise _not_a_number(variable, raw, type(default)) from None
     return raw  # str, or the comma-separated allowed_hosts
 
 
@@ -279,6 +279,15 @@ class Settings:
         return type(default)
 
 
+_NUMBERS: dict[type, str] = {int: "give a whole number, like 8", float: "give a number, like 0.5"}
+"""How to fix a setting that is not a number."""
+
+
+def _not_a_number(variable: str, raw: str, kind: type) -> ConfigurationError:
+    fix = _NUMBERS.get(kind, "see src/asyncserve/config.py")
+    return ConfigurationError(f"settings: {variable}={raw!r} is not a valid {kind.__name__}; {fix}")
+
+
 def _cast(variable: str, raw: str, kind: type) -> Any:
     if kind is bool:
         if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -287,7 +296,7 @@ def _cast(variable: str, raw: str, kind: type) -> Any:
     try:
         return kind(raw)
     except ValueError:
-        raise ConfigurationError(f"{variable}={raw!r} is not a valid {kind.__name__}") from None
+        raise _not_a_number(variable, raw, kind) from None
 
 
 def _require(ok: bool, name: str, rule: str, value: object) -> None:

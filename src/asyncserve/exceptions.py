@@ -26,6 +26,7 @@
     │   └── FeatureTimeout              504 feature_timeout      a feature source was too slow (named)
     ├── ModelError                      500 model_error          the model raised; no internals leak
     └── ConfigurationError              (start-up only)          a service or setting is wrong
+        └── StartupError                (start-up only)          a component could not start: what, why, the fix
 
 The HTTP layer renders any of them as ``{"error": "<message>", "code": "<code>"}`` with the
 status code, the body the Open Inference Protocol prescribes plus a stable machine code; the client
@@ -235,3 +236,19 @@ class ConfigurationError(AsyncServeError):
     """A service, model declaration or setting is wrong; raised at start-up, before serving."""
 
     code = "configuration_error"
+
+
+class StartupError(ConfigurationError):
+    """A component could not start: the message is ``<component>: <cause>; <fix>``, one line.
+
+    Example::
+
+        raise StartupError("job broker redis://db:6379/0", "connection refused", "start Redis there")
+    """
+
+    code = "startup_error"
+
+    def __init__(self, component: str, cause: str, fix: str) -> None:
+        cause = " ".join(cause.split()).rstrip(".") or "failed"
+        super().__init__(f"{component}: {cause}; {fix}")
+        self.component, self.cause, self.fix = component, cause, fix

@@ -228,7 +228,9 @@ def _checked_features(owner: str, model: Model, inputs: Mapping[str, Tensor]) ->
         clash = seen & set(feature.fields)
         if clash:
             raise ConfigurationError(
-                f"{owner}: feature field(s) {sorted(clash)} clash with an input or another feature"
+                f"{owner}: feature field(s) {sorted(clash)} clash with an input or another feature: a field is looked "
+                "up, not sent, so remove it from the inputs (predict still receives it, and so do an ensemble's "
+                "members), or rename one of the two"
             )
         seen |= set(feature.fields)
     return features

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from multiprocessing.process import BaseProcess
@@ -31,7 +32,7 @@ import asyncserve
 from asyncserve._utils import import_string
 from asyncserve.app import App
 from asyncserve.config import Settings
-from asyncserve.exceptions import ConfigurationError
+from asyncserve.exceptions import ConfigurationError, StartupError
 from asyncserve.http.auth import is_loopback
 from asyncserve.http.protocol import Limits
 from asyncserve.http.server import HttpServer, tls_context
@@ -42,6 +43,9 @@ from asyncserve.service import Service
 logger = logging.getLogger(__name__)
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""The log line of every asyncserve process: the CLI's, and each ``--workers`` process's."""
 
 GC_THRESHOLDS = (1000, 20, 20)
 """Cyclic GC thresholds of a server process (Python's are 700, 10, 10).
@@ -91,7 +95,9 @@ async def run_app(
     async with app:
         await server.start(sockets)
         for url in server.urls:
-            logger.info("asyncserve %s serving %s on %s", asyncserve.__version__, app.service.name, url)
+            logger.info(
+                "asyncserve %s serving %s on %s (pid %d)", asyncserve.__version__, app.service.name, url, os.getpid()
+            )
         if tune_gc:
             freezing = asyncio.get_running_loop().create_task(_freeze_when_loaded(app))
         await stop.wait()
@@ -126,7 +132,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from None
+        raise StartupError(
+            "HTTP server",
+            f"cannot listen on {host}:{port}: {exc.strerror}",
+            "pick another --port, or stop what uses it",
+        ) from exc
     sock.set_inheritable(True)
     return sock
 
@@ -169,9 +179,25 @@ def load_service(target: str) -> Service:
 
 
 def _worker_main(target: str, settings: Settings, sock: socket.socket, group: WorkerGroup, supervisor: int) -> None:
+    # A spawned process starts with no logging configured: it logs as the supervisor does.
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     # A supervisor killed with SIGKILL cannot stop its workers: each drains and exits on its own.
     lifeline.follow_parent(supervisor, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    _serve_one(target, settings, sock, group)
+    try:
+        _serve_one(target, settings, sock, group)
+    except ConfigurationError as exc:
+        logger.debug("worker %d could not start", group.index, exc_info=exc)
+        # The supervisor prints it, once, however many workers fail alike.
+        _startup_error_file(group.directory, group.index).write_text(exc.message)
+        sys.exit(STARTUP_FAILED)
+
+
+def _startup_error_file(directory: Path, index: int) -> Path:
+    return directory / f"worker-{index}.error"
+
+
+STARTUP_FAILED = 3
+"""A ``--workers`` process's exit status when it could not start: the supervisor stops rather than restart it."""
 
 
 class Supervisor:
@@ -192,11 +218,18 @@ class Supervisor:
         load_service(self.target)  # fail here, once, rather than in every worker
         for sig in _STOP_SIGNALS:
             signal.signal(sig, lambda *_: self._stop.set())
+        if self.settings.ssl_certfile:
+            tls_context(self.settings.ssl_certfile, self.settings.ssl_keyfile)  # likewise
         self._directory = Path(tempfile.mkdtemp(prefix="asyncserve-workers-"))
+        failure: str | None = None
         try:
             self._children = [self._spawn(index) for index in range(self.settings.workers)]
-            while not self._stop.wait(0.5):
-                self._replace_dead()
+            logger.info(
+                "supervisor %d: %d workers (pids %s) serving %s on %s",
+                os.getpid(), len(self._children), ", ".join(str(child.pid) for child in self._children),
+                self.target, self.url,
+            )  # fmt: skip
+            failure = self._watch()
             for child in self._children:
                 if child.pid is not None and child.is_alive():
                     child.terminate()  # SIGTERM: each worker drains on its own
@@ -205,6 +238,24 @@ class Supervisor:
         finally:
             shutil.rmtree(self._directory, ignore_errors=True)
         logger.info("all %d workers stopped", len(self._children))
+        if failure is not None:
+            raise ConfigurationError(failure)
+
+    def _watch(self) -> str | None:
+        """Replace workers that die until a stop signal; a worker that could not start ends it, with its error."""
+        assert self._directory is not None
+        while not self._stop.wait(0.5):
+            failed = self._replace_dead()
+            if failed is not None:
+                return _startup_error_file(self._directory, failed).read_text()
+        return None
+
+    @property
+    def url(self) -> str:
+        """Where the workers listen (the shared socket's address)."""
+        host, port = self.sock.getsockname()[:2]
+        scheme = "https" if self.settings.ssl_certfile else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     def _spawn(self, index: int) -> BaseProcess:
         assert self._directory is not None
@@ -214,11 +265,16 @@ class Supervisor:
         process.start()
         return process
 
-    def _replace_dead(self) -> None:
+    def _replace_dead(self) -> int | None:
+        """Start another worker for each that died; the index of one that could not start, if any."""
         for index, child in enumerate(self._children):
+            if not child.is_alive() and child.exitcode == STARTUP_FAILED:
+                return index
             if not child.is_alive() and not self._stop.is_set():
                 logger.error("worker %s exited with %s; starting another", child.pid, child.exitcode)
                 self._children[index] = self._spawn(index)
+                logger.info("worker %d is now pid %s", index, self._children[index].pid)
+        return None
 
 
 def run_worker(target: Service | str, settings: Settings) -> None:

@@ -241,3 +241,21 @@ async def test_function_source_gets_batches_of_keys() -> None:
         await source.aclose()
     assert all(rows[key] == {"square": key * key} for key, rows in enumerate(results))
     assert len(calls) < 10
+
+
+async def test_a_closed_source_opens_again_on_another_event_loop(tmp_path: Path) -> None:
+    # A module-level service (the demo's) served twice in one process opens its sources on two loops.
+    path = tmp_path / "users.csv"
+    await asyncio.to_thread(path.write_text, "user_id,age\n1,30\n")
+    source = FileSource("users", path, key_column="user_id")
+
+    async def lookup_once() -> Any:
+        await source.open()
+        try:
+            return await source.lookup([1], soon())
+        finally:
+            await source.aclose()
+
+    first = await asyncio.to_thread(asyncio.run, lookup_once())
+    second = await asyncio.to_thread(asyncio.run, lookup_once())
+    assert first == second == {1: {"user_id": "1", "age": "30"}}  # CSV values are text until a model's types

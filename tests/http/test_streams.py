@@ -55,6 +55,7 @@ class Words(Model):
     name = "words"
     inputs = {"text": Tensor("BYTES")}
     outputs = {"word": Tensor("BYTES")}
+    max_batch_size = 1  # the words of one text
 
     async def predict(self, text: npt.NDArray[np.object_]) -> AsyncIterator[dict[str, Any]]:
         for word in str(text[0]).split():
@@ -220,3 +221,12 @@ async def test_routes_that_cannot_stream_say_where_to_go(running: RunningServer)
     assert (infer.status_code, infer.json()["code"]) == (400, "invalid_request")
     assert "generate_stream" in infer.json()["error"]
     assert priority.status_code == 422  # a superscript two is no priority (it was a 500)
+
+
+async def test_a_stream_of_one_row_per_call_refuses_several_rows(running: RunningServer) -> None:
+    async with running.client() as client:
+        response = await client.post("/v1/models/words/predict", json=[{"text": "a b"}, {"text": "c"}])
+    assert response.status_code == 400
+    assert response.json()["error"] == (
+        "the request has 2 rows but model 'words' streams the answer to at most 1 per call; send one request per row"
+    )

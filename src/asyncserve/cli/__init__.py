@@ -9,9 +9,11 @@ import logging
 import os
 import socket
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from asyncserve._utils import cause_of
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
 
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "keys":
         return _new_key(args)
     _import_from_current_directory()
-    from asyncserve.server import bind_socket, run_worker, serve
+    from asyncserve.server import LOG_FORMAT, bind_socket, run_worker, serve
 
     try:
         settings = settings_from(args)
@@ -149,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The demo shows the embedded default: predictions logged to a JSON Lines file.
             log = Path("var/demo/predictions.jsonl").resolve()
             settings = dataclasses.replace(settings, prediction_log=str(log))
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
         if args.command == "worker":
             run_worker(args.target, settings)
             return 0
@@ -159,9 +161,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_demo_usage(sock, settings)
         serve(target, settings, sock=sock)
     except ConfigurationError as exc:
-        print(f"asyncserve: error: {exc.message}", file=sys.stderr)
-        return 2
+        return _failed(exc.message, exc, args)
+    except Exception as exc:  # not ours to foresee: still one line, the traceback on demand
+        return _failed(
+            f"server: {type(exc).__name__}: {cause_of(exc)}; see --log-level debug for the traceback", exc, args
+        )
     return 0
+
+
+def _failed(message: str, exc: BaseException, args: argparse.Namespace) -> int:
+    """Print the one-line error (and, with ``--log-level debug``, the traceback first); the exit status."""
+    level = args.log_level or os.environ.get("ASYNCSERVE_LOG_LEVEL", "")
+    if level.lower() == "debug":
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"asyncserve: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _import_from_current_directory() -> None:

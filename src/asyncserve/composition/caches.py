@@ -28,6 +28,9 @@ class PredictionCache(Protocol):
     @property
     def misses(self) -> int: ...
 
+    async def open(self) -> None:
+        """Check, once at start-up, that the cache answers; raise if it does not."""
+
     async def get(self, key: str) -> Columns | None: ...
 
     async def put(self, key: str, columns: Columns) -> None: ...
@@ -36,6 +39,9 @@ class PredictionCache(Protocol):
 
 
 class _AsyncClosing:
+    async def open(self) -> None:
+        """Check that the cache answers (this process's memory always does)."""
+
     async def aclose(self) -> None:
         """Release the cache's resources."""
 
@@ -158,6 +164,10 @@ class RedisPredictionCache(_AsyncClosing):
         except self._failures:
             logger.warning("prediction cache %s: writing %s failed", self.prefix, key, exc_info=True)
             self.errors += 1
+
+    async def open(self) -> None:
+        """One round trip at start-up: a URL that points at no Redis fails the start, not every request."""
+        await self._client.ping()
 
     async def aclose(self) -> None:
         await self._client.aclose()

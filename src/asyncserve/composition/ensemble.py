@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from asyncserve.calls import ModelCaller, deadline_scope, remaining_s
-from asyncserve.exceptions import AsyncServeError, ConfigurationError, DeadlineExceeded, ModelError
+from asyncserve.exceptions import AsyncServeError, ConfigurationError, DeadlineExceeded, InvalidRequest, ModelError
 from asyncserve.model import Model, ModelSpec
 from asyncserve.tensors import Columns, Datatype, Tensor
 
@@ -234,9 +234,10 @@ class Ensemble(Model):
     def check_members(self, specs: Mapping[str, ModelSpec]) -> None:
         """Check the members' declarations (keyed as in ``dependencies()``) against this ensemble's."""
         owner = type(self).__name__
+        fields = {name: tensor for feature in self.features for name, tensor in feature.fields.items()}
         for member in self._members:
             spec = _spec(owner, specs, member.label)
-            _check_inputs(owner, self.inputs, spec)
+            _check_inputs(owner, self.inputs, fields, spec)
             self._member_inputs[member.label] = tuple(spec.inputs)
         if self._output:
             member_specs = [specs[m.label] for m in self._members]
@@ -269,8 +270,11 @@ class Ensemble(Model):
         # Member tasks record their outcome and never raise; the one that makes the quorum unreachable
         # cancels the others (a cancelled child is no error to a TaskGroup). Cancelling predict()
         # cancels them all through the TaskGroup.
-        async with asyncio.TaskGroup() as group:
-            fan.tasks += [group.create_task(self._settle(fan, member)) for member in self._members]
+        try:
+            async with asyncio.TaskGroup() as group:
+                fan.tasks += [group.create_task(self._settle(fan, member)) for member in self._members]
+        except* InvalidRequest as refused:
+            raise refused.exceptions[0] from None
         return [fan.outcomes.get(m.label) or self._cut_short(fan, m) for m in self._members]
 
     async def _settle(self, fan: _Round, member: Member) -> None:
@@ -290,6 +294,8 @@ class Ensemble(Model):
                     result = await fan.caller.predict(member.name, inputs, version=member.version)
         except (TimeoutError, DeadlineExceeded):
             return self._late(fan, member)
+        except InvalidRequest:
+            raise  # the request is wrong (a key with no row, say), whichever member says so: a 400, not a failure
         except Exception as exc:
             return _Outcome(member, reason=_failure(member, exc))
         missing = [self._output] if self._output and self._output not in result else []
@@ -418,10 +424,22 @@ def _fits(owner: str, what: str, tensor: Tensor | None, wanted: Tensor, fix: str
         raise ConfigurationError(f"{owner}: {what} is {got}, not {wanted.dtype} {list(wanted.shape)}; {fix}")
 
 
-def _check_inputs(owner: str, inputs: Mapping[str, Tensor], spec: ModelSpec) -> None:
+def _check_inputs(owner: str, inputs: Mapping[str, Tensor], fields: Mapping[str, Tensor], spec: ModelSpec) -> None:
+    """Each input of a member must be an input of the ensemble or a field of the ensemble's features.
+
+    A member's own features need no declaration here: it looks them up itself, by its keys.
+    """
     for name, tensor in spec.inputs.items():
-        fix = f"declare the input of member {spec.label!r} on the ensemble"
-        _fits(owner, f"the ensemble's input {name!r}", inputs.get(name), tensor, fix)
+        offered = inputs.get(name, fields.get(name))
+        if offered is None:
+            raise ConfigurationError(
+                f"{owner}: member {spec.label!r} takes {name!r} ({tensor.dtype} {list(tensor.shape)}), which the "
+                f"ensemble neither takes nor looks up; declare it in {owner}.inputs, or as a field of a Feature in "
+                f"{owner}.features (members receive the ensemble's looked-up fields), or let the member declare "
+                "the Feature itself and take only its key"
+            )
+        where = "input" if name in inputs else "feature field"
+        _fits(owner, f"the ensemble's {where} {name!r}", offered, tensor, f"member {spec.label!r} takes it so")
 
 
 def _check_aggregated(owner: str, kind: str, output: str, specs: list[ModelSpec], result: Tensor) -> None:

@@ -249,7 +249,9 @@ class IrisClassifier(Model):
     name = "iris"
     inputs = {
         "features": Tensor(
-            "FP32", shape=(4,), description="Sepal length, sepal width, petal length, petal width, in cm."
+            "FP32",
+            shape=(4,),
+            description="Sepal length, sepal width, petal length, petal width, in cm: each above 0 and below 1000.",
         ),
     }
     outputs = {

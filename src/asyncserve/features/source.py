@@ -149,6 +149,10 @@ class FeatureSource:
         if self._dispatcher is not None:
             raise RuntimeError(f"feature source {self.name!r} is already open")
         self._metrics = metrics
+        # Fresh primitives: a source closed by one server may be opened by the next, on another event loop
+        # (a module-level service served twice in one process), and asyncio primitives keep their first loop.
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.policy.max_concurrent_fetches)
         await self._connect()
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name=f"source-{self.name}")
         self._dispatcher.add_done_callback(_log_crash)

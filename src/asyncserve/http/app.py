@@ -23,9 +23,10 @@ from asyncserve.exceptions import (
     Unavailable,
     UnsupportedMediaType,
 )
-from asyncserve.http import openapi, v2
+from asyncserve.http import docs, openapi, v2
 from asyncserve.http.admin import RepositoryRoutes
 from asyncserve.http.auth import ApiKey, Authenticator, audit_logger, is_loopback
+from asyncserve.http.catalog import ModelCatalog
 from asyncserve.http.inference import InferenceRoutes, parse_timeout
 from asyncserve.http.jobs import JobsAPI
 from asyncserve.http.protocol import Respond
@@ -91,6 +92,8 @@ class HttpApp:
             service.name, registry, metrics, loop_lag, executor_workers=settings.pool_size,
             broker=None if jobs is None else jobs.broker, peers=peers,
         )  # fmt: skip
+        self._docs_assets = docs.DocsAssets()
+        self._catalog = ModelCatalog(registry)
         self.router = self._build_router()
 
     @property
@@ -103,6 +106,15 @@ class HttpApp:
         inference = self.inference
         r.add("POST", "/v2/models/{model}/infer", inference.infer, "v2_infer", scope="infer", inference=True)
         r.add("POST", "/v1/models/{model}/predict", inference.predict, "v1_predict", scope="infer", inference=True)
+        r.add(
+            "POST",
+            "/v1/models/{model}/versions/{version}/predict",
+            inference.predict,
+            "v1_predict",
+            scope="infer",
+            inference=True,
+        )
+        r.add("GET", "/v1/models", self.list_models, "v1_models", scope="infer")
         r.add("GET", "/v2/health/live", self.live, "live", scope=None)
         r.add("GET", "/v2/health/ready", self.ready, "ready", scope=None)
         r.add("GET", "/v2", self.server_metadata, "server_metadata", scope="infer")
@@ -132,6 +144,8 @@ class HttpApp:
         r.add("GET", "/openapi.json", self.openapi_json, "openapi", scope=None)
         r.add("GET", "/docs", self.docs, "docs", scope=None)
         self.dashboard.add_routes(r)
+        for name in docs.ASSET_TYPES:
+            r.add("GET", f"/docs/{name}", self.docs_asset, "docs", scope=None)
         return r
 
     # Serving a request
@@ -358,6 +372,9 @@ class HttpApp:
         entry = self.registry.find(request.params["model"], request.params.get("version"))
         return Response.json(v2.model_metadata(entry.spec))
 
+    def list_models(self, request: Request) -> Response:
+        return Response.json(self._catalog.models())
+
     def model_ready(self, request: Request) -> Response:
         entry = self.registry.get_ready(request.params["model"], request.params.get("version"))
         return Response.json({"name": entry.spec.name, "ready": True})
@@ -375,8 +392,16 @@ class HttpApp:
         return Response(200, self._openapi_json)
 
     def docs(self, request: Request) -> Response:
-        html = openapi.docs_html("/openapi.json", f"{self.service.name} - asyncserve")
+        html = docs.docs_html("/openapi.json", f"{self.service.name} - asyncserve")
         return Response(200, html.encode(), content_type="text/html; charset=utf-8")
+
+    async def docs_asset(self, request: Request) -> Response:
+        """Swagger UI's script or stylesheet, from the package (``/docs`` works offline)."""
+        name = request.path.rpartition("/")[2]
+        body = await self._docs_assets.read(name)
+        # The page asks for them with ?v=<version>: a new version is a new URL, so a day's caching is safe.
+        headers = {"cache-control": "public, max-age=86400"}
+        return Response(200, body, headers, content_type=docs.ASSET_TYPES[name])
 
 
 def _as_is(response: Response) -> Response:

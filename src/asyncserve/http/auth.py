@@ -190,7 +190,10 @@ class Authenticator:
             keys = parse_keys(self.source.read_text(), str(self.source))
         except (OSError, ConfigurationError) as exc:
             if self._source_stamp is None:
-                raise ConfigurationError(f"cannot read the API keys file: {exc}") from None
+                raise ConfigurationError(
+                    f"API keys: cannot read the keys file: {exc}; give a file made by `asyncserve keys new NAME "
+                    "--scopes infer --file FILE` (--api-keys-file FILE)"
+                ) from None
             logger.error("the API keys file %s could not be read again; the keys in force stay: %s", self.source, exc)
             return False
         self._source_stamp = stamp

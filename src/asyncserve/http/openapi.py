@@ -1,4 +1,5 @@
-"""The OpenAPI 3.1 description of a service, and the Swagger UI page that renders it at ``/docs``.
+"""The OpenAPI 3.1 description of a service (``http/docs.py`` renders it at ``/docs``): the document, and
+each model's operations; the generic routes are in ``openapi_v2.py``, the shared parts in ``openapi_parts.py``.
 
 Each model gets a typed ``POST /v1/models/{name}/predict`` operation whose request and response
 schemas come from its declared tensors, so ``/docs`` shows exactly what a row looks like. The
@@ -14,60 +15,33 @@ and caches it.
 
 from __future__ import annotations
 
-import html
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from asyncserve._utils import is_count
+from asyncserve.http import openapi_v2
+from asyncserve.http.openapi_parts import (
+    INFERENCE,
+    build_operation,
+    degraded_header,
+    error_responses,
+    error_schema,
+    json_response,
+    nullable,
+    object_schema,
+    param_ref,
+    parameters,
+    path_parameter,
+    security_schemes,
+)
 from asyncserve.model import ModelSpec
 from asyncserve.tensors import INTEGER_RANGES, Datatype, Tensor
 
-SWAGGER_UI = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5"
-"""Where ``/docs`` loads Swagger UI from (the jsDelivr CDN, as FastAPI does)."""
-
-_ERRORS: dict[int, tuple[str, str]] = {
-    400: (
-        "BadRequest",
-        "The body is not valid JSON, a header is malformed (`X-Request-Timeout`, or a `Host` this server does not "
-        "answer to), or the request does not fit the model: its V2 inputs, more rows than one call takes, or a "
-        "feature key the model's source has no row for.",
-    ),
-    401: ("Unauthorized", "The server has API keys, and the request has none or a wrong one."),
-    403: ("Forbidden", "The request's API key lacks the scope this route needs."),
-    404: ("NotFound", "No such model (or version, or deferred prediction) on this server."),
-    405: ("MethodNotAllowed", "The path does not take this method; `Allow` lists those it takes."),
-    413: ("PayloadTooLarge", "The body is larger than the server accepts."),
-    415: ("UnsupportedMediaType", "The body's `Content-Type` is not one this route takes (forms and text never are)."),
-    422: ("SchemaViolation", "The body breaks this document's schema; the message starts with the field path."),
-    429: ("RateLimited", "The API key is over its rate or concurrency limit; retry after `Retry-After`."),
-    500: (
-        "ModelError",
-        "The model failed (`model_error`: the message names the model, never its internals), or the server did "
-        "(`internal`: the server's log has the details).",
-    ),
-    502: ("FeatureUnavailable", "A feature source the model needs failed; the message names the source."),
-    503: ("Unavailable", "The model is loading, the server is overloaded or shutting down; retry after `Retry-After`."),
-    504: ("DeadlineExceeded", "The request's deadline (`X-Request-Timeout` or the model's timeout) passed."),
-}
-_ERROR_HEADERS: dict[int, tuple[str, str, dict[str, Any]]] = {
-    401: ("WWW-Authenticate", "How to authenticate: `Bearer`.", {"type": "string"}),
-    405: ("Allow", "The methods the path takes.", {"type": "string"}),
-    429: ("Retry-After", "Seconds to wait before retrying.", {"type": "integer", "minimum": 1}),
-    503: ("Retry-After", "Seconds to wait before retrying.", {"type": "integer", "minimum": 1}),
-}
-_KEYED = (401, 403, 429)
-"""What a route that needs an API key answers besides, once the server has keys."""
-_BODY = (413, 415, 422)
-_INFERENCE = (*_BODY, 500, 503, 504)
 _FORMATS = {Datatype.FP32: "float", Datatype.FP64: "double", Datatype.INT32: "int32", Datatype.INT64: "int64"}
 _BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 """What ``base64.b64decode(value, validate=True)`` takes: padded standard base64."""
-_PRIORITY = "The priority lane, 0 (the default) to 9: higher lanes are served first."
-_PRIORITY_DIGITS = r"(?:-0+|0*[0-9])"
-"""0 to 9 as ``int()`` reads it, after the server checks that it is all digits: "07" and "-0" are taken too."""
 
 
 def _overflow_limit(dtype: Datatype) -> float:
@@ -89,15 +63,27 @@ def openapi_document(service_name: str, version: str, specs: Sequence[ModelSpec]
         assert "/v1/models/iris/predict" in document["paths"]
     """
     served = _served_at_v1(specs)
-    schemas: dict[str, Any] = {"Error": _error_schema(), "DeferredPrediction": _deferred_schema(), **_v2_schemas()}
-    paths: dict[str, Any] = {}
+    schemas: dict[str, Any] = {
+        "Error": error_schema(),
+        "DeferredPrediction": _deferred_schema(),
+        **openapi_v2.v2_schemas(),
+    }
+    schemas["ModelList"] = _model_list_schema()
+    paths: dict[str, Any] = {"/v1/models": {"get": _model_list_operation()}}
     for spec in served:
         schemas[f"{spec.name}.Inputs"] = row_schema(spec.inputs)
         schemas[f"{spec.name}.Outputs"] = row_schema(spec.outputs, outputs=True)
-        paths[f"/v1/models/{spec.name}/predict"] = {"post": _predict_operation(spec)}
+        paths[f"/v1/models/{spec.name}/predict"] = {"post": _predict_operation(spec, spec.name)}
+    for spec in specs:
+        if spec.version is not None:
+            key = f"{spec.name}.v{spec.version}"
+            schemas[f"{key}.Inputs"] = row_schema(spec.inputs)
+            schemas[f"{key}.Outputs"] = row_schema(spec.outputs, outputs=True)
+            path = f"/v1/models/{spec.name}/versions/{spec.version}/predict"
+            paths[path] = {"post": _predict_operation(spec, key, versioned=True)}
     paths["/v1/predictions/{handle}"] = _deferred_path(specs, served)
-    paths.update(_v2_paths())
-    paths.update(_operations_paths())
+    paths.update(openapi_v2.v2_paths())
+    paths.update(openapi_v2.operations_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": service_name, "version": version, "description": _service_description(served)},
@@ -109,9 +95,9 @@ def openapi_document(service_name: str, version: str, specs: Sequence[ModelSpec]
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "responses": _error_responses(),
-            "parameters": _parameters(specs),
-            "securitySchemes": _security_schemes(),
+            "responses": error_responses(),
+            "parameters": parameters(specs),
+            "securitySchemes": security_schemes(),
         },
     }
 
@@ -139,37 +125,6 @@ def tensor_schema(tensor: Tensor, *, output: bool = False) -> dict[str, Any]:
     return {**schema, "description": _tensor_description(tensor)}
 
 
-def docs_html(openapi_url: str, title: str) -> str:
-    """The Swagger UI page for ``GET /docs``, reading the document at ``openapi_url``."""
-    # json.dumps makes a JS string literal; escaping "<" keeps a "</script>" in it from ending the script.
-    url = json.dumps(openapi_url).replace("<", "\\u003c")
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)}</title>
-<link rel="stylesheet" href="{SWAGGER_UI}/swagger-ui.css">
-</head>
-<body>
-<div id="swagger-ui"></div>
-<script src="{SWAGGER_UI}/swagger-ui-bundle.js"></script>
-<script>
-window.ui = SwaggerUIBundle({{
-  url: {url},
-  dom_id: "#swagger-ui",
-  layout: "BaseLayout",
-  deepLinking: true,
-  showExtensions: true,
-  showCommonExtensions: true,
-  presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],
-}});
-</script>
-</body>
-</html>
-"""
-
-
 # -- models --------------------------------------------------------------------------------------
 
 
@@ -189,9 +144,10 @@ def _version_order(version: str | None) -> tuple[int, int, str]:
     return (1, int(version), "") if is_count(version) else (2, 0, version)
 
 
-def _predict_operation(spec: ModelSpec) -> dict[str, Any]:
-    rows = {"$ref": f"#/components/schemas/{spec.name}.Inputs"}
-    outputs = {"$ref": f"#/components/schemas/{spec.name}.Outputs"}
+def _predict_operation(spec: ModelSpec, key: str, *, versioned: bool = False) -> dict[str, Any]:
+    """``POST`` rows to ``spec``: at its version's own path when ``versioned``, else at its name's (the highest)."""
+    rows = {"$ref": f"#/components/schemas/{key}.Inputs"}
+    outputs = {"$ref": f"#/components/schemas/{key}.Outputs"}
     # A streaming model's request is not batched, so nothing caps its rows.
     request: dict[str, Any] = {"schema": _row_or_rows(rows, None if spec.streams else spec.max_batch_size)}
     if spec.example is not None:
@@ -201,29 +157,32 @@ def _predict_operation(spec: ModelSpec) -> dict[str, Any]:
             "row": {"summary": "One row", "value": example},
             "rows": {"summary": "A batch of rows", "value": [example, example]},
         }
-    description = (
+    which = f"Version {spec.version} of {spec.name!r}, whatever others it has. " if versioned else ""
+    if not versioned and spec.version is not None:
+        which = f"The highest version of {spec.name!r} ({spec.version}); `/versions/{{version}}/predict` for another. "
+    description = which + (
         "Send one row of inputs as a JSON object, or a batch as a list of them, and get one object of outputs or "
         "a list in the same order. Rows of a batch share each input's shape. "
         f"At most {spec.timeout_s:g} s per request; `X-Request-Timeout` can only shorten it."
     )
-    parameters = [_param_ref("RequestTimeout"), _param_ref("Priority")]
+    parameters = [param_ref("RequestTimeout"), param_ref("Priority")]
     if spec.streams:
         responses = {"200": _streamed_answer(outputs)}
         description += " The model answers in parts, as it yields them."
     else:
         responses = {"200": _whole_answer(spec, outputs), "202": _deferred_response()}
-        parameters.append(_param_ref("Prefer"))
+        parameters.append(param_ref("Prefer"))
         description += (
             f" At most {spec.max_batch_size} rows. With `Prefer: lazy` the answer is a 202 and a handle, and the "
             "prediction runs when the handle is read."
         )
-    return _operation(
+    return build_operation(
         f"Predict with {spec.label}",
         responses,
-        (*_INFERENCE, *((502,) if spec.features else ())),
+        (*INFERENCE, *((502,) if spec.features else ())),
         scope="infer",
         tag="models",
-        operationId=f"predict_{spec.name}",
+        operationId=f"predict_{spec.name}_version_{spec.version}" if versioned else f"predict_{spec.name}",
         description=description,
         parameters=parameters,
         requestBody={"required": True, "content": {"application/json": request}},
@@ -236,7 +195,7 @@ def _whole_answer(spec: ModelSpec, outputs: dict[str, Any]) -> dict[str, Any]:
         "content": {"application/json": {"schema": _row_or_rows(outputs)}},
     }
     if spec.features:
-        answer["headers"] = {"X-Degraded": _degraded_header()}
+        answer["headers"] = {"X-Degraded": degraded_header()}
     return answer
 
 
@@ -306,11 +265,51 @@ def _service_description(specs: Sequence[ModelSpec]) -> str:
     )
 
 
+# -- the list of models --------------------------------------------------------------------------
+
+
+def _model_list_operation() -> dict[str, Any]:
+    return build_operation(
+        "The models of this server: every version, its readiness, and the schemas of its rows.",
+        {"200": json_response("The models, by name; the versions of each, highest first.", "ModelList")},
+        (),
+        scope="infer",
+        tag="models",
+        operationId="list_models",
+    )
+
+
+def _model_list_schema() -> dict[str, Any]:
+    string = {"type": "string"}
+    version = object_schema(
+        {
+            "version": {**nullable(string), "description": "Null for a model without versions."},
+            "state": {"type": "string", "enum": ["LOADING", "READY", "UNAVAILABLE"]},
+            "ready": {"type": "boolean"},
+            "reason": {**nullable(string), "description": "Why it is not ready: its load error, or `unloaded`."},
+            "predict": {**string, "description": "Where to POST rows to this version (the JSON API)."},
+            "streams": {"type": "boolean", "description": "Whether it answers in parts."},
+            "inputs": {"type": "object", "description": "The JSON Schema of one row of inputs."},
+            "outputs": {"type": "object", "description": "The JSON Schema of one row of outputs."},
+        },
+        ["version", "state", "ready", "reason", "predict", "streams", "inputs", "outputs"],
+    )
+    model = object_schema(
+        {
+            "name": string,
+            "latest": {**nullable(string), "description": "The version `/v1/models/{name}/predict` serves."},
+            "versions": {"type": "array", "items": version},
+        },
+        ["name", "latest", "versions"],
+    )
+    return object_schema({"models": {"type": "array", "items": model}}, ["models"])
+
+
 # -- deferred (lazy) predictions -----------------------------------------------------------------
 
 
 def _deferred_schema() -> dict[str, Any]:
-    return _object(
+    return object_schema(
         {
             "id": {"type": "string", "description": "The handle."},
             "model": {"type": "string", "description": "The model (and version) that will predict."},
@@ -340,8 +339,8 @@ def _deferred_path(specs: Sequence[ModelSpec], served: Sequence[ModelSpec]) -> d
         "description": "The outputs, shaped as the request was: an object for an object, a list for a list.",
         "content": {"application/json": {"schema": {"anyOf": outputs} if outputs else {}}},
     }
-    handle = _path_parameter("handle", "The handle's id.", ())
-    operation = _operation(
+    handle = path_parameter("handle", "The handle's id.", ())
+    operation = build_operation(
         "Read a deferred prediction: it runs on the first read, and later reads share its result.",
         {"200": answer},
         (404, 500, 502, 503, 504),
@@ -350,406 +349,3 @@ def _deferred_path(specs: Sequence[ModelSpec], served: Sequence[ModelSpec]) -> d
         operationId="deferred_prediction",
     )
     return {"parameters": [handle], "get": operation}
-
-
-def _degraded_header() -> dict[str, Any]:
-    return {
-        "description": "The feature sources whose defaults stood in: the answer is usable but degraded.",
-        "schema": {"type": "string"},
-    }
-
-
-# -- shared components ---------------------------------------------------------------------------
-
-
-def _operation(
-    summary: str,
-    responses: dict[str, Any],
-    errors: Iterable[int],
-    *,
-    scope: str | None,
-    tag: str = "inference protocol",
-    **fields: Any,
-) -> dict[str, Any]:
-    """An operation answering ``responses`` and ``errors``; 400 always (a ``Host`` refused), and the API key's
-    answers when the route needs a key with ``scope``."""
-    statuses = {400, *errors, *(_KEYED if scope is not None else ())}
-    operation: dict[str, Any] = {"summary": summary, "tags": [tag], **fields}
-    if scope is not None:
-        needs = f"Needs an API key with the `{scope}` scope once the server has keys."
-        operation["description"] = f"{fields['description']} {needs}" if "description" in fields else needs
-        # Either scheme, or none: a server without keys (on loopback) opens every route.
-        operation["security"] = [{"bearer": []}, {"apiKey": []}, {}]
-    operation["responses"] = {**responses, **_error_refs(sorted(statuses))}
-    return operation
-
-
-def _security_schemes() -> dict[str, Any]:
-    return {
-        "bearer": {
-            "type": "http",
-            "scheme": "bearer",
-            "description": "An API key made by `asyncserve keys new`, as `Authorization: Bearer <key>`.",
-        },
-        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "The same key, this way."},
-    }
-
-
-def _error_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {
-            "error": {"type": "string", "description": "What went wrong, and how to fix it."},
-            "code": {"type": "string", "description": "A stable machine code, like `schema_violation`."},
-        },
-        "required": ["error", "code"],
-    }
-
-
-def _error_responses() -> dict[str, Any]:
-    responses: dict[str, Any] = {}
-    for status, (name, description) in _ERRORS.items():
-        response: dict[str, Any] = {
-            "description": description,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-        }
-        if status in _ERROR_HEADERS:
-            header, about, schema = _ERROR_HEADERS[status]
-            response["headers"] = {header: {"description": about, "required": True, "schema": dict(schema)}}
-        responses[name] = response
-    return responses
-
-
-def _error_refs(statuses: Sequence[int]) -> dict[str, Any]:
-    return {str(status): {"$ref": f"#/components/responses/{_ERRORS[status][0]}"} for status in statuses}
-
-
-def _param_ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/parameters/{name}"}
-
-
-def _parameters(specs: Sequence[ModelSpec]) -> dict[str, Any]:
-    names = list(dict.fromkeys(spec.name for spec in specs))
-    versions = list(dict.fromkeys(spec.version for spec in specs if spec.version is not None))
-    return {
-        "ModelName": _path_parameter("model_name", "The model's name.", names),
-        "ModelVersion": _path_parameter("model_version", "The model's version.", versions),
-        "RequestTimeout": _header(
-            "X-Request-Timeout",
-            "Seconds this request may take; it can shorten the model's timeout, never extend it.",
-            {"type": "number", "exclusiveMinimum": 0},
-        ),
-        # Headers are strings: described as such, with the digits the server takes.
-        "Priority": _header("X-Priority", _PRIORITY, {"type": "string", "pattern": f"^{_PRIORITY_DIGITS}$"}),
-        "Prefer": _header(
-            "Prefer",
-            "RFC 7240 preferences; `lazy` answers 202 with a handle instead of the prediction.",
-            {"type": "string"},
-        ),
-        "InferenceHeaderContentLength": _header(
-            "Inference-Header-Content-Length",
-            "With binary tensor data: the length in bytes of the JSON header that starts the body.",
-            {"type": "string", "pattern": "^[0-9]+$"},
-        ),
-    }
-
-
-def _path_parameter(name: str, description: str, examples: Sequence[str]) -> dict[str, Any]:
-    parameter: dict[str, Any] = {
-        "name": name,
-        "in": "path",
-        "required": True,
-        "description": description,
-        "schema": {"type": "string"},
-    }
-    if examples:  # the served ones; any other is a 404
-        parameter["examples"] = {example: {"value": example} for example in examples}
-    return parameter
-
-
-def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "header", "required": False, "description": description, "schema": schema}
-
-
-# -- the Open Inference Protocol (V2) and operations ---------------------------------------------
-
-
-def _v2_schemas() -> dict[str, Any]:
-    datatype = {"type": "string", "enum": [str(d) for d in Datatype]}
-    shape = {"type": "array", "items": {"type": "integer", "minimum": 0}}
-    tensor = {"name": {"type": "string"}, "datatype": datatype, "shape": shape}
-    # A model's metadata gives -1 for the rows, and for each dimension of any length.
-    declared = {**tensor, "shape": {"type": "array", "items": {"type": "integer", "minimum": -1}}}
-    data = {"type": "array", "description": "The values, flattened in row-major order (or nested as `shape`)."}
-    # Fields the server reads as absent when null are nullable here.
-    return {
-        "InferenceRequest": _object(
-            {
-                "id": _nullable({"type": "string"}),
-                "parameters": _nullable(_request_parameters()),
-                "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/RequestInput"}},
-                "outputs": _nullable({"type": "array", "items": {"$ref": "#/components/schemas/RequestOutput"}}),
-            },
-            ["inputs"],
-        ),
-        "RequestInput": _object(
-            {**tensor, "parameters": _nullable(_input_parameters()), "data": data},
-            ["name", "datatype", "shape", "data"],
-        ),
-        "RequestOutput": _object({"name": {"type": "string"}, "parameters": _nullable(_output_parameters())}, ["name"]),
-        "InferenceResponse": _object(
-            {
-                "model_name": {"type": "string"},
-                "model_version": {"type": "string"},
-                "id": {"type": "string"},
-                "parameters": {"type": "object"},
-                "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/ResponseOutput"}},
-            },
-            ["model_name", "outputs"],
-        ),
-        "ResponseOutput": _object(
-            {**tensor, "parameters": {"type": "object"}, "data": data}, ["name", "datatype", "shape"]
-        ),
-        "TensorMetadata": _object(declared, ["name", "datatype", "shape"]),
-        "GenerateResponse": _object(
-            {"model_name": {"type": "string"}, "model_version": {"type": "string"}}, ["model_name", "model_version"]
-        ),
-        "ServerMetadata": _object(
-            {"name": {"type": "string"}, "version": {"type": "string"}, "extensions": _strings()},
-            ["name", "version", "extensions"],
-        ),
-        "ModelMetadata": _object(
-            {
-                "name": {"type": "string"},
-                "versions": _strings(),
-                "platform": {"type": "string"},
-                "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/TensorMetadata"}},
-                "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/TensorMetadata"}},
-            },
-            ["name", "platform", "inputs", "outputs"],
-        ),
-        "RepositoryIndex": {
-            "type": "array",
-            "items": _object(
-                {
-                    "name": {"type": "string"},
-                    "version": {"type": "string"},
-                    "state": {"type": "string", "enum": ["LOADING", "READY", "UNAVAILABLE"]},
-                    "reason": {"type": "string"},
-                },
-                ["name", "state"],
-            ),
-        },
-    }
-
-
-def _request_parameters() -> dict[str, Any]:
-    digits = {"type": "string", "pattern": rf"^\s*{_PRIORITY_DIGITS}\s*$"}
-    priority = {
-        "anyOf": [{"type": "integer", "minimum": 0, "maximum": 9}, digits],
-        "description": f"{_PRIORITY} An integer, or its digits as a string.",
-    }
-    binary = _nullable({"type": "boolean", "description": "Send every output as binary data by default."})
-    return {"type": "object", "properties": {"priority": priority, "binary_data_output": binary}}
-
-
-def _input_parameters() -> dict[str, Any]:
-    size = {
-        "type": ["integer", "null"],
-        "minimum": 0,
-        "description": "The binary tensor data extension: the input's bytes follow the JSON part of the body "
-        "(`Inference-Header-Content-Length`), and `data` is left out.",
-    }
-    return {"type": "object", "properties": {"binary_data_size": size}}
-
-
-def _output_parameters() -> dict[str, Any]:
-    binary = _nullable({"type": "boolean", "description": "Send this output as binary data."})
-    return {"type": "object", "properties": {"binary_data": binary}}
-
-
-def _v2_paths() -> dict[str, Any]:
-    model = [_param_ref("ModelName")]
-    versioned = [*model, _param_ref("ModelVersion")]
-    metadata = _v2_get("Model metadata: its versions, platform and tensors.", _json_response("OK.", "ModelMetadata"))
-    model_ready = _v2_get("200 when the model can take requests.", _state("name", "ready"), (404, 503), scope=None)
-    infer = _infer_operation()
-    return {
-        "/v2": {
-            "get": _v2_get(
-                "Server metadata: name, version and extensions.", _json_response("OK.", "ServerMetadata"), ()
-            )
-        },
-        "/v2/health/live": {"get": _v2_get("200 while the server process runs.", _state("live"), (), scope=None)},
-        "/v2/health/ready": {
-            "get": _v2_get("200 when every model is ready, else 503.", _state("ready"), (503,), scope=None)
-        },
-        "/v2/models/{model_name}": {"parameters": model, "get": metadata},
-        "/v2/models/{model_name}/versions/{model_version}": {"parameters": versioned, "get": metadata},
-        "/v2/models/{model_name}/ready": {"parameters": model, "get": model_ready},
-        "/v2/models/{model_name}/versions/{model_version}/ready": {"parameters": versioned, "get": model_ready},
-        "/v2/models/{model_name}/infer": {"parameters": model, "post": infer},
-        "/v2/models/{model_name}/versions/{model_version}/infer": {"parameters": versioned, "post": infer},
-        "/v2/models/{model_name}/generate": {"parameters": model, "post": _generate_operation(stream=False)},
-        "/v2/models/{model_name}/generate_stream": {"parameters": model, "post": _generate_operation(stream=True)},
-        "/v2/repository/index": {"post": _index_operation()},
-        "/v2/repository/models/{model_name}/load": {
-            "parameters": model,
-            "post": _repository("Load (or reload) a model.", (404, 415, 500)),
-        },
-        "/v2/repository/models/{model_name}/unload": {
-            "parameters": model,
-            "post": _repository("Unload a model.", (404, 415)),
-        },
-    }
-
-
-def _index_operation() -> dict[str, Any]:
-    only_ready = {"type": "boolean", "description": "List only the models that are ready."}
-    body = {"type": "object", "properties": {"ready": only_ready}}
-    return _operation(
-        "The models of this server and their states.",
-        {"200": _json_response("The models.", "RepositoryIndex")},
-        _BODY,
-        scope="admin",
-        requestBody={"required": False, "content": {"application/json": {"schema": body}}},
-    )
-
-
-def _repository(summary: str, errors: Sequence[int]) -> dict[str, Any]:
-    done = {"description": "Done.", "content": {"application/json": {"schema": {"type": "object"}}}}
-    return _operation(summary, {"200": done}, errors, scope="admin")
-
-
-def _infer_operation() -> dict[str, Any]:
-    binary = {
-        "type": "string",
-        "contentMediaType": "application/octet-stream",
-        "description": "The binary tensor data extension: a JSON InferenceRequest of `Inference-Header-Content-Length` "
-        "bytes, then the raw tensors of the inputs whose `parameters.binary_data_size` is set.",
-    }
-    answer = _json_response("The outputs.", "InferenceResponse")
-    answer["content"]["application/octet-stream"] = {"schema": binary}
-    answer["headers"] = {
-        "Inference-Header-Content-Length": {
-            "description": "With binary outputs (`application/octet-stream`): the length of the JSON part.",
-            "schema": {"type": "integer", "minimum": 0},
-        },
-        "X-Degraded": _degraded_header(),
-    }
-    return _operation(
-        "Run inference with the Open Inference Protocol (V2).",
-        {"200": answer},
-        (*_INFERENCE, 404, 502),
-        scope="infer",
-        parameters=[_param_ref("RequestTimeout"), _param_ref("InferenceHeaderContentLength")],
-        requestBody={
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
-                "application/octet-stream": {"schema": binary},
-            },
-        },
-    )
-
-
-def _generate_operation(*, stream: bool) -> dict[str, Any]:
-    body = {
-        "type": "object",
-        "properties": {"parameters": {"type": "object"}},
-        "description": "The model's inputs by name, one row as the JSON API takes it, and optional `parameters`.",
-    }
-    if stream:
-        summary = "The generate extension, streamed: one Server-Sent Event per part of the answer."
-        ok = {
-            "description": "`data: <GenerateResponse>` per part (a model that does not stream has one); "
-            'an error in the middle is `data: {"error", "code"}`.',
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        }
-    else:
-        summary = "The generate extension: one row in, the outputs out (a streaming model's last part)."
-        ok = _json_response("The outputs, by name, after the model's name and version.", "GenerateResponse")
-    return _operation(
-        summary,
-        {"200": ok},
-        (*_INFERENCE, 404, 502),
-        scope="infer",
-        parameters=[_param_ref("RequestTimeout")],
-        requestBody={"required": True, "content": {"application/json": {"schema": body}}},
-    )
-
-
-def _operations_paths() -> dict[str, Any]:
-    metrics = {"description": "Prometheus metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}
-    document = {"description": "This document.", "content": {"application/json": {"schema": {"type": "object"}}}}
-    page = {"description": "Swagger UI.", "content": {"text/html": {"schema": {"type": "string"}}}}
-    return {
-        "/metrics": {"get": _operation("Prometheus metrics.", {"200": metrics}, (), scope="metrics", tag="operations")},
-        "/openapi.json": {
-            "get": _operation("This OpenAPI document.", {"200": document}, (), scope=None, tag="operations")
-        },
-        "/docs": {"get": _operation("This document, rendered.", {"200": page}, (), scope=None, tag="operations")},
-        **_dashboard_paths(),
-    }
-
-
-def _dashboard_paths() -> dict[str, Any]:
-    page = {"description": "The dashboard.", "content": {"text/html": {"schema": {"type": "string"}}}}
-    numbers = {"type": "object", "additionalProperties": {"type": "number"}}
-    model = _object(
-        {
-            "label": {"type": "string"}, "name": {"type": "string"}, "version": _nullable({"type": "string"}),
-            "state": {"enum": ["LOADING", "READY", "UNAVAILABLE"]}, "reason": {"type": "string"},
-            "inputs": {"type": "array"}, "outputs": {"type": "array"}, "stats": {"type": "object"},
-        },
-        ["label", "name", "state", "reason", "inputs", "outputs", "stats"],
-    )  # fmt: skip
-    summary = _object(
-        {
-            "service": {"type": "string"}, "version": {"type": "string"}, "time": {"type": "number"},
-            "server": numbers, "workers": {"type": "array", "items": numbers},
-            "models": {"type": "array", "items": model},
-            "jobs": _nullable(_object({"counts": {"type": "object", "additionalProperties": {"type": "integer"}}}, [])),
-        },
-        ["service", "server", "workers", "models", "jobs"],
-    )  # fmt: skip
-    ok = {"description": "OK.", "content": {"application/json": {"schema": summary}}}
-    about = (
-        "What the dashboard shows: each model's state and recent throughput, latency (p50, p99), batch size, queue "
-        "depth and shed requests; the event loop's lag, requests in flight, executor use, each worker; job counts."
-    )
-    return {
-        "/ui": {"get": _operation("A live dashboard of the server.", {"200": page}, (), scope=None, tag="operations")},
-        "/ui/summary": {"get": _operation(about, {"200": ok}, (), scope="metrics", tag="operations")},
-    }
-
-
-def _v2_get(
-    summary: str, ok: dict[str, Any], errors: Sequence[int] = (404,), *, scope: str | None = "infer"
-) -> dict[str, Any]:
-    return _operation(summary, {"200": ok}, errors, scope=scope)
-
-
-def _state(*fields: str) -> dict[str, Any]:
-    """A health answer: ``{"live": true}``, ``{"ready": true}`` or ``{"name": ..., "ready": true}``."""
-    properties = {name: {"type": "string"} if name == "name" else {"const": True} for name in fields}
-    return {"description": "OK.", "content": {"application/json": {"schema": _object(properties, list(fields))}}}
-
-
-def _json_response(description: str, schema: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
-    }
-
-
-def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": required}
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def _strings() -> dict[str, Any]:
-    return {"type": "array", "items": {"type": "string"}}

@@ -19,7 +19,7 @@ import logging
 import socket
 import ssl
 
-from asyncserve.exceptions import ConfigurationError
+from asyncserve.exceptions import StartupError
 from asyncserve.http.protocol import Dispatcher, HttpProtocol, Limits, ParseBudget
 
 logger = logging.getLogger(__name__)
@@ -168,10 +168,10 @@ def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     try:
         context.load_cert_chain(certfile, keyfile or None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(
-            f"cannot load the TLS certificate {certfile!r} with key {keyfile!r}: {exc}; give PEM files "
-            "(--ssl-certfile, --ssl-keyfile)"
-        ) from None
+        raise StartupError(
+            "TLS", f"cannot load the certificate {certfile!r} with key {keyfile!r}: {exc}",
+            "give PEM files (--ssl-certfile, --ssl-keyfile)",
+        ) from exc  # fmt: skip
     return context
 
 

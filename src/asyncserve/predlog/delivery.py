@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from asyncserve.exceptions import ConfigurationError
 from asyncserve.predlog.metrics import SinkMeter
 from asyncserve.predlog.records import LogRecord
 from asyncserve.predlog.sinks import LogSink
@@ -80,6 +81,8 @@ class Delivery:
         self._late_open: asyncio.Task[None] | None = None
         self._opening: asyncio.Task[bool] | None = None
         self.opened = False
+        self.misconfigured: ConfigurationError | None = None
+        """Set when the sink's store answered that it is misconfigured (a database that does not exist)."""
         self.sink_failing = False
         self._background_failed = False
         self.written = self.spilled = self.lost = self.replayed = self.retried = self.failures = 0
@@ -113,6 +116,10 @@ class Delivery:
         stuck_before = self._stuck
         try:
             await self._call(self.sink.open)
+        except ConfigurationError as exc:
+            # The store answered that the sink is misconfigured (no such database): start-up fails on it.
+            self.misconfigured = exc
+            return False
         except Exception as exc:
             self._late_open = self._stuck if self._stuck is not stuck_before else None
             self._count_failure()

@@ -181,7 +181,9 @@ class PredictionLogger:
     async def start(self) -> None:
         """Open the sink, start the writer and the replay of the spill file (if an earlier run left one).
 
-        A sink that cannot be opened does not stop the start. ``start()`` waits ``START_WAIT_S`` at
+        A sink that cannot be opened does not stop the start, unless its store answers that the sink is
+        misconfigured (``ConfigurationError``: a PostgreSQL database that does not exist), which no
+        retry would mend. ``start()`` waits ``START_WAIT_S`` at
         most for the sink to open (a store that answers, even to refuse, takes milliseconds); a
         slower one goes on opening in the background, within ``write_timeout_s``, while records are
         accepted into the buffer. If the open fails, a warning is logged, records are spilled, and
@@ -201,6 +203,10 @@ class PredictionLogger:
             raise
         if not opening.done():
             logger.info("prediction log sink %s is slow to open; records wait in the buffer meanwhile", self.sink.name)
+        elif (misconfigured := self._delivery.misconfigured) is not None:
+            self._state = LoggerState.CLOSED
+            await self._delivery.aclose()
+            raise misconfigured
         if self._state is not LoggerState.STARTING:
             await self._delivery.aclose()
             raise RuntimeError(f"{self!r} was closed while it was starting")

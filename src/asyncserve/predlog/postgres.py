@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from asyncserve.exceptions import ConfigurationError
+from asyncserve.exceptions import ConfigurationError, StartupError
 from asyncserve.predlog.records import LogRecord, dumps
 from asyncserve.predlog.sinks import check_identifier
 
@@ -87,7 +87,16 @@ class PostgresSink:
         self._connection, self._open = connection, True
 
     async def _connect(self) -> Any:
-        return await self._asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
+        asyncpg = self._asyncpg
+        try:
+            return await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
+        except asyncpg.InvalidCatalogNameError as exc:
+            # The server answers, and says the database is not there: no retry will make it appear.
+            fix = "create it (createdb), or name another database in the URL (ASYNCSERVE_PREDICTION_LOG)"
+            raise StartupError(f"prediction log {self.name}", str(exc), fix) from exc
+        except asyncpg.InvalidAuthorizationSpecificationError as exc:
+            fix = "fix the user or password in the URL (ASYNCSERVE_PREDICTION_LOG), or grant it access"
+            raise StartupError(f"prediction log {self.name}", str(exc), fix) from exc
 
     async def _create_table(self, connection: Any) -> None:
         table = self.table

@@ -25,6 +25,7 @@ from asyncserve.exceptions import (
     ModelNotFound,
     ModelNotReady,
 )
+from asyncserve.features import fetch_features
 from asyncserve.metrics import Metrics
 from asyncserve.model import ModelSpec, call_predict, check_outputs
 from asyncserve.runtime.batching import Batcher, BatchSettings, Runner
@@ -111,11 +112,6 @@ class ModelRegistry:
                     specs[label] = self.find(name, version).spec
                 except ModelNotFound as exc:
                     raise ConfigurationError(f"ensemble {entry.spec.label!r}: {exc.message}") from None
-                if specs[label].features:
-                    raise ConfigurationError(
-                        f"ensemble {entry.spec.label!r}: member {label!r} declares features; "
-                        "declare them on the ensemble instead"
-                    )
             ensemble.check_members(specs)
             ensemble.bind(caller)
 
@@ -235,16 +231,21 @@ class ModelRegistry:
 
     async def load_all(self) -> None:
         """Load and warm every model; a model that fails becomes UNAVAILABLE with the reason."""
-        shared = [e for e in self._entries.values() if not e.spec.is_async and e.spec.key not in self._own_executors]
+        entries = list(self._entries.values())
+        shared = [e for e in entries if not e.spec.is_async and e.spec.key not in self._own_executors]
+        async_entries = [e for e in entries if e.spec.is_async]
         loads = [self._load_sync(self._executor, shared)]
         loads += [self._load_sync(self._own_executors[key], [self._entries[key]]) for key in self._own_executors]
-        loads += [self._load_async(e) for e in self._entries.values() if e.spec.is_async]
+        loads += [self._load_async(e) for e in async_entries]
         started = time.perf_counter()
         await asyncio.gather(*loads)
-        ready = sum(entry.state is ModelState.READY for entry in self._entries.values())
+        ready = [e.spec.label for e in entries if e.state is ModelState.READY]
+        failed = [e.spec.label for e in entries if e.state is not ModelState.READY]
         logger.info(
-            "loaded %d of %d model(s) in %.2fs with %r", ready, len(self._entries), time.perf_counter() - started,
-            self._executor,
+            "loaded %d of %d model(s) in %.2fs (%d with %r, %d with workers of their own, %d async): %s%s",
+            len(ready), len(entries), time.perf_counter() - started, len(shared), self._executor,
+            len(self._own_executors), len(async_entries), ", ".join(ready) or "none",
+            f"; failed: {', '.join(failed)}" if failed else "",
         )  # fmt: skip
 
     async def _load_sync(self, executor: Executor, entries: list[ModelEntry]) -> None:
@@ -289,6 +290,11 @@ class ModelRegistry:
             loading = asyncio.to_thread(load_and_warm, spec) if spec.is_async else self.executor_for(spec).reload(spec)
             await self._load_one(entry, loading)
         return entries
+
+    def versions(self, name: str) -> list[ModelEntry]:
+        """Every version of ``name``, highest first (ModelNotFound for an unknown name)."""
+        self.find(name)
+        return list(self._by_name[name])
 
     def _versions(self, name: str) -> list[ModelEntry]:
         self.find(name)
@@ -353,7 +359,12 @@ class RegistryCaller:
         self._registry = registry
 
     async def predict(self, name: str, columns: Columns, *, version: str | None = None) -> Columns:
+        """Run ``name`` on ``columns``; a model that declares features gets them looked up first, by its keys."""
         entry = self._registry.get_ready(name, version)
         deadline = request_deadline.get(time.monotonic() + entry.spec.timeout_s)
         rows = len(next(iter(columns.values())))
+        if entry.spec.features:
+            # The sources merge the keys of concurrent lookups: members keyed alike share round trips.
+            fetched = await fetch_features(entry.spec.features, columns, deadline)
+            columns = {**columns, **fetched.columns}
         return await self._registry.predict(entry, columns, rows, deadline)

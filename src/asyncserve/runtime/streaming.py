@@ -28,7 +28,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Generator
 from enum import StrEnum
 from typing import Any, Protocol
 
-from asyncserve.exceptions import AsyncServeError, DeadlineExceeded, ModelError, Overloaded
+from asyncserve.exceptions import AsyncServeError, DeadlineExceeded, InvalidRequest, ModelError, Overloaded
 from asyncserve.model import ModelSpec, call_predict, check_outputs
 from asyncserve.tensors import Columns
 
@@ -79,6 +79,11 @@ class Streams:
 
     def start(self, columns: Columns, rows: int, deadline: float) -> AsyncIterator[Columns]:
         """The parts of one request's answer; close the iterator to stop the model at its next step."""
+        if rows > self.spec.max_batch_size:
+            raise InvalidRequest(
+                f"the request has {rows} rows but model {self.spec.label!r} streams the answer to at most "
+                f"{self.spec.max_batch_size} per call; send one request per row"
+            )
         if self.open >= self.limit:
             raise Overloaded(
                 f"model {self.spec.label!r} streams {self.open} answers, its limit; retry later", retry_after_s=1.0
