@@ -93,6 +93,9 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 for any free one (default 8000)")
     parser.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    parser.add_argument(
+        "--grpc-port", type=int, help="also serve V2 over gRPC on this port, 0 for any (needs asyncserve[grpc])"
+    )
     parser.add_argument("--executor", choices=["thread", "process"], help="where CPU-bound predict runs")
     parser.add_argument("--executor-workers", type=int, help="threads or processes in the executor pool")
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
@@ -118,6 +121,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        grpc_port=args.grpc_port,
         executor=args.executor,
         executor_workers=args.executor_workers,
         log_level=args.log_level,
