@@ -11,6 +11,7 @@ same message; anything else is a bug, logged with its traceback and answered INT
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -229,7 +230,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         failure: AsyncServeError | None = None
         try:
             result = handler(*args)
-            if isinstance(result, Awaitable):
+            if inspect.isawaitable(result):
                 result = await result
             return result
         except AsyncServeError as exc:

@@ -66,9 +66,10 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> Decoded:
         InvalidRequest: The inputs do not match the declaration, or their data does not fit them.
         SchemaViolation: A shape or a value is out of range, or a parameter is of the wrong type.
     """
-    heads = [Head(tensor.name, tensor.datatype, list(tensor.shape)) for tensor in request.inputs]
+    tensors = list(request.inputs)
+    heads = [Head(tensor.name, tensor.datatype, list(tensor.shape)) for tensor in tensors]
     for index, head in enumerate(heads):
-        if any(d < 0 for d in head.shape):
+        if min(head.shape, default=0) < 0:
             raise SchemaViolation(f"inputs[{index}].shape", f"must be a list of integers >= 0, got {head.shape}")
     raw = request.raw_input_contents
     if raw and len(raw) != len(heads):
@@ -77,13 +78,14 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> Decoded:
             "inputs' order, or give every input's data in its contents"
         )
     rows = v2.check_inputs(heads, spec)
-    decoded = {
-        head.name: _raw_column(spec, tensor, head, raw[i], i) if raw else _typed_column(spec, tensor, head, i)
-        for i, (tensor, head) in enumerate(zip(request.inputs, heads, strict=True))
-    }
-    columns = {name: decoded[name] for name in spec.inputs}
+    if raw:
+        decoded = {head.name: _raw_column(spec, tensors[i], head, raw[i], i) for i, head in enumerate(heads)}
+    else:
+        decoded = {head.name: _typed_column(spec, tensors[i], head, i) for i, head in enumerate(heads)}
+    columns = decoded if len(decoded) == 1 else {name: decoded[name] for name in spec.inputs}
     outputs = v2.check_outputs_asked([_asked_output(output) for output in request.outputs], spec)
-    priority = parse_priority(parameter_value(request.parameters.get("priority")) or 0, "parameters.priority")
+    asked = parameter_value(request.parameters.get("priority")) if request.parameters else None
+    priority = 0 if asked is None else parse_priority(asked, "parameters.priority")
     return Decoded(columns, rows, outputs, bool(raw), priority)
 
 
