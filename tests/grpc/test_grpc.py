@@ -236,6 +236,21 @@ def test_the_models_timeout_caps_the_deadline(client: triton.InferenceServerClie
     assert "hasty" in error.message()  # the server's own message, not the client's "Deadline Exceeded"
 
 
+def test_tritons_timeout_parameter_shortens_the_deadline(
+    client: triton.InferenceServerClient, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    error = fails(client.infer, "sleeper", sleep_input(2.0), timeout=200_000)  # microseconds, as Triton reads it
+    assert error.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert "sleeper" in error.message()  # the server's deadline, not the client's
+    request = pb.ModelInferRequest(model_name="sleeper")
+    request.inputs.add(name="seconds", datatype="FP64", shape=[1]).contents.fp64_contents.append(0.0)
+    request.parameters["timeout"].string_param = "soon"
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "parameters.timeout: the request's timeout is microseconds > 0, got 'soon'"
+
+
 def test_a_streaming_model_is_refused_by_model_infer(client: triton.InferenceServerClient) -> None:
     tensor = triton.InferInput("n", [1], "INT64")
     tensor.set_data_from_numpy(np.array([3]))

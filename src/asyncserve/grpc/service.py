@@ -114,9 +114,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         arrived = time.monotonic()
-        entry, deadline = self.admission.admit(
-            request.model_name, request.model_version or None, context.time_remaining(), arrived
-        )
+        asked_s = tensors.asked_seconds(context.time_remaining(), request.parameters)
+        entry, deadline = self.admission.admit(request.model_name, request.model_version or None, asked_s, arrived)
         if entry.spec.streams:
             raise InvalidRequest(f"model {entry.spec.label!r} answers in parts: call ModelStreamInfer")
         return await self._predict(entry, deadline, request)
@@ -154,8 +153,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         self.http.inferring += 1
         try:
+            asked_s = tensors.asked_seconds(context.time_remaining(), request.parameters)
             entry, deadline = self.admission.admit(
-                request.model_name, request.model_version or None, context.time_remaining(), time.monotonic()
+                request.model_name, request.model_version or None, asked_s, time.monotonic()
             )
             if not entry.spec.streams:
                 yield pb.ModelStreamInferResponse(infer_response=await self._predict(entry, deadline, request))

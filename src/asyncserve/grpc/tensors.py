@@ -126,8 +126,15 @@ def parameter_value(parameter: pb.InferParameter | None) -> Any:
     return None if which is None else getattr(parameter, which)
 
 
-def parameters_dict(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
-    return {name: parameter_value(value) for name, value in parameters.items()}
+def asked_seconds(remaining_s: float | None, parameters: Mapping[str, pb.InferParameter]) -> float | None:
+    """The time a call asks for: its gRPC deadline, shortened by Triton's ``timeout`` parameter (microseconds,
+    what ``tritonclient.grpc``'s ``infer(timeout=...)`` sends); None when it asks for neither."""
+    if not parameters or "timeout" not in parameters:
+        return remaining_s
+    timeout_us = parameter_value(parameters["timeout"])
+    if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us <= 0:
+        raise SchemaViolation("parameters.timeout", f"the request's timeout is microseconds > 0, got {timeout_us!r}")
+    return timeout_us / 1e6 if remaining_s is None else min(remaining_s, timeout_us / 1e6)
 
 
 def encode_response(
