@@ -221,6 +221,8 @@ def _print_demo_usage(sock: socket.socket, settings: Settings) -> None:
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     print(f"asyncserve demo on {url}: API docs {url}/docs, metrics {url}/metrics, readiness {url}/v2/health/ready")
+    if settings.grpc_port > 0:
+        print(f"The Open Inference Protocol over gRPC answers on {host}:{settings.grpc_port} (tritonclient.grpc)")
     print(f"Every prediction is logged to {settings.prediction_log}")
     if settings.api_keys_file or settings.api_keys:
         print("This server needs API keys: add -H 'Authorization: Bearer <key>' to the requests below.")
