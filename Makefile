@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: help demo test quick check fmt bench clean
+.PHONY: help demo test quick check fmt bench clean proto
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -42,6 +42,10 @@ fmt: $(STAMP)  ## format and fix what ruff can
 
 bench: $(STAMP)  ## run the benchmarks (results in benchmarks/results/)
 	$(BIN)/python -m benchmarks.overhead
+
+proto: $(STAMP)  ## regenerate src/asyncserve/grpc/inference_pb2*.py(i) from inference.proto
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src \
+		--mypy_out=src --mypy_grpc_out=src src/asyncserve/grpc/inference.proto
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.*

@@ -192,7 +192,8 @@ async def test_the_log_counts_every_model_loaded_sync_and_async(tmp_path: Path) 
         await eventually(lambda: _logged(running, "loaded "), "the load line")
         log = await running.log_text()
     assert re.search(
-        r"loaded 4 of 4 model\(s\) in [0-9.]+s \(3 with ThreadExecutor\(workers=\d+\), 1 async\): ", log
+        r"loaded 4 of 4 model\(s\) in [0-9.]+s "
+        r"\(3 with ThreadExecutor\(workers=\d+\), 0 with workers of their own, 1 async\): ", log
     ), log
 
 

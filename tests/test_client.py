@@ -753,7 +753,8 @@ async def test_the_readme_client_examples_run_and_answer_what_they_say() -> None
         module = types.ModuleType("readme")
         exec(compile(next(b for b in _readme_blocks() if marker in b), "README.md", "exec"), module.__dict__)
         models.update({name: value for name, value in module.__dict__.items() if name in ("Scaler", "Countdown")})
-    client_blocks = [block for block in _readme_blocks() if "Client(" in block]
+    # (the gRPC block, run by tests/grpc/test_readme_grpc.py, is tritonclient's)
+    client_blocks = [block for block in _readme_blocks() if "Client(" in block and "tritonclient" not in block]
     assert len(client_blocks) == 2
     ran: list[dict[str, Any]] = []
     async with serving(Service(models["Scaler"](), models["Countdown"](), name="readme")) as running:

@@ -55,3 +55,12 @@ def test_http_limits_are_checked() -> None:
         Settings(keep_alive_s=0)
     with pytest.raises(ConfigurationError, match="ssl_certfile and ssl_keyfile must be both given or both empty"):
         Settings(ssl_certfile="cert.pem")
+
+
+def test_the_grpc_port_is_off_by_default_and_checked() -> None:
+    assert Settings().grpc_port == -1
+    assert Settings.from_env({"ASYNCSERVE_GRPC_PORT": "8001"}).grpc_port == 8001
+    with pytest.raises(ConfigurationError, match=r"grpc_port must be -1 \(off\) or an integer from 0 to 65535"):
+        Settings(grpc_port=70000)
+    with pytest.raises(ConfigurationError, match="grpc_port must be a fixed port with --workers > 1"):
+        Settings(grpc_port=0, workers=2)

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import asyncserve
 from asyncserve._utils import cause_of, display_url
@@ -22,6 +22,7 @@ from asyncserve.composition.caches import MemoryPredictionCache, PredictionCache
 from asyncserve.composition.deferred import DeferredPredictions, LazyPrediction
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError, StartupError
+from asyncserve.grpc import require_grpc
 from asyncserve.http.app import HttpApp
 from asyncserve.http.auth import Authenticator
 from asyncserve.http.jobs import JobsAPI
@@ -35,6 +36,9 @@ from asyncserve.runtime.peers import MetricsPeers, WorkerGroup
 from asyncserve.runtime.pipeline import Pipeline
 from asyncserve.runtime.registry import ModelRegistry
 from asyncserve.service import Service
+
+if TYPE_CHECKING:
+    from asyncserve.grpc.server import GrpcServer
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +104,8 @@ class App:
             jobs=self.jobs, peers=self.peers, auth=self.auth,
         )  # fmt: skip
         self._count_elsewhere()
+        self.grpc: GrpcServer | None = None
+        """The gRPC server, with ``grpc_port`` set (started with the app)."""
         self.job_workers: list[Worker] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._loading: asyncio.Task[None] | None = None
@@ -161,6 +167,22 @@ class App:
         if self.auth.source is not None:
             watching = self._spawn(self._reload_keys(), "asyncserve-keys")
             stack.callback(watching.cancel)
+        if self.settings.grpc_port >= 0:
+            await self._start_grpc(stack, grace_s)
+
+    async def _start_grpc(self, stack: contextlib.AsyncExitStack, grace_s: float) -> None:
+        """The gRPC server, closed first: its calls drain (``stop_grpc``) while the batchers still run."""
+        require_grpc()
+        from asyncserve.grpc.server import GrpcServer  # imports grpc: only when asked for
+
+        self.grpc = GrpcServer(self.http, self.settings)
+        await self.grpc.start()
+        self._on_close(stack, "the gRPC server", lambda: self.stop_grpc(grace_s))
+
+    async def stop_grpc(self, grace_s: float) -> None:
+        """Refuse new gRPC calls; those under way get ``grace_s`` seconds (the HTTP drain runs beside it)."""
+        if self.grpc is not None:
+            await self.grpc.stop(grace_s)
 
     async def _start_pipeline(self, stack: contextlib.AsyncExitStack, grace_s: float) -> None:
         """Open what the pipeline uses: feature sources, the prediction cache and the prediction log."""

@@ -122,6 +122,8 @@ class Settings:
     port: int = 8000
     workers: int = 1
     """Server processes sharing the port."""
+    grpc_port: int = -1
+    """The port of the Open Inference Protocol over gRPC (``pip install 'asyncserve[grpc]'``); -1: off, 0: any."""
     executor: ExecutorKind = "thread"
     """Where plain (CPU-bound) ``predict`` functions run: a thread pool or a process pool."""
     executor_workers: int = 0
@@ -209,6 +211,9 @@ class Settings:
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535 or self.port == 0, "port", "an integer from 0 to 65535", self.port)
         _require(self.workers >= 1, "workers", "an integer >= 1", self.workers)
+        _require(-1 <= self.grpc_port <= 65535, "grpc_port", "-1 (off) or an integer from 0 to 65535", self.grpc_port)
+        _require(self.grpc_port != 0 or self.workers == 1, "grpc_port", "a fixed port with --workers > 1 (every "
+                 "worker listens on it)", self.grpc_port)  # fmt: skip
         _require(self.executor in _EXECUTORS, "executor", "'thread' or 'process'", self.executor)
         _require(self.executor_workers >= 0, "executor_workers", "an integer >= 0", self.executor_workers)
         _require(self.compute_threads >= 0, "compute_threads", "an integer >= 0", self.compute_threads)

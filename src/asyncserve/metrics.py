@@ -46,6 +46,14 @@ class Metrics:
             "asyncserve_request_errors", "Requests that ended in an error, by route, model and error code.",
             ["route", "model", "code"], registry=r,
         )  # fmt: skip
+        self.grpc_requests = LoopCounter(
+            "asyncserve_grpc_requests", "gRPC calls answered, by method, model and gRPC status code.",
+            ["method", "model", "code"], registry=r,
+        )  # fmt: skip
+        self.grpc_request_duration = LoopHistogram(
+            "asyncserve_grpc_request_duration_seconds", "Time from a gRPC call's arrival to its answer, in seconds.",
+            ["method", "model"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
         self.in_flight = Gauge(
             "asyncserve_requests_in_flight", "Requests being handled right now.", ["route"], registry=r
         )
@@ -164,6 +172,7 @@ class Metrics:
 
         # Labelled children looked up once: labels() costs microseconds, paid on every request.
         self._request_children: dict[tuple[str, str, int], tuple[LoopCounterChild, LoopHistogramChild]] = {}
+        self._grpc_children: dict[tuple[str, str, str], tuple[LoopCounterChild, LoopHistogramChild]] = {}
         self._in_flight_counts: dict[str, int] = {}
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
@@ -171,6 +180,15 @@ class Metrics:
         if children is None:
             children = self.requests.labels(route, model, str(status)), self.request_duration.labels(route, model)
             self._request_children[(route, model, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_grpc(self, method: str, model: str, code: str, seconds: float) -> None:
+        """A gRPC call answered; its errors count in ``asyncserve_request_errors`` as route ``grpc_<method>``."""
+        children = self._grpc_children.get((method, model, code))
+        if children is None:
+            children = self.grpc_requests.labels(method, model, code), self.grpc_request_duration.labels(method, model)
+            self._grpc_children[(method, model, code)] = children
         children[0].inc()
         children[1].observe(seconds)
 

@@ -33,6 +33,7 @@ from asyncserve._utils import import_string
 from asyncserve.app import App
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError, StartupError
+from asyncserve.grpc import require_grpc
 from asyncserve.http.auth import is_loopback
 from asyncserve.http.protocol import Limits
 from asyncserve.http.server import HttpServer, tls_context
@@ -103,7 +104,8 @@ async def run_app(
         await stop.wait()
         app.begin_shutdown()
         server.close()
-        cut = await server.drain(app.settings.grace_period_s)
+        grace_s = app.settings.grace_period_s
+        cut, _ = await asyncio.gather(server.drain(grace_s), app.stop_grpc(grace_s))
         if tune_gc:
             freezing.cancel()
     return cut
@@ -153,6 +155,8 @@ def serve(target: Service | str, settings: Settings | None = None, *, sock: sock
     """
     settings = settings or Settings.from_env()
     check_protected(settings)
+    if settings.grpc_port >= 0:
+        require_grpc()  # one line at start-up, not one per worker
     sock = sock or bind_socket(settings.host, settings.port)
     if settings.workers == 1:
         _serve_one(target, settings, sock)

@@ -95,6 +95,9 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 for any free one (default 8000)")
     parser.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    parser.add_argument(
+        "--grpc-port", type=int, help="also serve V2 over gRPC on this port, 0 for any (needs asyncserve[grpc])"
+    )
     parser.add_argument("--executor", choices=["thread", "process"], help="where CPU-bound predict runs")
     parser.add_argument("--executor-workers", type=int, help="threads or processes in the executor pool")
     parser.add_argument(
@@ -123,6 +126,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        grpc_port=args.grpc_port,
         executor=args.executor,
         executor_workers=args.executor_workers,
         compute_threads=args.compute_threads,
@@ -235,6 +239,8 @@ def _print_demo_usage(sock: socket.socket, settings: Settings) -> None:
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     print(f"asyncserve demo on {url}: API docs {url}/docs, metrics {url}/metrics, readiness {url}/v2/health/ready")
+    if settings.grpc_port > 0:
+        print(f"The Open Inference Protocol over gRPC answers on {host}:{settings.grpc_port} (tritonclient.grpc)")
     print(f"Every prediction is logged to {settings.prediction_log}")
     if settings.api_keys_file or settings.api_keys:
         print("This server needs API keys: add -H 'Authorization: Bearer <key>' to the requests below.")

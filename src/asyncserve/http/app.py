@@ -164,11 +164,11 @@ class HttpApp:
             route_name = route.name
             request.key = self._admit(request, route)
         except AsyncServeError as exc:
-            model = self._model_label(request.params.get("model", ""))
+            model = self.model_label(request.params.get("model", ""))
             respond(self._error_response(exc, route_name, model), request.request_id)
             self.metrics.observe_request(route_name, model, exc.status_code, time.perf_counter() - started)
             return None
-        model = self._model_label(request.params.get("model", ""))
+        model = self.model_label(request.params.get("model", ""))
         self.metrics.request_started(route_name)
         if route.inference:
             self.inferring += 1
@@ -283,7 +283,7 @@ class HttpApp:
         self.metrics.errors.labels(route_name, model, exc.code).inc()
         return Response.json(exc.to_dict(), exc.status_code, exc.headers())
 
-    def _model_label(self, name: str) -> str:
+    def model_label(self, name: str) -> str:
         # Only names of served models become label values: a client must not be able to grow
         # the metrics without bound by asking for made-up models.
         return name if name in self._model_names else ""
@@ -315,7 +315,7 @@ class HttpApp:
             return None  # the handler gives the precise error
         if overloaded is None or not route.inference:
             return None
-        model = self._model_label(params.get("model", ""))
+        model = self.model_label(params.get("model", ""))
         self.metrics.observe_request(route.name, model, overloaded.status_code, 0.0)
         return self._error_response(overloaded, route.name, model)
 
@@ -329,7 +329,7 @@ class HttpApp:
             if route.scope is not None:
                 self.auth.authorize(self.auth.identify(headers), route.scope)
         except AsyncServeError as exc:
-            model = self._model_label(params.get("model", ""))
+            model = self.model_label(params.get("model", ""))
             self.metrics.observe_request(route.name, model, exc.status_code, 0.0)
             return self._error_response(exc, route.name, model)
         return None

@@ -19,11 +19,11 @@ import orjson
 from asyncserve._utils import is_count
 from asyncserve.composition.deferred import DeferredPredictions, Handle, LazyPrediction
 from asyncserve.config import Settings
-from asyncserve.exceptions import InvalidRequest, NotFound, SchemaViolation, ShuttingDown, UnsupportedMediaType
+from asyncserve.exceptions import InvalidRequest, NotFound, ShuttingDown, UnsupportedMediaType
 from asyncserve.http import jsonapi, streams, v2
 from asyncserve.http.jobs import JobsAPI
 from asyncserve.http.routing import JSON_TYPE, Pending, Reply, Request, Response, new_request_id
-from asyncserve.runtime.batching import PRIORITY_LEVELS
+from asyncserve.runtime.admission import Admission, parse_priority
 from asyncserve.runtime.pipeline import Pipeline, Prediction
 from asyncserve.runtime.registry import ModelEntry, ModelRegistry
 from asyncserve.tensors import Columns
@@ -49,9 +49,18 @@ class InferenceRoutes:
         self.pipeline = pipeline
         self.deferred = deferred
         self.jobs_api = jobs_api
-        self.shutting_down = False
-        """Set when shutdown begins: new predictions are refused (503), in-flight ones go on."""
+        self.admission = Admission(registry)
+        """The admission every inference request goes through, over HTTP or gRPC."""
         self._deferred_as_list: dict[str, bool] = {}
+
+    @property
+    def shutting_down(self) -> bool:
+        """Set when shutdown begins: new predictions are refused (503), in-flight ones go on."""
+        return self.admission.shutting_down
+
+    @shutting_down.setter
+    def shutting_down(self, value: bool) -> None:
+        self.admission.shutting_down = value
 
     def infer(self, request: Request) -> Reply:
         entry, deadline = self.admit(request)
@@ -76,7 +85,7 @@ class InferenceRoutes:
         return v2.decode_infer_request(request.body, entry.spec, header_length)
 
     def _start_infer(self, request: Request, entry: ModelEntry, deadline: float, decoded: v2.InferRequest) -> Pending:
-        priority = _parse_priority(decoded.parameters.get("priority", 0), "parameters.priority")
+        priority = parse_priority(decoded.parameters.get("priority", 0), "parameters.priority")
         work, to_prediction = self.pipeline.start(
             entry, decoded.columns, decoded.rows, deadline, priority=priority, request_id=request.request_id
         )
@@ -121,7 +130,7 @@ class InferenceRoutes:
     def _decode_rows(self, request: Request, entry: ModelEntry, body: bytes) -> Rows:
         _require_json(request)
         columns, as_list = jsonapi.decode_rows(body, entry.spec)
-        priority = _parse_priority(request.headers.get("x-priority", "0"), "X-Priority")
+        priority = parse_priority(request.headers.get("x-priority", "0"), "X-Priority")
         return columns, len(next(iter(columns.values()))), as_list, priority
 
     # Deferred (lazy) predictions
@@ -182,15 +191,10 @@ class InferenceRoutes:
         return Response(200, jsonapi.encode_rows(entry.spec, outputs, as_list))
 
     def admit(self, request: Request) -> tuple[ModelEntry, float]:
-        """Find the model and fix the request's deadline, once, at the edge."""
-        if self.shutting_down:
-            raise ShuttingDown("the server is shutting down; send the request to another replica")
-        entry = self.registry.get_ready(request.params["model"], request.params.get("version"))
-        timeout_s = entry.spec.timeout_s
+        """Find the model and fix the request's deadline, once, at the edge (``Admission.admit``)."""
         asked = request.headers.get("x-request-timeout")
-        if asked is not None:
-            timeout_s = min(timeout_s, parse_timeout(asked))
-        return entry, request.arrived + timeout_s
+        asked_s = None if asked is None else parse_timeout(asked)
+        return self.admission.admit(request.params["model"], request.params.get("version"), asked_s, request.arrived)
 
 
 def parse_timeout(value: str) -> float:
@@ -237,17 +241,6 @@ def _prefers(request: Request, preference: str) -> bool:
 def _degraded_header(prediction: Prediction) -> dict[str, str]:
     """``X-Degraded`` names the feature sources whose defaults stood in: the answer is usable but degraded."""
     return {"x-degraded": ",".join(prediction.degraded)} if prediction.degraded else {}
-
-
-def _parse_priority(value: object, where: str) -> int:
-    """A priority lane: 0 (the default) to 9, served first; from V2 parameters or the X-Priority header."""
-    if isinstance(value, str) and is_count(value.strip().lstrip("-")):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < PRIORITY_LEVELS:
-        raise SchemaViolation(
-            where, f"a priority is an integer from 0 to {PRIORITY_LEVELS - 1} (higher first), got {value!r}"
-        )
-    return value
 
 
 def _binary_header_length(request: Request) -> int | None:

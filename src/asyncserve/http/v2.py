@@ -26,9 +26,10 @@ from __future__ import annotations
 import base64
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain, pairwise
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -69,6 +70,17 @@ class InferRequest:
     rows: int
     parameters: dict[str, Any]
     outputs: list[RequestedOutput]
+
+
+class TensorHead(Protocol):
+    """What every protocol says of an input tensor before its data: its name, datatype and shape."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def datatype(self) -> str: ...
+    @property
+    def shape(self) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,90 @@ def model_metadata(spec: ModelSpec) -> dict[str, Any]:
 
 def _tensor_metadata(name: str, tensor: Tensor) -> dict[str, Any]:
     return {"name": name, "datatype": str(tensor.dtype), "shape": tensor.batch_shape()}
+
+
+# --- for other protocols (gRPC): the same checks, messages and conversions ------------------
+
+
+def check_inputs(heads: Sequence[TensorHead], spec: ModelSpec) -> int:
+    """Check the inputs' names, datatypes and shapes against ``spec``'s declaration; return the common row count.
+
+    Raises:
+        InvalidRequest: An input is unknown, given twice or missing, or of the wrong datatype or shape.
+    """
+    _check_names(heads, spec)
+    return _check_shapes(heads, spec)
+
+
+def decode_values(spec: ModelSpec, head: TensorHead, values: Sequence[Any], where: str) -> npt.NDArray[Any]:
+    """An input's column from its flat values, already of the datatype's kind (numbers, booleans, bytes).
+
+    Raises:
+        InvalidRequest: The values do not fill the shape, or are not finite.
+        SchemaViolation: A value is out of the datatype's range (``where`` names the field).
+    """
+    given = _plan(spec).inputs[head.name]
+    count = math.prod(head.shape)
+    if len(values) != count:
+        raise InvalidRequest(
+            f"input {head.name!r} has shape {head.shape}, which holds {count} values, but its data holds {len(values)}"
+        )
+    if not given.code:
+        return _bytes_column(head.name, given.tensor.binary, list(values)).reshape(head.shape)
+    column = pack_numbers(list(values), head.shape, given.dtype, given.code)
+    if column is None:
+        datatype = given.datatype
+        raise SchemaViolation(
+            where, f"input {head.name!r} holds a value out of the {datatype} range {_range(datatype)}"
+        )
+    return _finite(given, column, "its data")
+
+
+def decode_binary(spec: ModelSpec, head: TensorHead, blob: bytes, where: str) -> npt.NDArray[Any]:
+    """An input's column from its binary data: little-endian values, or BYTES as 4-byte lengths and bytes.
+
+    Raises:
+        InvalidRequest: The data does not fit the shape and datatype (``where`` names the field).
+    """
+    given = _plan(spec).inputs[head.name]
+    if given.code:
+        return _fixed_size_column(given, head.shape, memoryview(blob), where)
+    values = _unpack_bytes(head.name, memoryview(blob))
+    count = math.prod(head.shape)
+    if len(values) != count:
+        raise InvalidRequest(
+            f"input {head.name!r} has shape {head.shape}, which holds {count} values, but {where} holds {len(values)}"
+        )
+    return _bytes_column(head.name, given.tensor.binary, values).reshape(head.shape)
+
+
+def encode_binary(spec: ModelSpec, name: str, value: Any) -> tuple[list[int], bytes]:
+    """An output's shape and binary data (little-endian values; BYTES as 4-byte lengths and bytes)."""
+    output = _plan(spec).outputs[name]
+    array = np.asarray(value, dtype=object) if output.text else np.ascontiguousarray(value, dtype=output.dtype)
+    blob = _pack_bytes(array.reshape(-1)) if output.text else array.astype(output.wire, copy=False).tobytes()
+    return list(array.shape), blob
+
+
+def encode_values(spec: ModelSpec, name: str, value: Any) -> tuple[list[int], list[Any]]:
+    """An output's shape and flat values: Python numbers, booleans, or bytes for BYTES."""
+    output = _plan(spec).outputs[name]
+    if output.text:
+        array = np.asarray(value, dtype=object)
+        return list(array.shape), [_as_bytes(v) for v in array.reshape(-1).tolist()]
+    array = np.asarray(value, dtype=output.dtype)
+    values: list[Any] = array.reshape(-1).tolist()
+    return list(array.shape), values
+
+
+def check_outputs_asked(names: Sequence[str], spec: ModelSpec) -> list[str]:
+    """The outputs asked for by name, each declared and asked once; every output when none are asked."""
+    for name in names:
+        if name not in spec.outputs:
+            raise InvalidRequest(f"model {spec.label!r} has no output {name!r}; its outputs are {list(spec.outputs)}")
+    if len(set(names)) != len(names):
+        raise InvalidRequest(f"outputs name {list(names)}; ask for each output once")
+    return list(names) or list(spec.outputs)
 
 
 # --- the per-model plan --------------------------------------------------------------------
@@ -328,7 +424,7 @@ def _slice_blobs(entries: list[_Input], tail: memoryview, header_length: int | N
     ]
 
 
-def _check_names(entries: list[_Input], spec: ModelSpec) -> None:
+def _check_names(entries: Sequence[TensorHead], spec: ModelSpec) -> None:
     declared = list(spec.inputs)
     seen: set[str] = set()
     for entry in entries:
@@ -342,7 +438,7 @@ def _check_names(entries: list[_Input], spec: ModelSpec) -> None:
         raise InvalidRequest(f"the request is missing input(s) {missing}; model {spec.label!r} takes {declared}")
 
 
-def _check_shapes(entries: list[_Input], spec: ModelSpec) -> int:
+def _check_shapes(entries: Sequence[TensorHead], spec: ModelSpec) -> int:
     """Check each input's datatype and shape against its declaration; return the common row count."""
     rows = 0
     for entry in entries:
@@ -608,12 +704,15 @@ def _unpack_bytes(name: str, blob: memoryview) -> list[bytes]:
     return values
 
 
-def _fixed_size_column(given: _InputPlan, shape: list[int], blob: memoryview) -> npt.NDArray[Any]:
+def _fixed_size_column(
+    given: _InputPlan, shape: list[int], blob: memoryview, where: str | None = None
+) -> npt.NDArray[Any]:
     expected = math.prod(shape) * given.dtype.itemsize
     if len(blob) != expected:
+        got = f"binary_data_size {len(blob)}" if where is None else f"{len(blob)} bytes in {where}"
         raise InvalidRequest(
             f"input {given.name!r} of shape {shape} and datatype {given.datatype} takes {expected} bytes "
-            f"of binary data, got binary_data_size {len(blob)}"
+            f"of binary data, got {got}"
         )
     if given.code == "?":
         raw = np.frombuffer(blob, dtype=np.uint8)
@@ -622,10 +721,14 @@ def _fixed_size_column(given: _InputPlan, shape: list[int], blob: memoryview) ->
         return raw.astype(np.bool_).reshape(shape)
     # astype copies: the column is writable, native-endian and does not pin the request body.
     column = np.frombuffer(blob, dtype=given.wire).astype(given.dtype).reshape(shape)
+    return _finite(given, column, "its binary data")
+
+
+def _finite(given: _InputPlan, column: npt.NDArray[Any], what: str) -> npt.NDArray[Any]:
     if given.dtype.kind == "f" and column.size and not np.isfinite(column).all():
         at = int(np.flatnonzero(~np.isfinite(column.ravel()))[0])
         raise InvalidRequest(
-            f"input {given.name!r}: value {at} of its binary data is {column.ravel()[at]}; send finite numbers "
+            f"input {given.name!r}: value {at} of {what} is {column.ravel()[at]}; send finite numbers "
             "(JSON cannot carry NaN or infinity either)"
         )
     return column
