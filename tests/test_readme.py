@@ -29,7 +29,7 @@ from asyncserve.config import Settings
 from asyncserve.demo import IrisClassifier
 from asyncserve.demo import service as demo
 from tests.conftest import RunningServer, serving
-from tests.processes import eventually, free_port
+from tests.processes import eventually, free_port, launch
 
 REPO = Path(__file__).parent.parent
 README = (REPO / "README.md").read_text()
@@ -50,6 +50,8 @@ RUN_BY = {
         "tests.test_client:test_the_readme_client_examples_run_and_answer_what_they_say"
     ),
     'Authorization: Bearer $KEY"': "tests.test_readme:test_a_key_made_as_the_readme_says_opens_the_readme_curl",
+    "class Encoder(Model)": "tests.test_readme:test_the_capacity_example_serves_its_two_models",
+    "import tritonclient.grpc": "tests.grpc.test_readme_grpc:test_the_readme_grpc_example_answers_what_it_says",
 }
 """A text only one README example holds -> the test that runs it."""
 
@@ -97,7 +99,7 @@ def port_of(running: RunningServer) -> int:
 
 def test_every_shell_and_python_example_is_run() -> None:
     blocks = examples("bash") + examples("python")
-    assert len(blocks) == 10
+    assert len(blocks) == 12
     for block in blocks:
         claims = [marker for marker in RUN_BY if marker in block]
         assert len(claims) == 1, f"no test (or more than one) runs this README example:\n{block}"
@@ -217,3 +219,23 @@ async def _wait_ready(port: int, process: asyncio.subprocess.Process) -> None:
             return False
 
     await eventually(ready, "the README's server to be ready", timeout_s=30)
+
+
+async def test_the_capacity_example_serves_its_two_models(tmp_path: Path) -> None:
+    # A module of the directory the user works in, as `asyncserve serve` imports it (its processes too).
+    await asyncio.to_thread((tmp_path / "capacity.py").write_text, example("class Encoder(Model)"))
+    async with (
+        launch(
+            "serve",
+            "capacity:service",
+            env={},
+            log_dir=tmp_path,
+            program=(str(VENV / "bin" / "asyncserve"),),
+            cwd=tmp_path,
+        ) as server,
+        httpx.AsyncClient(base_url=str(server.url)) as client,
+    ):
+        encoded = await client.post("/v1/models/encoder/predict", json={"text": "hello"})
+        ranked = await client.post("/v1/models/ranker/predict", json=[{"text": "a"}, {"text": "abc"}])
+    assert encoded.json() == {"length": 5}
+    assert ranked.json() == [{"length": 1}, {"length": 3}]
