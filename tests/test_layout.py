@@ -12,7 +12,7 @@ import asyncserve
 PACKAGE = Path(asyncserve.__file__).parent
 
 LAYERS = {
-    "exceptions": 0, "tensors": 0, "config": 0, "metrics": 0, "_utils": 0, "cache": 0, "calls": 0,
+    "exceptions": 0, "tensors": 0, "config": 0, "metrics": 0, "_utils": 0, "cache": 0, "calls": 0, "logs": 0,
     "features": 1, "predlog": 1, "jobs": 1,
     "model": 2,
     "composition": 3,

@@ -35,6 +35,7 @@ from asyncserve.exceptions import ConfigurationError
 from asyncserve.http.auth import is_loopback
 from asyncserve.http.protocol import Limits
 from asyncserve.http.server import HttpServer, tls_context
+from asyncserve.logs import configure_logging
 from asyncserve.runtime import lifeline
 from asyncserve.runtime.peers import WorkerGroup
 from asyncserve.service import Service
@@ -169,6 +170,7 @@ def load_service(target: str) -> Service:
 
 
 def _worker_main(target: str, settings: Settings, sock: socket.socket, group: WorkerGroup, supervisor: int) -> None:
+    configure_logging(settings.log_level, settings.log_format)  # a spawned process starts with no handler
     # A supervisor killed with SIGKILL cannot stop its workers: each drains and exits on its own.
     lifeline.follow_parent(supervisor, lambda: os.kill(os.getpid(), signal.SIGTERM))
     _serve_one(target, settings, sock, group)

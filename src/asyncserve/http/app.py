@@ -251,12 +251,17 @@ class HttpApp:
             raise failure  # KeyboardInterrupt and the like are not a request's failure
         if not isinstance(failure, AsyncServeError):
             where = f"{request.method} {request.path}"
-            logger.error("request %s: unexpected error on %s", request.request_id, where, exc_info=failure)
+            logged = _log_fields(request, route_name, model, AsyncServeError.code)
+            logger.error(
+                "request %s: unexpected error on %s", request.request_id, where, exc_info=failure, extra=logged
+            )
             failure = AsyncServeError(
                 f"internal server error; the server log has the details (request {request.request_id})"
             )
         if isinstance(failure, ModelError):
-            logger.error("request %s: %s", request.request_id, failure.message, exc_info=failure.__cause__ or failure)
+            cause = failure.__cause__ or failure
+            logged = _log_fields(request, route_name, model, failure.code)
+            logger.error("request %s: %s", request.request_id, failure.message, exc_info=cause, extra=logged)
         return self._error_response(failure, route_name, model)
 
     def _error_response(self, exc: AsyncServeError, route_name: str, model: str) -> Response:
@@ -371,6 +376,11 @@ class HttpApp:
     def docs(self, request: Request) -> Response:
         html = openapi.docs_html("/openapi.json", f"{self.service.name} - asyncserve")
         return Response(200, html.encode(), content_type="text/html; charset=utf-8")
+
+
+def _log_fields(request: Request, route_name: str, model: str, code: str) -> dict[str, str | None]:
+    """What a log line about a failed request says of it, as ``extra=`` fields (``asyncserve/logs.py``)."""
+    return {"request_id": request.request_id, "route": route_name, "model": model or None, "code": code}
 
 
 def _as_is(response: Response) -> Response:
