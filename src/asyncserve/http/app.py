@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncserve
+from asyncserve import tracing
 from asyncserve.composition.deferred import DeferredPredictions
 from asyncserve.config import Settings
 from asyncserve.exceptions import (
@@ -136,6 +137,8 @@ class HttpApp:
         Returns the work under way; cancelling it (the client went away) withdraws the request, and
         ``respond`` is then not called.
         """
+        if tracing.tracer is not None and request.trace is None:  # tracing off: this check is all it costs
+            return tracing.serve_request(self.handle, request, respond)
         started = time.perf_counter()
         route_name = "unknown"
         try:

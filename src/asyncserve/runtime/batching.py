@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from asyncserve import tracing
 from asyncserve.exceptions import DeadlineExceeded, InvalidRequest, Overloaded, ShuttingDown
 from asyncserve.metrics import BatchMetrics
 from asyncserve.runtime.cost import CostModel
@@ -78,6 +79,8 @@ class Item:
     shape_key: tuple[tuple[int, ...], ...]
     timer: asyncio.TimerHandle
     """Fails the future at the deadline; cancelled once the item is answered."""
+    trace: Any = None
+    """The request's trace context, kept while tracing is on (``asyncserve/tracing.py``)."""
 
     def answer(self, outputs: Columns) -> None:
         if not self.future.done():
@@ -190,6 +193,8 @@ class Batcher:
         # cancels it when it answers; a withdrawn item's timer just finds its future done.
         timer = loop.call_at(loop.time() + (deadline - now), _expire, future, self.label)
         item = Item(columns, rows, deadline, priority, now, future, _shape_key(columns), timer)
+        if tracing.tracer is not None:
+            item.trace = tracing.current_context()
         self._queue.push(item)
         self._arrival_rate.add(rows, now)
         self._wakeup.set()
@@ -350,7 +355,8 @@ class Batcher:
         now = time.monotonic()
         for item in live:
             self._metrics.queue_wait.observe(now - item.arrived)
-        await self._run(live, isolate=True)
+        with tracing.batch(self.label, live, reason):
+            await self._run(live, isolate=True)
 
     def _live(self, items: list[Item]) -> list[Item]:
         """Drop the items nobody waits for any more, those whose deadline passed, and those whose

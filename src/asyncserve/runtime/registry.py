@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from asyncserve import tracing
 from asyncserve._utils import is_count
 from asyncserve.calls import deadline_scope, request_deadline
 from asyncserve.composition.ensemble import Ensemble
@@ -151,10 +152,11 @@ class ModelRegistry:
 
         async def run(columns: Columns, rows: int, deadline: float) -> Prediction:
             try:
-                if spec.is_async:
-                    outputs, seconds, waited = await self._predict_async(spec, columns, rows, deadline)
-                else:
-                    outputs, seconds, waited = await self._executor.run(spec, columns, rows, deadline)
+                with tracing.stage("asyncserve.model", model=spec.label, rows=rows):
+                    if spec.is_async:
+                        outputs, seconds, waited = await self._predict_async(spec, columns, rows, deadline)
+                    else:
+                        outputs, seconds, waited = await self._executor.run(spec, columns, rows, deadline)
             except AsyncServeError:
                 raise
             except Exception as exc:
