@@ -26,7 +26,7 @@ from asyncserve import Model, Service, Settings, Tensor, tracing
 from asyncserve.features import Feature, HttpSource
 from tests.conftest import serving
 from tests.models import Adder
-from tests.processes import REPO, eventually, free_port
+from tests.processes import REPO, eventually, free_port, wait_final
 
 Array = np.ndarray[Any, Any]
 
@@ -227,3 +227,14 @@ async def test_spans_are_exported_over_otlp_by_the_standard_variable(tmp_path: P
             for scope_spans in resource_spans.scope_spans:
                 names |= {span.name for span in scope_spans.spans if span.trace_id.hex() == trace_id}
     assert {"asyncserve.request", "asyncserve.batch", "asyncserve.model", "asyncserve.queue_wait"} <= names
+
+
+async def test_a_job_runs_traced_its_batch_a_trace_of_its_own(spans: InMemorySpanExporter) -> None:
+    settings = Settings(executor_workers=1, jobs="memory://")
+    async with serving(Service(Adder()), settings) as running, running.client() as client:
+        accepted = await client.post("/v1/jobs", json={"model": "adder", "inputs": {"a": [1, 2, 3], "b": [4, 5, 6]}})
+        job = await wait_final(client, accepted.json()["id"])
+    assert job["status"] == "succeeded", job
+    batches = [span for span in spans.get_finished_spans() if span.name == "asyncserve.batch"]
+    assert [batch.parent for batch in batches] == [None]  # a worker's rows come from no request
+    assert not [span for span in spans.get_finished_spans() if span.name == "asyncserve.queue_wait"]

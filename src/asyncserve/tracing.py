@@ -128,10 +128,11 @@ def serve_request(
     admission = tracer.start_span("asyncserve.admission", context=current)
     token = context.attach(current)
     try:
-        work = handle(request, _Responder(span, respond, request))
+        work = handle(request, _Responder(span, admission, respond, request))
     finally:
         context.detach(token)
-        admission.end()
+        if admission.is_recording():
+            admission.end()
     if work is not None:
         work.add_done_callback(lambda done: _end_cancelled(span) if done.cancelled() else None)
     return work
@@ -140,15 +141,17 @@ def serve_request(
 class _Responder:
     """``respond``, ending the request's span with the answer's status."""
 
-    __slots__ = ("request", "respond", "span")
+    __slots__ = ("admission", "request", "respond", "span")
 
-    def __init__(self, span: Span, respond: Callable[[Any, str], None], request: Any) -> None:
-        self.span, self.respond, self.request = span, respond, request
+    def __init__(self, span: Span, admission: Span, respond: Callable[[Any, str], None], request: Any) -> None:
+        self.span, self.admission, self.respond, self.request = span, admission, respond, request
 
     def __call__(self, response: Any, request_id: str) -> None:
         self.respond(response, request_id)
         from opentelemetry.trace import StatusCode
 
+        if self.admission.is_recording():  # answered while being admitted (an error, a health check)
+            self.admission.end()
         span = self.span
         span.set_attribute("http.response.status_code", response.status)
         model = self.request.params.get("model")
@@ -165,11 +168,13 @@ def _end_cancelled(span: Span) -> None:
         span.end()
 
 
-def current_context() -> Context:
-    """The running code's trace context, kept with queued rows (their span is the request's)."""
-    from opentelemetry import context
+def current_context() -> Context | None:
+    """The running code's trace context, kept with queued rows (their span is the request's); None outside
+    any span (a job's rows, say), whose rows then get no queue-wait span."""
+    from opentelemetry import context, trace
 
-    return context.get_current()
+    current = context.get_current()
+    return current if trace.get_current_span(current).get_span_context().is_valid else None
 
 
 def outgoing_headers(headers: dict[str, str]) -> dict[str, str]:
