@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,20 @@ async def test_the_probed_routes_and_the_scaling_metric_are_served() -> None:
         answer = await client.post("/v1/models/scorer/predict", json={"x": [5.1, 3.5, 1.4, 0.2]})
     assert (live.status_code, ready.status_code, answer.status_code) == (200, 200, 200)
     assert f'{name}{{model="scorer"}}' in exposition
+
+
+def check_compose(path: Path) -> subprocess.CompletedProcess[str]:
+    """``check-jsonschema`` with the Compose specification's schema, which it ships: no network."""
+    command = [str(Path(sys.executable).parent / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec"]
+    return subprocess.run([*command, str(path)], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_compose_file_follows_the_compose_specification(tmp_path: Path) -> None:
+    result = check_compose(REPO / "deploy/compose.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    misspelt = tmp_path / "compose.yaml"
+    misspelt.write_text((REPO / "deploy/compose.yaml").read_text().replace("stop_grace_period:", "stop_grace:", 1))
+    assert check_compose(misspelt).returncode != 0
 
 
 def test_compose_runs_the_server_with_redis_and_postgres() -> None:
