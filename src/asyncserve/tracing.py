@@ -27,7 +27,7 @@ import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 tracer: Tracer | None = None
 """The tracer while tracing is on; None (the default) turns every hook off."""
@@ -193,6 +194,18 @@ async def feature_lookup(source: str, keys: int, lookup: Awaitable[T]) -> T:
     attributes: dict[str, str | int] = {"asyncserve.feature_source": source, "asyncserve.keys": keys}
     with tracer.start_as_current_span("asyncserve.features", attributes=attributes):
         return await lookup
+
+
+def model_span(model: str, run: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """A model's runner that, while tracing is on, runs each batch under an ``asyncserve.model`` span."""
+
+    async def traced(*args: P.args, **kwargs: P.kwargs) -> T:
+        if tracer is None:
+            return await run(*args, **kwargs)
+        with tracer.start_as_current_span("asyncserve.model", attributes={"asyncserve.model": model}):
+            return await run(*args, **kwargs)
+
+    return traced
 
 
 def stage(name: str, **attributes: str | int | float) -> contextlib.AbstractContextManager[Any]:

@@ -152,11 +152,10 @@ class ModelRegistry:
 
         async def run(columns: Columns, rows: int, deadline: float) -> Prediction:
             try:
-                with tracing.stage("asyncserve.model", model=spec.label, rows=rows):
-                    if spec.is_async:
-                        outputs, seconds, waited = await self._predict_async(spec, columns, rows, deadline)
-                    else:
-                        outputs, seconds, waited = await self._executor.run(spec, columns, rows, deadline)
+                if spec.is_async:
+                    outputs, seconds, waited = await self._predict_async(spec, columns, rows, deadline)
+                else:
+                    outputs, seconds, waited = await self._executor.run(spec, columns, rows, deadline)
             except AsyncServeError:
                 raise
             except Exception as exc:
@@ -168,7 +167,7 @@ class ModelRegistry:
             inference_rows.inc(rows)
             return outputs, seconds, waited
 
-        return run
+        return tracing.model_span(spec.label, run)
 
     def start(self) -> None:
         """Start every model's batcher (in the running event loop)."""
