@@ -11,6 +11,15 @@ Usage::
     .venv/bin/python -m benchmarks.overhead                    # 10 s runs, 3 repeats, c = 1 16 64 256
     .venv/bin/python -m benchmarks.overhead --quick            # a 2 s smoke run at c = 1 and 64
     .venv/bin/python -m benchmarks.overhead --concurrency 64 --duration-s 5
+
+With ``--checkout LABEL=PATH ...`` one asyncserve server per checkout (a ``git worktree`` at some
+commit) runs beside the bare app, interleaved, and the table compares each with the first checkout;
+``--traced LABEL`` also runs that checkout with tracing on, its spans exported to ``--otlp-endpoint``
+(start a collector there, ``python -m benchmarks.otlp_sink``)::
+
+    git worktree add ../parent HEAD~1
+    .venv/bin/python -m benchmarks.overhead --checkout parent=../parent branch=. --traced branch \
+        --concurrency 64 --duration-s 5 --name overhead-tracing
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks import endpoints, measure, report
+from benchmarks import checkouts, endpoints, measure, report
+from benchmarks.checkouts import Checkout
 from benchmarks.harness import BenchmarkError, ServerSpec, asyncserve_command, uvicorn_command
 from benchmarks.measure import Measurements, Settings
 
@@ -43,9 +53,24 @@ def servers(command: Sequence[str]) -> tuple[ServerSpec, ...]:
     return ServerSpec(BASELINE, uvicorn_command("benchmarks.bare_asgi:app")), ServerSpec(SERVED, tuple(command))
 
 
+def checkout_servers(variants: Sequence[Checkout], traced: Sequence[str], otlp_endpoint: str) -> tuple[ServerSpec, ...]:
+    """The bare app, one server per checkout, and a traced one (``LABEL+otel``) per label in ``traced``."""
+    specs = [ServerSpec(BASELINE, uvicorn_command("benchmarks.bare_asgi:app"))]
+    for checkout in variants:
+        command = asyncserve_command("benchmarks.trivial:service", launcher=checkout.launcher)
+        specs.append(ServerSpec(checkout.label, command))
+        if checkout.label in traced:
+            launcher = ("env", f"ASYNCSERVE_OTLP_ENDPOINT={otlp_endpoint}", *checkout.launcher)
+            specs.append(ServerSpec(f"{checkout.label}+otel", asyncserve_command("benchmarks.trivial:service",
+                                                                                  launcher=launcher)))  # fmt: skip
+    return tuple(specs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = measure.resolve(args, CONCURRENCIES, QUICK_CONCURRENCIES)
+    if args.checkout:
+        return _compare_checkouts(args, settings)
     command = served_command(shlex.split(args.served_args), args.served_uvicorn_app)
     facts = report.machine_facts(settings.server_cpu, settings.load_cpu)
     try:
@@ -61,10 +86,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _compare_checkouts(args: argparse.Namespace, settings: Settings) -> int:
+    specs = checkout_servers(args.checkout, args.traced, args.otlp_endpoint)
+    facts = report.machine_facts(settings.server_cpu, settings.load_cpu)
+    facts["checkouts"] = checkouts.describe(args.checkout)
+    try:
+        measurements = measure.measure(specs, measure.grid(ENDPOINTS, settings.concurrencies), settings)
+    except BenchmarkError as error:
+        print(f"benchmark failed: {error}", file=sys.stderr)
+        return 1
+    report.record_end(facts)
+    labels = [spec.label for spec in specs[1:]]
+    every = [BASELINE, *labels]
+    rows = [
+        {
+            "endpoint": f"{endpoint.method} {endpoint.path}", "concurrency": concurrency,
+            **{label: measurements.summary(label, endpoint.label, concurrency).as_dict() for label in every},
+            "runs": {label: [run.as_dict() for run in measurements.runs[(label, endpoint.label, concurrency)]]
+                     for label in every},
+        }
+        for endpoint in ENDPOINTS
+        for concurrency in settings.concurrencies
+    ]  # fmt: skip
+    data = {"benchmark": "overhead-checkouts", "machine": facts, "settings": measure.settings_dict(settings),
+            "servers": {spec.label: " ".join(spec.command) for spec in specs}, "labels": labels,
+            "exit_codes": measurements.exit_codes, "rows": rows}  # fmt: skip
+    text = checkouts_markdown(data)
+    where = checkouts.placeholders(args.checkout)
+    paths = report.write_results(args.name or "overhead-checkouts", data, text, settings.output_dir, where)
+    print(report.relative_paths(text, where))
+    print("written: " + ", ".join(str(path) for path in paths))
+    return 0
+
+
+def checkouts_markdown(data: dict[str, Any]) -> str:
+    labels: list[str] = data["labels"]
+    first = labels[0]
+    headers = ["endpoint", "c", "bare req/s"] + [f"{label} req/s" for label in labels]
+    headers += [f"{label} / {first} req/s" for label in labels[1:]] + [f"{label} p50 ms" for label in labels]
+    headers += [f"{label} / {first} req/CPU-s" for label in labels[1:]]
+    table = []
+    for row in data["rows"]:
+        cells = [row["endpoint"], str(row["concurrency"]), f"{row[BASELINE]['rps']:,.0f}"]
+        cells += [f"{row[label]['rps']:,.0f}" for label in labels]
+        cells += [f"{row[label]['rps'] / row[first]['rps']:.3f}" for label in labels[1:]]
+        cells += [report.ms(row[label]["p50_ms"]) for label in labels]
+        per_cpu = "requests_per_cpu_s"
+        cells += [f"{row[label][per_cpu] / row[first][per_cpu]:.3f}" for label in labels[1:]]
+        table.append(cells)
+    servers = "\n".join(f"- {label}: `{command}`" for label, command in data["servers"].items())
+    commits = "\n".join(f"- {label}: {c['commit']}" for label, c in data["machine"]["checkouts"].items())
+    parts = [
+        "# Full-stack overhead of checkouts, interleaved",
+        report.facts_markdown(data["machine"]),
+        measure.method_markdown(data["settings"]) + "\n\n" + servers + "\n\nCommits:\n" + commits,
+        report.markdown_table(headers, table),
+        f"Ratios are each checkout's median over {first}'s, from runs interleaved round by round; req/CPU-s (requests "
+        "per second of the server's CPU time) is the steadier figure on a shared machine.",
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=(__doc__ or "").split("\n\n")[0])
     measure.add_arguments(parser, CONCURRENCIES)
     parser.add_argument("--served-args", default="", help="extra arguments for `asyncserve serve`, as one string")
+    checkouts.add_argument(parser, "asyncserve")
+    parser.add_argument("--traced", nargs="+", default=[], metavar="LABEL", help="also run these checkouts traced")
+    parser.add_argument("--otlp-endpoint", default="http://127.0.0.1:4318", help="where traced servers send spans")
+    parser.add_argument("--name", help="results file name (with --checkout; default overhead-checkouts)")
     parser.add_argument(
         "--served-uvicorn-app",
         metavar="MODULE:APP",

@@ -193,7 +193,8 @@ async def test_the_log_counts_every_model_loaded_sync_and_async(tmp_path: Path) 
         log = await running.log_text()
     assert re.search(
         r"loaded 4 of 4 model\(s\) in [0-9.]+s "
-        r"\(3 with ThreadExecutor\(workers=\d+\), 0 with workers of their own, 1 async\): ", log
+        r"\(3 with ThreadExecutor\(workers=\d+\), 0 with workers of their own, 1 async\): ",
+        log,
     ), log
 
 

@@ -12,7 +12,8 @@ import asyncserve
 PACKAGE = Path(asyncserve.__file__).parent
 
 LAYERS = {
-    "exceptions": 0, "tensors": 0, "config": 0, "metrics": 0, "_utils": 0, "cache": 0, "calls": 0,
+    "exceptions": 0, "tensors": 0, "config": 0, "metrics": 0, "_utils": 0, "cache": 0, "calls": 0, "logs": 0,
+    "tracing": 0,
     "features": 1, "predlog": 1, "jobs": 1,
     "model": 2,
     "composition": 3,
@@ -84,6 +85,9 @@ PUBLIC_SUBMODULES = {
     "prometheus_client.parser", "prometheus_client.registry", "prometheus_client.utils", "redis.asyncio",
     "redis.asyncio.retry", "redis.backoff", "safetensors.numpy", "sklearn.datasets", "sklearn.linear_model",
     "sklearn.pipeline", "sklearn.preprocessing",
+    # OpenTelemetry's API and SDK reference (opentelemetry-python.readthedocs.io) documents each of these.
+    "opentelemetry.context", "opentelemetry.trace", "opentelemetry.sdk.resources", "opentelemetry.sdk.trace",
+    "opentelemetry.sdk.trace.export", "opentelemetry.exporter.otlp.proto.http.trace_exporter",
 }  # fmt: skip
 """Submodules of dependencies that their documentation presents as public API. A module missing here (say
 uvicorn.protocols.http.httptools_impl) is an implementation detail: add it only if its library documents it."""

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Self
 
 import asyncserve
+from asyncserve import tracing
 from asyncserve._utils import cause_of, display_url
 from asyncserve.composition.caches import MemoryPredictionCache, PredictionCache, RedisPredictionCache
 from asyncserve.composition.deferred import DeferredPredictions, LazyPrediction
@@ -141,6 +142,9 @@ class App:
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         grace_s = self.settings.grace_period_s
+        stop_tracing = tracing.configure(self.settings)
+        if stop_tracing is not None:  # closed last: spans of the shutdown are flushed too
+            self._on_close(stack, "the trace exporter", lambda: asyncio.to_thread(stop_tracing))
         self.loop_lag.start()
         self._on_close(stack, "the loop-lag probe", self.loop_lag.aclose)
         if self.broker is not None:

@@ -13,6 +13,7 @@ from asyncserve.exceptions import ConfigurationError
 ExecutorKind = Literal["thread", "process"]
 _EXECUTORS = ("thread", "process")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_LOG_FORMATS = ("text", "json")
 
 
 _WEBHOOK_ENV_PREFIX = "ASYNCSERVE_WEBHOOK_"
@@ -168,6 +169,13 @@ class Settings:
     loop_lag_interval_s: float = 0.05
     """How often the event-loop lag probe wakes up."""
     log_level: str = "info"
+    log_format: str = "text"
+    """How log lines look on stderr: ``text`` (one readable line) or ``json`` (one JSON object a line, with the
+    request id, model, status, duration and error code where known; ``asyncserve/logs.py``)."""
+    otlp_endpoint: str = ""
+    """Where OpenTelemetry spans go: an OTLP/HTTP endpoint (``http://collector:4318``); empty uses the standard
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) variable, and with neither set
+    tracing is off and costs nothing (``asyncserve/tracing.py``; needs the ``otel`` extra)."""
     prediction_log: str = ""
     """Where every prediction is logged: ``jsonl:///path``, ``sqlite:///path.db``, ``postgresql://...``,
     ``redis://...?stream=name``; empty turns logging off."""
@@ -244,6 +252,7 @@ class Settings:
             self.prediction_log_buffer >= 1, "prediction_log_buffer", "an integer >= 1", self.prediction_log_buffer
         )
         _require(self.log_level in _LOG_LEVELS, "log_level", f"one of {', '.join(_LOG_LEVELS)}", self.log_level)
+        _require(self.log_format in _LOG_FORMATS, "log_format", "'text' or 'json'", self.log_format)
 
     @property
     def pool_size(self) -> int:

@@ -37,6 +37,7 @@ from asyncserve.grpc import require_grpc
 from asyncserve.http.auth import is_loopback
 from asyncserve.http.protocol import Limits
 from asyncserve.http.server import HttpServer, tls_context
+from asyncserve.logs import configure_logging
 from asyncserve.runtime import lifeline
 from asyncserve.runtime.peers import WorkerGroup
 from asyncserve.service import Service
@@ -44,9 +45,6 @@ from asyncserve.service import Service
 logger = logging.getLogger(__name__)
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-"""The log line of every asyncserve process: the CLI's, and each ``--workers`` process's."""
 
 GC_THRESHOLDS = (1000, 20, 20)
 """Cyclic GC thresholds of a server process (Python's are 700, 10, 10).
@@ -183,8 +181,7 @@ def load_service(target: str) -> Service:
 
 
 def _worker_main(target: str, settings: Settings, sock: socket.socket, group: WorkerGroup, supervisor: int) -> None:
-    # A spawned process starts with no logging configured: it logs as the supervisor does.
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    configure_logging(settings.log_level, settings.log_format)  # a spawned process starts with no handler
     # A supervisor killed with SIGKILL cannot stop its workers: each drains and exits on its own.
     lifeline.follow_parent(supervisor, lambda: os.kill(os.getpid(), signal.SIGTERM))
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from asyncserve._utils import cause_of
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
+from asyncserve.logs import configure_logging
 
 logger = logging.getLogger("asyncserve")
 
@@ -37,9 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--executor", choices=["thread", "process"], help="where CPU-bound predict runs")
     worker.add_argument("--executor-workers", type=int, help="threads or processes in the executor pool")
     worker.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    worker.add_argument("--log-format", choices=["text", "json"], help=_LOG_FORMAT_HELP)
     _add_jobs_commands(commands.add_parser("jobs", help="use the jobs API of a running server"))
     _add_keys_commands(commands.add_parser("keys", help="make API keys"))
     return parser
+
+
+_LOG_FORMAT_HELP = "log lines on stderr: text (default) or json, one object a line"
 
 
 def _add_keys_commands(keys: argparse.ArgumentParser) -> None:
@@ -104,6 +109,7 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         "--compute-threads", type=int, help="threads of BLAS/OpenMP per predict call (default: cores / workers)"
     )
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--log-format", choices=["text", "json"], help=_LOG_FORMAT_HELP)
     parser.add_argument("--ssl-certfile", help="PEM certificate chain: serve HTTPS (with --ssl-keyfile)")
     parser.add_argument("--ssl-keyfile", help="PEM private key of --ssl-certfile")
     parser.add_argument("--access-log", action="store_true", default=None, help="log one line per request")
@@ -121,6 +127,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             executor=args.executor,
             executor_workers=args.executor_workers,
             log_level=args.log_level,
+            log_format=args.log_format,
         )
     return Settings.from_env(
         host=args.host,
@@ -131,6 +138,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         executor_workers=args.executor_workers,
         compute_threads=args.compute_threads,
         log_level=args.log_level,
+        log_format=args.log_format,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         access_log=args.access_log,
@@ -147,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "keys":
         return _new_key(args)
     _import_from_current_directory()
-    from asyncserve.server import LOG_FORMAT, bind_socket, run_worker, serve
+    from asyncserve.server import bind_socket, run_worker, serve
 
     try:
         settings = settings_from(args)
@@ -155,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The demo shows the embedded default: predictions logged to a JSON Lines file.
             log = Path("var/demo/predictions.jsonl").resolve()
             settings = dataclasses.replace(settings, prediction_log=str(log))
-        logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+        configure_logging(settings.log_level, settings.log_format)
         if args.command == "worker":
             run_worker(args.target, settings)
             return 0

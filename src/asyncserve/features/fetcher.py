@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from asyncserve import tracing
 from asyncserve.exceptions import AsyncServeError, ConfigurationError, FeatureUnavailable, InvalidRequest
 from asyncserve.features.source import FeatureSource, Key, Rows
 from asyncserve.tensors import Columns, Datatype, Tensor
@@ -83,7 +84,10 @@ async def fetch_features(features: Sequence[Feature], columns: Columns, deadline
 async def _fetch_one(feature: Feature, key_column: np.ndarray[Any, Any], deadline: float) -> tuple[Columns, str]:
     keys: list[Key] = key_column.tolist()
     try:
-        rows = await feature.source.lookup(keys, deadline)
+        lookup = feature.source.lookup(keys, deadline)
+        rows = await (
+            lookup if tracing.tracer is None else tracing.feature_lookup(feature.source.name, len(keys), lookup)
+        )
     except AsyncServeError:
         if feature.on_error == "fail":
             raise

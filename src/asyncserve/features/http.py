@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from asyncserve import tracing
 from asyncserve.exceptions import ConfigurationError
 from asyncserve.features.source import FeatureSource, Key, Row
 
@@ -67,7 +68,8 @@ class HttpSource(FeatureSource):
         return {key: row for key, row in zip(keys, rows, strict=True) if row is not None}
 
     async def _fetch_one(self, key: Key) -> Row | None:
-        async with self._client.get(self.url.format(key=key)) as response:
+        headers = None if tracing.tracer is None else tracing.outgoing_headers({})
+        async with self._client.get(self.url.format(key=key), headers=headers) as response:
             if response.status == 404:
                 return None
             response.raise_for_status()
@@ -76,7 +78,8 @@ class HttpSource(FeatureSource):
 
     async def _fetch_batch(self, keys: list[Key]) -> Mapping[Key, Row]:
         body = orjson.dumps({"keys": keys})
-        async with self._client.post(self.batch_url, data=body, headers=_JSON) as response:
+        headers = _JSON if tracing.tracer is None else tracing.outgoing_headers(_JSON)
+        async with self._client.post(self.batch_url, data=body, headers=headers) as response:
             response.raise_for_status()
             found = orjson.loads(await response.read())
         return {key: found[str(key)] for key in keys if found.get(str(key)) is not None}

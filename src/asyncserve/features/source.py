@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import random
@@ -26,6 +27,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from asyncserve import tracing
 from asyncserve.cache import TTLCache
 from asyncserve.exceptions import ConfigurationError, FeatureTimeout, FeatureUnavailable
 
@@ -129,6 +131,8 @@ class FeatureSource:
         self._slots = asyncio.Semaphore(self.policy.max_concurrent_fetches)
         self._dispatcher: asyncio.Task[None] | None = None
         self._round_trip_tasks: set[asyncio.Task[None]] = set()
+        self._round_trip_context: contextvars.Context | None = None
+        """While tracing: the context of the first request waiting for the next round trip, which runs in it."""
         self._connected = False
 
     # What a backend implements
@@ -222,6 +226,8 @@ class FeatureSource:
             waiting[key] = future
         if self._pending:
             self._wakeup.set()
+            if tracing.tracer is not None and self._round_trip_context is None:
+                self._round_trip_context = contextvars.copy_context()  # its traceparent goes with the round trip
         return rows, waiting
 
     async def _wait(self, waiting: dict[Key, asyncio.Future[Row | None]], deadline: float) -> Rows:
@@ -243,7 +249,8 @@ class FeatureSource:
             for key in batch:
                 del self._pending[key]
             self._in_flight.update(batch)
-            task = asyncio.get_running_loop().create_task(self._round_trip(batch))
+            context, self._round_trip_context = self._round_trip_context, None
+            task = asyncio.get_running_loop().create_task(self._round_trip(batch), context=context)
             self._round_trip_tasks.add(task)
             task.add_done_callback(self._round_trip_done)
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncserve
+from asyncserve import tracing
 from asyncserve.composition.deferred import DeferredPredictions
 from asyncserve.config import Settings
 from asyncserve.exceptions import (
@@ -156,6 +157,8 @@ class HttpApp:
         Returns the work under way; cancelling it (the client went away) withdraws the request, and
         ``respond`` is then not called.
         """
+        if tracing.tracer is not None and request.trace is None:  # tracing off: this check is all it costs
+            return tracing.serve_request(self.handle, request, respond)
         started = time.perf_counter()
         route_name = "unknown"
         try:
@@ -271,12 +274,17 @@ class HttpApp:
             raise failure  # KeyboardInterrupt and the like are not a request's failure
         if not isinstance(failure, AsyncServeError):
             where = f"{request.method} {request.path}"
-            logger.error("request %s: unexpected error on %s", request.request_id, where, exc_info=failure)
+            logged = _log_fields(request, route_name, model, AsyncServeError.code)
+            logger.error(
+                "request %s: unexpected error on %s", request.request_id, where, exc_info=failure, extra=logged
+            )
             failure = AsyncServeError(
                 f"internal server error; the server log has the details (request {request.request_id})"
             )
         if isinstance(failure, ModelError):
-            logger.error("request %s: %s", request.request_id, failure.message, exc_info=failure.__cause__ or failure)
+            cause = failure.__cause__ or failure
+            logged = _log_fields(request, route_name, model, failure.code)
+            logger.error("request %s: %s", request.request_id, failure.message, exc_info=cause, extra=logged)
         return self._error_response(failure, route_name, model)
 
     def _error_response(self, exc: AsyncServeError, route_name: str, model: str) -> Response:
@@ -402,6 +410,11 @@ class HttpApp:
         # The page asks for them with ?v=<version>: a new version is a new URL, so a day's caching is safe.
         headers = {"cache-control": "public, max-age=86400"}
         return Response(200, body, headers, content_type=docs.ASSET_TYPES[name])
+
+
+def _log_fields(request: Request, route_name: str, model: str, code: str) -> dict[str, str | None]:
+    """What a log line about a failed request says of it, as ``extra=`` fields (``asyncserve/logs.py``)."""
+    return {"request_id": request.request_id, "route": route_name, "model": model or None, "code": code}
 
 
 def _as_is(response: Response) -> Response:

@@ -33,12 +33,15 @@ import collections
 import contextlib
 import http
 import logging
+import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httptools
+import orjson
 
 from asyncserve._utils import is_count
 from asyncserve.exceptions import (
@@ -51,7 +54,7 @@ from asyncserve.exceptions import (
     Unavailable,
     URITooLong,
 )
-from asyncserve.http.routing import Request, Response, StreamingResponse, new_request_id
+from asyncserve.http.routing import JSON_TYPE, Request, Response, StreamingResponse, new_request_id
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("asyncserve.access")
@@ -472,7 +475,7 @@ class HttpProtocol(asyncio.Protocol):
         framing = b"content-length: %d\r\n%s" % (len(body), b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
         head = response.head(request_id)
         self.transport.write(b"".join((STATUS_LINES[response.status], self.server.date_line, head, framing, body)))
-        self._log_access(response.status, len(body))
+        self._log_access(response, request_id, len(body))
         self._answered(keep_alive)
 
     async def _stream(self, response: StreamingResponse, request_id: str) -> None:
@@ -500,7 +503,7 @@ class HttpProtocol(asyncio.Protocol):
                 with contextlib.suppress(Exception):
                     await aclose()
         self._work = None
-        self._log_access(response.status, -1)
+        self._log_access(response, request_id, -1)
         self._answered(self._keep_alive and not self.server.closing)
 
     async def _wait_drained(self) -> None:
@@ -603,15 +606,40 @@ class HttpProtocol(asyncio.Protocol):
     def busy(self) -> bool:
         return self._busy or bool(self._waiting)
 
-    def _log_access(self, status: int, size: int) -> None:
+    def _log_access(self, response: Response, request_id: str, size: int) -> None:
         if not self.limits.access_log:
             return
         method, path = self._request_line
         took_ms = (time.perf_counter() - self._started) * 1000
+        status = response.status
         access_logger.info(
-            '%s "%s %s" %d %s %.1fms', self.client, method, path, status,
-            "-" if size < 0 else size, took_ms,
+            '%s "%s %s" %d %s %.1fms', self.client, method, path, status, "-" if size < 0 else size, took_ms,
+            extra={
+                "request_id": request_id, "client": self.client, "method": method, "path": path, "status": status,
+                "bytes": size if size >= 0 else None, "duration_ms": round(took_ms, 3), "model": _model_in(path),
+                "code": _error_code(response),
+            },
         )  # fmt: skip
+
+
+_MODEL_IN_PATH = re.compile(r"/v[12]/models/([^/]+)")
+
+
+def _model_in(path: str) -> str | None:
+    """The model a path names (``/v2/models/iris/infer``: ``iris``), for the access log."""
+    found = _MODEL_IN_PATH.match(path)
+    return None if found is None else urllib.parse.unquote(found.group(1))
+
+
+def _error_code(response: Response) -> str | None:
+    """The machine code of an error answer (its JSON body's ``code``), for the access log."""
+    if response.status < 400 or isinstance(response, StreamingResponse) or response.content_type != JSON_TYPE:
+        return None
+    try:
+        code = orjson.loads(response.body).get("code")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 class ParseBudget:

@@ -53,6 +53,8 @@ class Request:
     """The route's ``{param}`` values, set by the router."""
     key: ApiKey | None = None
     """The client's API key, once checked; None when the server has no keys."""
+    trace: Any = None
+    """The request's span while tracing is on (``asyncserve/tracing.py``)."""
 
 
 @dataclass(slots=True)

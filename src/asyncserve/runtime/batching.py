@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from asyncserve import tracing
 from asyncserve.exceptions import DeadlineExceeded, InvalidRequest, Overloaded, ShuttingDown
 from asyncserve.metrics import BatchMetrics
 from asyncserve.runtime.cost import CostModel
@@ -79,6 +80,8 @@ class Item:
     shape_key: tuple[tuple[int, ...], ...]
     timer: asyncio.TimerHandle
     """Fails the future at the deadline; cancelled once the item is answered."""
+    trace: Any = None
+    """The request's trace context, kept while tracing is on (``asyncserve/tracing.py``)."""
 
     def answer(self, outputs: Columns) -> None:
         if not self.future.done():
@@ -210,6 +213,8 @@ class Batcher:
         # cancels it when it answers; a withdrawn item's timer just finds its future done.
         timer = loop.call_at(loop.time() + (deadline - now), _expire, future, self.label)
         item = Item(columns, rows, deadline, priority, now, future, _shape_key(columns), timer)
+        if tracing.tracer is not None:
+            item.trace = tracing.current_context()
         self._queue.push(item)
         self._arrival_rate.add(rows, now)
         self._wakeup.set()
@@ -399,7 +404,8 @@ class Batcher:
             now = time.monotonic()
             for item in live:
                 self._metrics.queue_wait.observe(now - item.arrived)
-            compute_s = await self._run(live, isolate=True, worker_wait_s=worker_wait_s)
+            with tracing.batch(self.label, live, reason):
+                compute_s = await self._run(live, isolate=True, worker_wait_s=worker_wait_s)
         finally:
             self._metrics.compute_seconds.inc(compute_s)
             if self._share is not None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from asyncserve import tracing
 from asyncserve._utils import settle
 from asyncserve.composition.caches import PredictionCache
 from asyncserve.composition.coalescing import Coalescer
@@ -203,6 +204,14 @@ class Pipeline:
     def _log(self, entry: ModelEntry, columns: Columns, prediction: Prediction, request_id: str) -> None:
         if self.predlog is None:
             return
+        if tracing.tracer is not None:
+            with tracing.stage("asyncserve.prediction_log", model=entry.spec.label):
+                self._record(entry, columns, prediction, request_id)
+            return
+        self._record(entry, columns, prediction, request_id)
+
+    def _record(self, entry: ModelEntry, columns: Columns, prediction: Prediction, request_id: str) -> None:
+        assert self.predlog is not None
         spec = entry.spec
         record = prediction_record(
             request_id=request_id, model=spec.name, version=spec.version or "", inputs=columns,

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from asyncserve import tracing
 from asyncserve._utils import is_count
 from asyncserve.calls import deadline_scope, request_deadline
 from asyncserve.composition.ensemble import Ensemble
@@ -182,7 +183,7 @@ class ModelRegistry:
             inference_rows.inc(rows)
             return outputs, seconds, waited
 
-        return run
+        return tracing.model_span(spec.label, run)
 
     def start(self) -> None:
         """Start every model's batcher (in the running event loop)."""
