@@ -194,7 +194,7 @@ def describe(model: Model) -> ModelSpec:
         deterministic=bool(model.deterministic),
         is_async=inspect.iscoroutinefunction(predict) or inspect.isasyncgenfunction(predict),
         model=model,
-        streams=_streams(owner, predict, features),
+        streams=_streams(predict),
     )
 
 
@@ -208,14 +208,8 @@ def _checked_capacity(owner: str, model: Model) -> Capacity:
     return Capacity(float(weight), instances, model.instance_kind)
 
 
-def _streams(owner: str, predict: Callable[..., Any], features: tuple[Feature, ...]) -> bool:
-    streams = inspect.isasyncgenfunction(predict) or inspect.isgeneratorfunction(predict)
-    if streams and features:
-        raise ConfigurationError(
-            f"{owner}.predict yields its answer in parts, and a streaming model cannot declare features yet; "
-            "look them up in predict, or return the whole answer"
-        )
-    return streams
+def _streams(predict: Callable[..., Any]) -> bool:
+    return inspect.isasyncgenfunction(predict) or inspect.isgeneratorfunction(predict)
 
 
 def _checked_features(owner: str, model: Model, inputs: Mapping[str, Tensor]) -> tuple[Feature, ...]:

@@ -161,7 +161,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(infer_response=await self._predict(entry, deadline, request))
                 return
             decoded = tensors.decode_request(request, entry.spec)
-            parts = self.registry.stream(entry, decoded.columns, decoded.rows, deadline)
+            request_id = request.id or new_request_id()
+            parts = self.pipeline.stream(entry, decoded.columns, decoded.rows, deadline, request_id=request_id)
             async with contextlib.aclosing(parts):  # type: ignore[type-var]
                 async for part in parts:
                     response = tensors.encode_response(entry.spec, request.id, decoded, part, [])

@@ -102,7 +102,7 @@ class InferenceRoutes:
         entry, deadline = self.admit(request)
         if entry.spec.streams:
             columns, rows, as_list, _ = self._decode_rows(request, entry, request.body)
-            parts = self.registry.stream(entry, columns, rows, deadline)
+            parts = self.pipeline.stream(entry, columns, rows, deadline, request_id=request.request_id)
             return streams.stream_reply(
                 parts, partial(jsonapi.encode_rows, entry.spec, as_list=as_list), streams.wants(request)
             )

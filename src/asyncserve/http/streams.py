@@ -97,7 +97,7 @@ class GenerateRoutes:
         columns = decode_generate(request.body, entry)
         encode = _generate_encoder(entry)
         if entry.spec.streams:
-            parts = self.registry.stream(entry, columns, 1, deadline)
+            parts = self.pipeline.stream(entry, columns, 1, deadline, request_id=request.request_id)
             return Pending(asyncio.get_running_loop().create_task(_last(parts, encode)), _as_is)
         work, to_prediction = self.pipeline.start(entry, columns, 1, deadline, request_id=request.request_id)
         return Pending(work, lambda result: Response(200, encode(to_prediction(result).outputs)))
@@ -107,7 +107,7 @@ class GenerateRoutes:
         columns = decode_generate(request.body, entry)
         encode = _generate_encoder(entry)
         if entry.spec.streams:
-            parts = self.registry.stream(entry, columns, 1, deadline)
+            parts = self.pipeline.stream(entry, columns, 1, deadline, request_id=request.request_id)
         else:
             parts = _one_part(lambda: self.pipeline.run(entry, columns, 1, deadline, request_id=request.request_id))
         return StreamingResponse(200, _generate_events(parts, encode), content_type=EVENT_STREAM)

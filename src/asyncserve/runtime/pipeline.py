@@ -7,12 +7,15 @@ inputs) in flight share one computation, and answers may come from the predictio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import numpy as np
 
 from asyncserve import tracing
 from asyncserve._utils import settle
@@ -126,6 +129,51 @@ class Pipeline:
 
         return self.registry.enqueue(entry, columns, rows, deadline, priority), finish
 
+    def stream(
+        self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, *, request_id: str = ""
+    ) -> AsyncIterator[Columns]:
+        """A streaming model's answer, part by part: its features first (looked up as for ``start``), then
+        each part as the model yields it. A stream that completes is logged whole: each output holds, per
+        row, its parts in order. Refusals that need no lookup raise at once; close the iterator to stop
+        the model at its next step.
+        """
+        if self.predlog is not None:
+            self.predlog.check_room()
+        if not entry.spec.features:
+            parts = self.registry.stream(entry, columns, rows, deadline)
+            return self._logged_parts(entry, columns, parts, request_id, Prediction({}))
+        return self._stream_with_features(entry, columns, rows, deadline, request_id)
+
+    async def _stream_with_features(
+        self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, request_id: str
+    ) -> AsyncGenerator[Columns, None]:
+        started = time.perf_counter()
+        fetched = await fetch_features(entry.spec.features, columns, deadline)
+        for source in fetched.degraded:
+            self._metrics.degraded.labels(entry.spec.label, source).inc()
+        looked_up = Prediction(
+            {}, fetched.degraded, {"features": (time.perf_counter() - started) * 1000}, fetched.columns
+        )
+        parts = self.registry.stream(entry, {**columns, **fetched.columns}, rows, deadline)
+        async with contextlib.aclosing(self._logged_parts(entry, columns, parts, request_id, looked_up)) as logged:
+            async for part in logged:
+                yield part
+
+    async def _logged_parts(
+        self, entry: ModelEntry, columns: Columns, parts: AsyncIterator[Columns], request_id: str, so_far: Prediction
+    ) -> AsyncGenerator[Columns, None]:
+        started = time.perf_counter()
+        sent: list[Columns] = []
+        async with contextlib.aclosing(parts):  # type: ignore[type-var]
+            async for part in parts:
+                if self.predlog is not None:
+                    sent.append(part)
+                yield part
+        if self.predlog is not None:
+            so_far.outputs = _row_by_row(sent)
+            so_far.stages_ms = {"features": 0.0, **so_far.stages_ms, "model": (time.perf_counter() - started) * 1000}
+            self._log(entry, columns, so_far, request_id)
+
     def _start_shared(
         self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, priority: int, request_id: str
     ) -> Pending:
@@ -219,6 +267,21 @@ class Pipeline:
             degraded=bool(prediction.degraded),
         )  # fmt: skip
         self.predlog.record(record)
+
+
+def _row_by_row(parts: list[Columns]) -> Columns:
+    """A streamed answer as one set of columns: each row's parts, in order, along a second dimension."""
+    if not parts:
+        return {}
+    whole: Columns = {}
+    for name in parts[0]:
+        pieces = [part[name] for part in parts]
+        try:
+            whole[name] = np.stack(pieces, axis=1)
+        except ValueError:  # parts of different shapes (dimensions declared -1): one object per part
+            rows = len(pieces[0])
+            whole[name] = np.array([[list(piece[row]) for piece in pieces] for row in range(rows)], dtype=object)
+    return whole
 
 
 def _as_is(prediction: Prediction) -> Prediction:
