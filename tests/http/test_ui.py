@@ -162,6 +162,12 @@ async def test_a_shed_request_is_counted_by_its_reason(running: RunningServer) -
 async def test_a_queued_row_shows_in_the_queue_depth(running: RunningServer) -> None:
     async with running.client() as client:
         busy = asyncio.ensure_future(client.post("/v1/models/tiny/predict", json={"seconds": 0.5}))
+
+        async def running_one() -> bool:  # sent together, the second request could run first
+            metrics = (await client.get("/metrics")).text
+            return 'asyncserve_batches_running{model="tiny"} 1.0' in metrics
+
+        await eventually(running_one, "the slow request to run")
         waiting = asyncio.ensure_future(client.post("/v1/models/tiny/predict", json={"seconds": 0.0}))
 
         async def queued() -> bool:
