@@ -145,6 +145,9 @@ class Settings:
     """How long a request's head may take to arrive once it has begun (a slow client gets 408)."""
     body_timeout_s: float = 60.0
     """How long a request's body may take to arrive once its head has (a slow client gets 408)."""
+    answer_half_closed: bool = False
+    """Answer clients that shut their sending side after their requests (a half-close); by default its end
+    of stream means a client went away, and its requests' work is withdrawn. See ``HttpProtocol.eof_received``."""
     max_held_body_bytes: int = 512 * 1024 * 1024
     """Request bodies held at once across connections; a body that would go past it waits, unread."""
     max_connections: int = 10_000

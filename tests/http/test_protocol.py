@@ -15,7 +15,7 @@ import pytest
 
 from asyncserve import Service, Settings
 from asyncserve.http.protocol import PARSE_BUDGET_S, ParseBudget
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, serve_in_thread
 from tests.models import Adder, Sleeper
 from tests.test_shedding import connect, read_response, request
 
@@ -388,4 +388,43 @@ async def test_a_client_that_reads_slowly_pauses_the_server_and_gets_every_answe
     await sending
     assert [(status, int(headers["x-request-id"])) for status, headers, _ in answers] == [(200, n) for n in range(2000)]
     assert len({body for _, _, body in answers}) == 1
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def answering_half_closed() -> Iterator[RunningServer]:
+    with serve_in_thread(SERVICE, dataclasses.replace(SETTINGS, answer_half_closed=True)) as server:
+        yield server
+
+
+async def test_with_answer_half_closed_a_client_that_half_closes_gets_every_answer_then_eof(
+    answering_half_closed: RunningServer,
+) -> None:
+    reader, writer = await connect(answering_half_closed)
+    slow = request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.2}))
+    fast = request("/v1/models/adder/predict", orjson.dumps(ROW))
+    writer.write(slow + fast)
+    writer.write_eof()  # shutdown(SHUT_WR): sent all it will, still reads
+    answers = [await read_response(reader) for _ in range(2)]
+    assert [status for status, _, _ in answers] == [200, 200]
+    assert orjson.loads(answers[1][2])["sum"] == [2.0, 3.0, 4.0]
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # then the server closes
+    writer.close()
+
+
+async def test_with_answer_half_closed_a_request_cut_short_by_the_end_of_stream_is_closed(
+    answering_half_closed: RunningServer,
+) -> None:
+    reader, writer = await connect(answering_half_closed)
+    writer.write(request("/v1/models/adder/predict", orjson.dumps(ROW))[:-5])  # the body cut short
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_by_default_a_client_that_half_closes_is_taken_as_gone(running: RunningServer) -> None:
+    reader, writer = await connect(running)
+    writer.write(request("/v1/models/sleeper/predict", orjson.dumps({"seconds": 0.2})))
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, its work withdrawn
     writer.close()

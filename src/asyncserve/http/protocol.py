@@ -102,6 +102,8 @@ class Limits:
     max_connections: int = 10_000
     max_held_body_bytes: int = 512 * 1024 * 1024
     access_log: bool = False
+    answer_half_closed: bool = False
+    """Answer a client that shuts its sending side after its requests (see ``HttpProtocol.eof_received``)."""
 
 
 @dataclass(slots=True)
@@ -195,6 +197,8 @@ class HttpProtocol(asyncio.Protocol):
         """The bytes held for each request parsed and not yet answered, in order."""
         self._writing_paused = False
         self._drained: asyncio.Future[None] | None = None
+        self._peer_done = False
+        """Whether the client shut its sending side (a half-close): it reads its answers, then we close."""
 
     # asyncio.Protocol
 
@@ -220,6 +224,21 @@ class HttpProtocol(asyncio.Protocol):
         self.idle_since = None  # busy, even while these bytes wait for their turn
         if self.server.budget.allows(self, data):
             self._feed(data)
+
+    def eof_received(self) -> bool | None:
+        """The client sent its end of stream: it went away, or (``answer_half_closed``) it half-closed.
+
+        A server cannot tell the two apart: a client that closes its socket and one that only shuts its
+        sending side (``shutdown(SHUT_WR)``, ``nc -N``) both send the same FIN. By default it went away,
+        and its requests' work is withdrawn (clients that give up close this way; their work would
+        otherwise run on until its deadline). With ``answer_half_closed``, the requests it sent are
+        answered, then the connection closes.
+        """
+        self._peer_done = True
+        in_hand = self._busy or self._waiting or self.chunks_waiting
+        if self.limits.answer_half_closed and self.lingering_since is None and in_hand:
+            return True  # keep the transport open to write the answers
+        return None  # close: connection_lost withdraws the work under way
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -262,6 +281,8 @@ class HttpProtocol(asyncio.Protocol):
             self.paused_by_budget = False
             self._update_reading()
         self._feed(data)
+        if self._peer_done and not (self.chunks_waiting or self._busy or self._waiting):
+            self.transport.close()  # the client's last bytes held no complete request
 
     def _update_reading(self) -> None:
         if self.transport.is_closing():
@@ -530,6 +551,12 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self._broken is not None:
             self._write_broken()
+            return
+        self._await_next_request()
+
+    def _await_next_request(self) -> None:
+        if self._peer_done and not self.chunks_waiting:
+            self.transport.close()  # every request the client sent is answered (the buffer is flushed first)
             return
         if self._continue_due:
             self._continue_due = False
