@@ -173,7 +173,7 @@ class Batcher:
         # With a scheduler, it caps the model's batches (max_concurrent_batches) and the dispatcher waits
         # there: a batcher that waited on slots of its own first would not be in line when a worker frees up.
         self._slots = asyncio.Semaphore(settings.max_concurrent_batches if share is None else 1 << 30)
-        self._running: dict[asyncio.Task[None], float] = {}
+        self._running: dict[asyncio.Task[float], float] = {}
         """Running batches and when each is expected to end (time.monotonic())."""
         if share is not None:
             share.running_until = self._running
@@ -294,9 +294,15 @@ class Batcher:
             self._running[task] = time.monotonic() + self.cost.seconds(sum(item.rows for item in batch))
             task.add_done_callback(self._batch_done)
 
-    def _batch_done(self, task: asyncio.Task[None]) -> None:
+    def _batch_done(self, task: asyncio.Task[float]) -> None:
+        # The worker goes back once the batch's task is done, after its answers were handed out: the
+        # batch that follows is formed from the rows that came meanwhile, as when nothing ran.
         self._running.pop(task, None)
         self._slots.release()
+        compute_s = task.result() if not task.cancelled() and task.exception() is None else 0.0
+        self._metrics.compute_seconds.inc(compute_s)
+        if self._share is not None:
+            self._share.release(compute_s)
         _log_crash(task)
 
     async def _next_batch(self) -> tuple[list[Item], str]:
@@ -394,22 +400,17 @@ class Batcher:
 
     # Executing
 
-    async def _execute(self, batch: list[Item], reason: str, worker_wait_s: float) -> None:
-        compute_s = 0.0
-        try:
-            live = self._live(batch)
-            if not live:
-                return
-            self._metrics.reason(reason).inc()
-            now = time.monotonic()
-            for item in live:
-                self._metrics.queue_wait.observe(now - item.arrived)
-            with tracing.batch(self.label, live, reason):
-                compute_s = await self._run(live, isolate=True, worker_wait_s=worker_wait_s)
-        finally:
-            self._metrics.compute_seconds.inc(compute_s)
-            if self._share is not None:
-                self._share.release(compute_s)
+    async def _execute(self, batch: list[Item], reason: str, worker_wait_s: float) -> float:
+        """Run a batch; the seconds it computed (``_batch_done`` gives its worker back with them)."""
+        live = self._live(batch)
+        if not live:
+            return 0.0
+        self._metrics.reason(reason).inc()
+        now = time.monotonic()
+        for item in live:
+            self._metrics.queue_wait.observe(now - item.arrived)
+        with tracing.batch(self.label, live, reason):
+            return await self._run(live, isolate=True, worker_wait_s=worker_wait_s)
 
     def _live(self, items: list[Item]) -> list[Item]:
         """Drop the items nobody waits for any more, those whose deadline passed, and those whose
