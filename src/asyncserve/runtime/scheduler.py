@@ -132,6 +132,8 @@ class WorkerScheduler:
 
         Fair order puts a model that computed less first, so the next worker to free up is taken to be its.
         """
+        if self.busy == 0:
+            return 0.0  # every worker free (asked per request between batches: the cheap answer first)
         now = self._clock()
         if self._may_run(share, now):
             return 0.0
