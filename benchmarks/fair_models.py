@@ -208,8 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         scripts = {model: wrk.write_script(endpoint, workdir) for model, (endpoint, _) in LOADS.items()}
         servers = [stack.enter_context(harness.running_server(spec, "0,1", workdir, 120.0)) for spec in specs]
         runs = measure(servers, scripts, args)
+    report.record_end(facts)
     summary = summarise(runs)
-    text = markdown(summary, facts)
+    text = markdown(summary, facts).replace("server pinned to CPU -1", "servers on both cores (not pinned)")
     data = {"facts": facts, "summary": summary, "runs": runs}
     report.write_results(args.name, data, text, placeholders=checkouts.placeholders(args.checkout))
     plot(summary, report.RESULTS_DIR / f"{args.name}.png")
