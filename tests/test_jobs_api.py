@@ -201,3 +201,74 @@ async def test_an_idempotency_key_reused_for_other_inputs_is_a_conflict() -> Non
     assert first.json()["id"] in reused.json()["error"]
     assert (batch.status_code, batch.json()["code"]) == (409, "idempotency_conflict")
     assert batch.json()["error"].startswith("job [0]: ")
+
+
+async def test_a_job_with_more_rows_than_its_model_takes_is_refused_at_once() -> None:
+    rows = [ROW] * (Adder.max_batch_size + 1)
+    v2_body = {
+        "inputs": [
+            {"name": name, "shape": [len(rows), 3], "datatype": "FP32", "data": ROW[name] * len(rows)}
+            for name in ("a", "b")
+        ]
+    }
+    async with serving(SERVICE, SETTINGS) as running, running.client() as client:
+        refused = await client.post("/v1/jobs", json={"model": "adder", "inputs": rows})
+        in_batch = await client.post("/v1/jobs/batch", json=[{"model": "adder", "inputs": rows}])
+        v2 = await client.post("/v2/models/adder/infer", json=v2_body, headers={"Prefer": "respond-async"})
+        listed = (await client.get("/v1/jobs")).json()["jobs"]
+    for answer in (refused, in_batch, v2):
+        assert (answer.status_code, answer.json()["code"]) == (400, "invalid_request")
+        assert f"takes at most {Adder.max_batch_size} per call" in answer.json()["error"]
+    assert listed == []
+
+
+async def test_job_options_and_v2_requests_are_read_as_documented() -> None:
+    # 5.0 is an integer in JSON Schema; V2 parameters may be null, and a V2 priority may be its digits.
+    v2_body = {
+        "parameters": {"priority": "7"},
+        "inputs": [
+            {"name": "a", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3], "parameters": None},
+            {"name": "b", "shape": [1, 3], "datatype": "FP32", "data": [1, 1, 1]},
+        ],
+    }
+    async with serving(SERVICE, SETTINGS) as running, running.client() as client:
+        job = await client.post(
+            "/v1/jobs", json={"model": "adder", "inputs": ROW, "priority": 5.0, "max_attempts": 2.0}
+        )
+        digits = await client.post("/v2/models/adder/infer", json=v2_body, headers={"Prefer": "respond-async"})
+        null = await client.post(
+            "/v2/models/adder/infer", json={**v2_body, "parameters": None}, headers={"Prefer": "respond-async"}
+        )
+        half = await client.post("/v1/jobs", json={"model": "adder", "inputs": ROW, "priority": 5.5})
+        keyed = {"Prefer": "respond-async", "Idempotency-Key": "v2-1"}
+        first = await client.post("/v2/models/adder/infer", json=v2_body, headers=keyed)
+        again = await client.post("/v2/models/adder/infer", json=v2_body, headers=keyed)
+    assert (job.status_code, job.json()["priority"], job.json()["max_attempts"]) == (202, 5, 2)
+    assert (digits.status_code, digits.json()["priority"]) == (202, 7)
+    assert (null.status_code, null.json()["priority"]) == (202, 0)
+    assert (half.status_code, half.json()["error"]) == (400, "priority must be an integer from 0 to 9, got 5.5")
+    # The job a known key made is answered 202 again: a 200 from a V2 infer route is an inference response.
+    assert (first.status_code, again.status_code, again.json()["id"]) == (202, 202, first.json()["id"])
+
+
+async def test_the_served_openapi_document_describes_the_jobs_api() -> None:
+    async with serving(SERVICE, SETTINGS) as running, running.client() as client:
+        document = (await client.get("/openapi.json")).json()
+    assert {"/v1/jobs", "/v1/jobs/batch", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events"} <= set(document["paths"])
+    submission = document["components"]["schemas"]["JobSubmission"]["anyOf"]
+    # One variant per model: none of this service's models streams, so each can run as a job.
+    assert [variant["title"] for variant in submission] == ["adder", "sleeper", "poison"]
+    assert "webhook" in submission[0]["properties"]  # this server has a webhook secret
+    batch = document["paths"]["/v1/jobs/batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert batch["maxItems"] == SETTINGS.max_batch_jobs
+
+
+async def test_listing_refuses_empty_query_values_rather_than_ignore_them() -> None:
+    async with serving(SERVICE, SETTINGS) as running, running.client() as client:
+        await client.post("/v1/jobs", json={"model": "adder", "inputs": ROW})
+        answers = {name: await client.get(f"/v1/jobs?{name}=") for name in ("status", "cursor", "limit")}
+        no_model = await client.get("/v1/jobs?model=")
+    for name, answer in answers.items():
+        assert (answer.status_code, answer.json()["code"]) == (400, "invalid_request"), name
+        assert answer.json()["error"].startswith(f"{name} must be"), name
+    assert (no_model.status_code, no_model.json()["jobs"]) == (200, [])  # no job has the model ""

@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
+import jsonschema
 import numpy as np
 import numpy.typing as npt
 import orjson
@@ -14,6 +15,7 @@ import pytest
 from asyncserve import demo
 from asyncserve.http.jsonapi import decode_rows
 from asyncserve.http.openapi import openapi_document, row_schema, tensor_schema
+from asyncserve.http.openapi_jobs import JobsDocument
 from asyncserve.model import Model, describe
 from asyncserve.tensors import Datatype, Tensor
 
@@ -60,6 +62,7 @@ class Words(Model):
 
 IRIS = describe(Iris())
 THUMBNAIL = describe(Thumbnail())
+JOBS = JobsDocument(max_batch=500, webhooks=False)
 KEY_STATUSES = ["401", "403", "429"]
 PREDICT_STATUSES = sorted(["200", "202", "400", *KEY_STATUSES, "413", "415", "422", "500", "503", "504"])
 INFER_STATUSES = sorted(["200", "400", *KEY_STATUSES, "404", "413", "415", "422", "500", "502", "503", "504"])
@@ -70,7 +73,7 @@ OPEN_ROUTES = [
 
 @pytest.fixture(scope="module")
 def document() -> dict[str, Any]:
-    return openapi_document("demo", "1.2.3", [IRIS, THUMBNAIL])
+    return openapi_document("demo", "1.2.3", [IRIS, THUMBNAIL], JOBS)
 
 
 def follow(document: dict[str, Any], node: Any) -> Any:
@@ -96,7 +99,7 @@ def walk(node: Any) -> Iterator[dict[str, Any]]:
 
 def operations(document: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any], dict[str, Any]]]:
     for path, item in document["paths"].items():
-        for method in ("get", "post"):
+        for method in ("get", "post", "delete"):
             if method in item:
                 yield path, method, item, item[method]
 
@@ -143,7 +146,7 @@ def test_every_operation_answers_and_operation_ids_are_unique(document: dict[str
     ids = [operation["operationId"] for *_, operation in operations(document) if "operationId" in operation]
     assert len(ids) == len(set(ids))
     for _, _, _, operation in operations(document):
-        assert "200" in operation["responses"]
+        assert {"200", "202"} & set(operation["responses"])  # a batch of jobs is only ever accepted (202)
         assert operation["summary"]
 
 
@@ -287,7 +290,8 @@ def test_v2_infer_uses_the_inference_schemas(document: dict[str, Any]) -> None:
     response = follow(document, operation["responses"]["200"]["content"]["application/json"]["schema"])
     assert response["required"] == ["model_name", "outputs"]
     assert "application/octet-stream" in operation["requestBody"]["content"]
-    assert sorted(operation["responses"]) == INFER_STATUSES
+    # With jobs, `Prefer: respond-async` makes the request a job (202), and its idempotency key may conflict (409).
+    assert sorted(operation["responses"]) == sorted([*INFER_STATUSES, "202", "409"])
     assert "application/octet-stream" in operation["responses"]["200"]["content"]
 
 
@@ -458,3 +462,128 @@ def test_a_row_requires_every_tensor_and_nothing_else() -> None:
     assert schema["required"] == ["image", "size"]
     assert schema["additionalProperties"] is False
     assert schema["properties"]["size"]["items"]["maximum"] == 65535
+
+
+# -- the jobs API --------------------------------------------------------------------------------
+
+STATUSES = ["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+JOB_ROUTES = [
+    ("/v1/jobs", "post", "submit_job", ["200", "202", "404", "409", "413", "415", "422", "503"]),
+    ("/v1/jobs/batch", "post", "submit_jobs", ["202", "404", "409", "413", "415", "422", "503"]),
+    ("/v1/jobs", "get", "list_jobs", ["200"]),
+    ("/v1/jobs/{job_id}", "get", "get_job", ["200", "404"]),
+    ("/v1/jobs/{job_id}", "delete", "cancel_job", ["200", "404"]),
+    ("/v1/jobs/{job_id}/events", "get", "job_events", ["200", "404"]),
+]
+
+
+def submission_validator(document: dict[str, Any]) -> jsonschema.Draft202012Validator:
+    """Validates a job's body against the document's ``JobSubmission`` (its references resolved in the document)."""
+    return jsonschema.Draft202012Validator({**document, "$ref": "#/components/schemas/JobSubmission"})
+
+
+@pytest.mark.parametrize(("path", "method", "operation_id", "statuses"), JOB_ROUTES)
+def test_the_jobs_routes_are_documented_with_the_jobs_scope_and_their_errors(
+    document: dict[str, Any], path: str, method: str, operation_id: str, statuses: list[str]
+) -> None:
+    operation = document["paths"][path][method]
+    assert operation["operationId"] == operation_id
+    assert operation["tags"] == ["jobs"]
+    assert operation["security"] == [{"bearer": []}, {"apiKey": []}, {}]
+    assert "`jobs` scope" in operation["description"]
+    assert sorted(operation["responses"]) == sorted([*statuses, "400", *KEY_STATUSES])
+    conflict = follow(document, operation["responses"].get("409", {}))
+    assert not conflict or "idempotency key" in conflict["description"]
+
+
+def test_a_submission_answers_the_job_and_where_it_is(document: dict[str, Any]) -> None:
+    operation = document["paths"]["/v1/jobs"]["post"]
+    for status in ("200", "202"):
+        answer = operation["responses"][status]
+        assert answer["headers"]["Location"]["required"] is True
+        job = follow(document, answer["content"]["application/json"]["schema"])
+        assert {"id", "status", "result", "error", "links"} <= set(job["required"])
+        assert "lease_owner" not in job["properties"]  # the broker's internals are not shown
+        assert job["properties"]["status"]["enum"] == STATUSES
+    header = follow(document, operation["parameters"][0])
+    assert (header["name"], header["in"], header["required"]) == ("Idempotency-Key", "header", False)
+    assert (header["schema"]["minLength"], header["schema"]["maxLength"]) == (1, 2048)
+
+
+def test_an_idempotency_key_is_printable_as_the_server_checks_it_in_latin_1(document: dict[str, Any]) -> None:
+    key = jsonschema.Draft202012Validator(document["components"]["parameters"]["IdempotencyKey"]["schema"])
+    latin_1 = [chr(code) for code in range(256)]
+    assert [key.is_valid(char) for char in latin_1] == [char.isprintable() for char in latin_1]
+    assert not key.is_valid("order-17\n")  # the last character too
+
+
+def test_a_job_takes_each_models_inputs_as_its_json_api_does(document: dict[str, Any]) -> None:
+    validator = submission_validator(document)
+    row = {"features": [5.1, 3.5, 1.4, 0.2]}
+    taken = [
+        {"model": "iris", "inputs": row},
+        {"model": "iris", "version": "2", "inputs": [row, row], "priority": 9, "idempotency_key": "order-17"},
+        {"model": "iris", "version": None, "inputs": row, "ttl_s": 60, "max_attempts": 1, "queue_timeout_s": None},
+        {"model": "thumbnail", "inputs": {"image": "YQ==", "size": [64, 64]}},
+    ]
+    refused = [
+        {"model": "iris"},
+        {"model": "iris", "inputs": {"image": "YQ==", "size": [64, 64]}},  # thumbnail's inputs
+        {"model": "iris", "version": "3", "inputs": row},
+        {"model": "iris", "inputs": [row] * (IRIS.max_batch_size + 1)},
+        {"model": "iris", "inputs": row, "priority": 10},
+        {"model": "iris", "inputs": row, "max_attempts": 101},
+        {"model": "iris", "inputs": row, "ttl_s": 0},
+        {"model": "iris", "inputs": row, "idempotency_key": "a\nb"},
+        {"model": "iris", "inputs": row, "idempotency_key": ""},
+        {"model": "iris", "inputs": row, "webhook": "https://example.com/done"},  # this server sends none
+        {"model": "iris", "inputs": row, "colour": "red"},
+    ]
+    assert [validator.is_valid(body) for body in taken] == [True] * len(taken)
+    assert [validator.is_valid(body) for body in refused] == [False] * len(refused)
+    batch = document["paths"]["/v1/jobs/batch"]["post"]["requestBody"]["content"]
+    jobs = {"type": "array", "items": {"$ref": "#/components/schemas/JobSubmission"}, "minItems": 1}
+    assert batch["application/json"]["schema"] == {**jobs, "maxItems": JOBS.max_batch}
+    assert "application/x-ndjson" in batch
+
+
+def test_a_webhook_is_documented_only_where_the_server_sends_them() -> None:
+    document = openapi_document("demo", "1", [IRIS], JobsDocument(max_batch=10, webhooks=True))
+    body = {"model": "iris", "inputs": {"features": [5.1, 3.5, 1.4, 0.2]}, "webhook": "https://example.com/done"}
+    assert submission_validator(document).is_valid(body)
+
+
+def test_a_streaming_model_cannot_be_a_job() -> None:
+    document = openapi_document("demo", "1", [IRIS, describe(Words())], JOBS)
+    titles = [variant["title"] for variant in document["components"]["schemas"]["JobSubmission"]["anyOf"]]
+    assert titles == ["iris", "iris:2"]
+    assert not submission_validator(document).is_valid({"model": "words", "inputs": {"text": "a b"}})
+
+
+def test_listing_jobs_takes_its_query_parameters(document: dict[str, Any]) -> None:
+    operation = document["paths"]["/v1/jobs"]["get"]
+    query = {p["name"]: p for p in operation["parameters"]}
+    assert list(query) == ["status", "model", "cursor", "limit"]
+    assert all(p["in"] == "query" and not p["required"] for p in query.values())
+    assert query["status"]["schema"]["enum"] == STATUSES
+    assert (query["limit"]["schema"]["minimum"], query["limit"]["schema"]["maximum"]) == (1, 1000)
+    assert re.search(query["cursor"]["schema"]["pattern"], "0" * 32)
+    assert not re.search(query["cursor"]["schema"]["pattern"], "x" * 32)
+    page = follow(document, operation["responses"]["200"]["content"]["application/json"]["schema"])
+    assert page["required"] == ["jobs", "next_cursor"]
+    events = document["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    assert list(events) == ["text/event-stream"]
+
+
+def test_v2_infer_takes_prefer_respond_async_only_on_a_server_with_jobs(document: dict[str, Any]) -> None:
+    for path in ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer"):
+        operation = document["paths"][path]["post"]
+        names = [follow(document, p)["name"] for p in operation["parameters"]]
+        assert names == ["X-Request-Timeout", "Inference-Header-Content-Length", "Prefer", "Idempotency-Key"]
+        accepted = operation["responses"]["202"]
+        assert follow(document, accepted["content"]["application/json"]["schema"])["properties"]["links"]
+    without = openapi_document("demo", "1", [IRIS])
+    assert not [path for path in without["paths"] if path.startswith("/v1/jobs")]
+    infer = without["paths"]["/v2/models/{model_name}/infer"]["post"]
+    assert sorted(infer["responses"]) == INFER_STATUSES
+    assert "jobs" not in [tag["name"] for tag in without["tags"]]

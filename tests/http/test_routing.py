@@ -38,6 +38,20 @@ def test_a_wrong_method_names_the_allowed_ones() -> None:
     assert refused.value.headers() == {"allow": "DELETE, GET"}
 
 
+def test_a_path_without_parameters_is_never_taken_for_a_parameter() -> None:
+    router = Router()
+    router.add("POST", "/v1/jobs/batch", ok, "batch", scope="jobs")
+    router.add("GET", "/v1/jobs/{job}", ok, "get", scope="jobs")
+    router.add("DELETE", "/v1/jobs/{job}", ok, "cancel", scope="jobs")
+    assert router.match("POST", "/v1/jobs/batch")[0].name == "batch"
+    for method in ("GET", "DELETE", "PUT"):
+        with pytest.raises(MethodNotAllowed) as refused:
+            router.match(method, "/v1/jobs/batch")  # not the job "batch"
+        assert refused.value.headers() == {"allow": "POST"}
+    route, params = router.match("GET", "/v1/jobs/batches")
+    assert (route.name, params) == ("get", {"job": "batches"})
+
+
 async def test_admin_routes_cannot_be_reached_through_encoded_slashes(running: RunningServer) -> None:
     async with running.client() as client:
         # httpx keeps %2F as sent; the server must not decode it before routing.

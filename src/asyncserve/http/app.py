@@ -30,6 +30,7 @@ from asyncserve.http.auth import ApiKey, Authenticator, audit_logger, is_loopbac
 from asyncserve.http.catalog import ModelCatalog
 from asyncserve.http.inference import InferenceRoutes, parse_timeout
 from asyncserve.http.jobs import JobsAPI
+from asyncserve.http.openapi_jobs import JobsDocument
 from asyncserve.http.protocol import Respond
 from asyncserve.http.routing import Pending, Request, Response, Route, Router
 from asyncserve.http.streams import GenerateRoutes
@@ -395,7 +396,8 @@ class HttpApp:
 
     def openapi_json(self, request: Request) -> Response:
         if self._openapi_json is None:
-            document = openapi.openapi_document(self.service.name, asyncserve.__version__, self.service.specs)
+            jobs = None if self.jobs is None else JobsDocument(self.jobs.max_batch, self.jobs.webhooks.enabled)
+            document = openapi.openapi_document(self.service.name, asyncserve.__version__, self.service.specs, jobs)
             self._openapi_json = Response.json(document).body
         return Response(200, self._openapi_json)
 

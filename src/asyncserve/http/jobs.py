@@ -23,12 +23,15 @@ from asyncserve.http import jsonapi, v2
 from asyncserve.http.routing import Request, Response, Router, StreamingResponse
 from asyncserve.jobs import Broker, Job, JobRequest
 from asyncserve.jobs.webhooks import validate_webhook_url
+from asyncserve.runtime.admission import parse_priority
 from asyncserve.runtime.pipeline import Pipeline
 from asyncserve.runtime.registry import ModelEntry, ModelRegistry
 
 _SUBMIT_FIELDS = {
     "model", "version", "inputs", "webhook", "priority", "ttl_s", "max_attempts", "queue_timeout_s", "idempotency_key",
 }  # fmt: skip
+_COUNTS = ("priority", "max_attempts")
+"""The submission's integer options."""
 _JSON_LINES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
 
 
@@ -78,16 +81,19 @@ class JobsAPI:
         """``POST /v2/models/{m}/infer`` with ``Prefer: respond-async``: the V2 request becomes a job."""
         if request.headers.get("inference-header-content-length") is not None:
             raise InvalidRequest("asynchronous inference takes JSON tensors; send the request without binary data")
-        v2.decode_infer_request(body, entry.spec, None)  # a bad request is refused now, not in the job
+        decoded = v2.decode_infer_request(body, entry.spec, None)  # a bad request is refused now, not in the job
+        _check_rows(decoded.rows, entry)
         inputs = {"format": "v2", "request": orjson.loads(body)}
-        priority = orjson.loads(body).get("parameters", {}).get("priority", 0)
+        # As a V2 request reads it: null parameters are none, and the priority may be its digits as a string.
+        priority = parse_priority(decoded.parameters.get("priority", 0), "parameters.priority")
         job_request = JobRequest(
             model=entry.spec.name, version=entry.spec.version, inputs=inputs, priority=priority,
             idempotency_key=request.headers.get("idempotency-key"), owner=_owner(request),
         )  # fmt: skip
         job, created = await self.broker.enqueue(job_request)
         _check_same_job(job, job_request, created)
-        return _accepted(job, 202 if created else 200)
+        # 202 even for the job a known key made before: a 200 from a V2 infer route is an inference response.
+        return _accepted(job, 202)
 
     async def _job_request(
         self, document: Any, path: str, idempotency_key: str | None, owner: str | None
@@ -107,16 +113,14 @@ class JobsAPI:
             label = entry.spec.label
             raise InvalidRequest(f"model {label!r} answers in parts, which a job cannot keep; stream it instead")
         # The inputs are checked now, so a job never fails later for a malformed body.
-        jsonapi.decode_rows(orjson.dumps(document["inputs"]), entry.spec)
+        columns, _ = jsonapi.decode_rows(orjson.dumps(document["inputs"]), entry.spec)
+        _check_rows(len(next(iter(columns.values()), ())), entry)
         webhook = document.get("webhook")
         if webhook is not None:
             await validate_webhook_url(str(webhook), self.webhooks)
         idempotency_key = _one_idempotency_key(document.get("idempotency_key"), idempotency_key, path)
-        options = {
-            name: document[name]
-            for name in ("priority", "ttl_s", "max_attempts", "queue_timeout_s")
-            if name in document
-        }
+        options = {name: _whole(document[name]) for name in _COUNTS if name in document}
+        options |= {name: document[name] for name in ("ttl_s", "queue_timeout_s") if name in document}
         return JobRequest(
             model=entry.spec.name, version=entry.spec.version, inputs={"format": "json", "inputs": document["inputs"]},
             webhook=webhook, idempotency_key=idempotency_key, owner=owner, **options,
@@ -175,6 +179,20 @@ class JobsAPI:
         rows = len(next(iter(columns.values())))
         prediction = await self.pipeline.run(entry, columns, rows, deadline, priority=job.priority, request_id=job.id)
         return orjson.loads(jsonapi.encode_rows(entry.spec, prediction.outputs, as_list))
+
+
+def _check_rows(rows: int, entry: ModelEntry) -> None:
+    """A job runs its rows in one call of the model: more than it takes would fail later, so are refused now."""
+    if rows > entry.spec.max_batch_size:
+        raise InvalidRequest(
+            f"the job has {rows} rows but model {entry.spec.label!r} takes at most {entry.spec.max_batch_size} per "
+            "call; split them into several jobs"
+        )
+
+
+def _whole(value: Any) -> Any:
+    """An integral JSON float (``5.0``) as the integer it is, as JSON Schema's ``integer`` takes it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _check_same_job(job: Job, request: JobRequest, created: bool, where: str = "") -> None:
@@ -242,7 +260,8 @@ def _parse_batch(body: bytes, content_type: str) -> list[Any]:
 
 
 def _query(request: Request) -> dict[str, str]:
-    return dict(urllib.parse.parse_qsl(request.query))
+    # An empty value (`?cursor=`) is a value, refused as malformed, not a parameter left out.
+    return dict(urllib.parse.parse_qsl(request.query, keep_blank_values=True))
 
 
 def _limit(value: str) -> int:

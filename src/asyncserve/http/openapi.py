@@ -1,5 +1,6 @@
 """The OpenAPI 3.1 description of a service (``http/docs.py`` renders it at ``/docs``): the document, and
-each model's operations; the generic routes are in ``openapi_v2.py``, the shared parts in ``openapi_parts.py``.
+each model's operations; the generic routes are in ``openapi_v2.py``, the jobs API in ``openapi_jobs.py``, the
+shared parts in ``openapi_parts.py``.
 
 Each model gets a typed ``POST /v1/models/{name}/predict`` operation whose request and response
 schemas come from its declared tensors, so ``/docs`` shows exactly what a row looks like. The
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from asyncserve._utils import is_count
-from asyncserve.http import openapi_v2
+from asyncserve.http import openapi_jobs, openapi_v2
+from asyncserve.http.openapi_jobs import JobsDocument
 from asyncserve.http.openapi_parts import (
     INFERENCE,
     build_operation,
@@ -34,6 +36,7 @@ from asyncserve.http.openapi_parts import (
     param_ref,
     parameters,
     path_parameter,
+    row_or_rows,
     security_schemes,
 )
 from asyncserve.model import ModelSpec
@@ -54,13 +57,15 @@ def _overflow_limit(dtype: Datatype) -> float:
 _FLOAT_LIMITS = {dtype: _overflow_limit(dtype) for dtype in (Datatype.FP16, Datatype.FP32)}
 
 
-def openapi_document(service_name: str, version: str, specs: Sequence[ModelSpec]) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of a service serving ``specs``.
+def openapi_document(
+    service_name: str, version: str, specs: Sequence[ModelSpec], jobs: JobsDocument | None = None
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of a service serving ``specs``, with the jobs API when it has ``jobs``.
 
     Example::
 
-        document = openapi_document("demo", asyncserve.__version__, service.specs)
-        assert "/v1/models/iris/predict" in document["paths"]
+        document = openapi_document("demo", asyncserve.__version__, service.specs, JobsDocument(10_000, False))
+        assert "/v1/models/iris/predict" in document["paths"] and "/v1/jobs" in document["paths"]
     """
     served = _served_at_v1(specs)
     schemas: dict[str, Any] = {
@@ -84,7 +89,7 @@ def openapi_document(service_name: str, version: str, specs: Sequence[ModelSpec]
     paths["/v1/predictions/{handle}"] = _deferred_path(specs, served)
     paths.update(openapi_v2.v2_paths())
     paths.update(openapi_v2.operations_paths())
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {"title": service_name, "version": version, "description": _service_description(served)},
         "tags": [
@@ -100,6 +105,9 @@ def openapi_document(service_name: str, version: str, specs: Sequence[ModelSpec]
             "securitySchemes": security_schemes(),
         },
     }
+    if jobs is not None:
+        openapi_jobs.add_jobs(document, specs, served, jobs)
+    return document
 
 
 def row_schema(tensors: Mapping[str, Tensor], *, outputs: bool = False) -> dict[str, Any]:
@@ -149,7 +157,7 @@ def _predict_operation(spec: ModelSpec, key: str, *, versioned: bool = False) ->
     rows = {"$ref": f"#/components/schemas/{key}.Inputs"}
     outputs = {"$ref": f"#/components/schemas/{key}.Outputs"}
     # A streaming model's request is not batched, so nothing caps its rows.
-    request: dict[str, Any] = {"schema": _row_or_rows(rows, None if spec.streams else spec.max_batch_size)}
+    request: dict[str, Any] = {"schema": row_or_rows(rows, None if spec.streams else spec.max_batch_size)}
     if spec.example is not None:
         # The example may also hold the values of looked-up features (for the warm-up): a request sends inputs only.
         example = {name: value for name, value in spec.example.items() if name in spec.inputs}
@@ -192,7 +200,7 @@ def _predict_operation(spec: ModelSpec, key: str, *, versioned: bool = False) ->
 def _whole_answer(spec: ModelSpec, outputs: dict[str, Any]) -> dict[str, Any]:
     answer: dict[str, Any] = {
         "description": "The outputs: an object for an object, a list for a list.",
-        "content": {"application/json": {"schema": _row_or_rows(outputs)}},
+        "content": {"application/json": {"schema": row_or_rows(outputs)}},
     }
     if spec.features:
         answer["headers"] = {"X-Degraded": degraded_header()}
@@ -209,18 +217,11 @@ def _streamed_answer(outputs: dict[str, Any]) -> dict[str, Any]:
             "of the parts, once the last is made."
         ),
         "content": {
-            "application/json": {"schema": {"type": "array", "items": _row_or_rows(outputs)}},
+            "application/json": {"schema": {"type": "array", "items": row_or_rows(outputs)}},
             "text/event-stream": {"schema": {"type": "string"}},
             "application/x-ndjson": {"schema": {"type": "string"}},
         },
     }
-
-
-def _row_or_rows(row: dict[str, Any], max_rows: int | None = None) -> dict[str, Any]:
-    rows: dict[str, Any] = {"type": "array", "items": row, "minItems": 1}
-    if max_rows is not None:
-        rows["maxItems"] = max_rows
-    return {"oneOf": [row, rows]}
 
 
 def _element_schema(tensor: Tensor) -> dict[str, Any]:
@@ -333,7 +334,7 @@ def _deferred_path(specs: Sequence[ModelSpec], served: Sequence[ModelSpec]) -> d
     # A handle of a model's /v1 route answers that version's outputs; one from service.lazy() may be of any version.
     refs = {id(spec): {"$ref": f"#/components/schemas/{spec.name}.Outputs"} for spec in served}
     outputs = [
-        _row_or_rows(refs.get(id(spec)) or row_schema(spec.outputs, outputs=True)) for spec in specs if not spec.streams
+        row_or_rows(refs.get(id(spec)) or row_schema(spec.outputs, outputs=True)) for spec in specs if not spec.streams
     ]
     answer = {
         "description": "The outputs, shaped as the request was: an object for an object, a list for a list.",

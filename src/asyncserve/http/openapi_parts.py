@@ -21,8 +21,12 @@ ERRORS: dict[int, tuple[str, str]] = {
     ),
     401: ("Unauthorized", "The server has API keys, and the request has none or a wrong one."),
     403: ("Forbidden", "The request's API key lacks the scope this route needs."),
-    404: ("NotFound", "No such model (or version, or deferred prediction) on this server."),
+    404: ("NotFound", "No such model (or version, deferred prediction or job) on this server."),
     405: ("MethodNotAllowed", "The path does not take this method; `Allow` lists those it takes."),
+    409: (
+        "IdempotencyConflict",
+        "The idempotency key was used for another job, of another model or with other inputs; send a new key.",
+    ),
     413: ("PayloadTooLarge", "The body is larger than the server accepts."),
     415: ("UnsupportedMediaType", "The body's `Content-Type` is not one this route takes (forms and text never are)."),
     422: ("SchemaViolation", "The body breaks this document's schema; the message starts with the field path."),
@@ -184,3 +188,11 @@ def nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 def strings() -> dict[str, Any]:
     return {"type": "array", "items": {"type": "string"}}
+
+
+def row_or_rows(row: dict[str, Any], max_rows: int | None = None) -> dict[str, Any]:
+    """A JSON API body: one row, or a non-empty list of them (at most ``max_rows``)."""
+    rows: dict[str, Any] = {"type": "array", "items": row, "minItems": 1}
+    if max_rows is not None:
+        rows["maxItems"] = max_rows
+    return {"oneOf": [row, rows]}

@@ -20,7 +20,7 @@ import re
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -141,13 +141,17 @@ class Router:
     """Matches a method and path to a route; ``{param}`` in a path matches one segment.
 
     Paths without parameters are found in a dict; the others are tried in the order they were
-    added, so the busiest (inference) routes should be added first.
+    added, so the busiest (inference) routes should be added first. A path without parameters is a
+    resource of its own: another method on it is a 405, even where a parameter would match it
+    (``GET /v1/jobs/batch`` is not the job ``batch``).
     """
 
     def __init__(self) -> None:
         self._routes: list[Route] = []
         self._static: dict[tuple[str, str], Route] = {}
         self._dynamic: list[Route] = []
+        self._fixed: dict[str, list[str]] = {}
+        """Each path without parameters, and the methods it takes."""
         self._matched: dict[tuple[str, str], tuple[Route, dict[str, str]]] = {}
         """Paths with parameters matched before (the few of the models served): no regex for them."""
 
@@ -163,6 +167,7 @@ class Router:
             self._dynamic.append(route)
         else:
             self._static[(method, path)] = route
+            self._fixed.setdefault(path, []).append(method)
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         """The route of ``path`` as the client sent it (percent-encoded), and its parameters, decoded.
@@ -182,6 +187,8 @@ class Router:
         return found_route, dict(params)
 
     def _match_dynamic(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        if path in self._fixed:
+            self._refuse(method, path, self._fixed[path])
         for route in self._dynamic:
             if route.method == method:
                 found = route.pattern.match(path)
@@ -193,10 +200,15 @@ class Router:
         return self._no_match(method, path)
 
     def _no_match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        allowed = sorted({route.method for route in self._routes if route.pattern.match(path) is not None})
+        allowed = [route.method for route in self._routes if route.pattern.match(path) is not None]
         if allowed:
-            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {' or '.join(allowed)}", allowed=allowed)
+            self._refuse(method, path, allowed)
         raise NotFound(f"no route {method} {path}; see /docs for the API")
+
+    @staticmethod
+    def _refuse(method: str, path: str, allowed: Iterable[str]) -> NoReturn:
+        methods = sorted(set(allowed))
+        raise MethodNotAllowed(f"{method} is not allowed on {path}; use {' or '.join(methods)}", allowed=methods)
 
     @property
     def routes(self) -> Iterable[Route]:

@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (InvalidRequest, ModelNotFound)
 """Errors that no retry can cure (a bad input, an unknown model): the job fails at once."""
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
+_JITTER = random.Random()
+"""The retries' jitter, apart from the process-wide generator: code that seeds ``random`` (a model, a test
+framework) neither lines up every worker's retries nor sees its own sequence moved by them."""
 _COUNTERS = ("claimed", "succeeded", "failed", "retried", "dead_lettered", "cancelled", "released", "lost", "expired")
 
 
@@ -237,7 +240,7 @@ class Worker:
 
     def retry_delay_s(self, attempt: int, error: BaseException | None = None) -> float:
         """The backoff before retrying after failed attempt number ``attempt`` (1 for the first)."""
-        delay = min(self.base_backoff_s * 2.0 ** (attempt - 1), self.max_backoff_s) * random.uniform(0.5, 1.0)
+        delay = min(self.base_backoff_s * 2.0 ** (attempt - 1), self.max_backoff_s) * _JITTER.uniform(0.5, 1.0)
         if isinstance(error, Unavailable):
             delay = max(delay, min(error.retry_after_s, self.max_backoff_s))
         return delay
