@@ -58,3 +58,19 @@ async def test_posts_in_the_types_a_page_may_send_anywhere_are_refused(running: 
         assert (status, orjson.loads(body)["code"]) == (415, "unsupported_media_type"), path
     ready, _, _ = await raw(running, "GET /v2/models/adder/ready HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     assert ready == 200  # the form post did not unload it
+
+
+async def test_a_pipelined_request_is_checked_too(running: RunningServer) -> None:
+    # Behind another request, a head is not screened as it arrives: the check happens when it is served.
+    def post(host: str, content_type: str = "application/json") -> bytes:
+        head = f"POST /v1/models/adder/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+        return head.encode() + b"Content-Length: %d\r\n\r\n" % len(ROW) + ROW
+
+    reader, writer = await connect(running)
+    try:
+        writer.write(post("127.0.0.1") + post("evil.example") + post("127.0.0.1", "text/plain"))
+        answers = [await read_response(reader) for _ in range(3)]
+    finally:
+        writer.close()
+    assert [status for status, _, _ in answers] == [200, 400, 415]
+    assert orjson.loads(answers[1][2])["code"] == "host_not_allowed"

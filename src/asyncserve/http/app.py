@@ -163,7 +163,8 @@ class HttpApp:
         started = time.perf_counter()
         route_name = "unknown"
         try:
-            self._check_origin(request.method, request.headers)
+            if not request.screened:  # pipelined requests, and the ASGI adapter's, are checked here
+                self._check_origin(request.method, request.headers)
             route, request.params = self.router.match(request.method, request.path)
             route_name = route.name
             request.key = self._admit(request, route)

@@ -234,7 +234,9 @@ def _alive(deferred: DeferredPredictions, handle_id: str) -> bool:
 
 def _prefers(request: Request, preference: str) -> bool:
     """An RFC 7240 ``Prefer`` preference (``lazy``, ``respond-async``), among others, in any case."""
-    prefer = request.headers.get("prefer", "")
+    prefer = request.headers.get("prefer")
+    if not prefer:
+        return False
     return any(part.strip().lower() == preference for part in prefer.replace(";", ",").split(","))
 
 

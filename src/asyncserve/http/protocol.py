@@ -114,6 +114,8 @@ class _Head:
     headers: dict[str, str]
     keep_alive: bool
     arrived: float
+    screened: bool = False
+    """Whether ``HttpApp.early_response`` passed it (its Host and content type are checked already)."""
 
 
 class Connections(Protocol):
@@ -368,6 +370,7 @@ class HttpProtocol(asyncio.Protocol):
             if early is not None:
                 self._answer_early(early, head)  # the body, if any, is read and dropped
                 return
+            head.screened = too_large is None
         if too_large is not None:
             raise too_large  # behind other requests: answered in turn, then the connection closes
         if "expect" in headers:
@@ -453,6 +456,7 @@ class HttpProtocol(asyncio.Protocol):
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         self._body = []
         request = Request(head.method, head.path, head.query, headers, body, request_id, head.arrived)
+        request.screened = head.screened
         if self._busy or self._waiting:
             self._waiting.append((request, head.keep_alive))
             if len(self._waiting) >= MAX_PIPELINED and not self._paused_by_pipeline:

@@ -55,6 +55,8 @@ class Request:
     """The client's API key, once checked; None when the server has no keys."""
     trace: Any = None
     """The request's span while tracing is on (``asyncserve/tracing.py``)."""
+    screened: bool = False
+    """Whether its Host and content type were checked from its head (``HttpApp.early_response``)."""
 
 
 @dataclass(slots=True)
