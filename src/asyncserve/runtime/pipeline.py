@@ -141,20 +141,17 @@ class Pipeline:
             self.predlog.check_room()
         if not entry.spec.features:
             parts = self.registry.stream(entry, columns, rows, deadline)
+            if self.predlog is None:
+                return parts  # nothing to look up or log: no layer between the model and the client
             return self._logged_parts(entry, columns, parts, request_id, Prediction({}))
         return self._stream_with_features(entry, columns, rows, deadline, request_id)
 
     async def _stream_with_features(
         self, entry: ModelEntry, columns: Columns, rows: int, deadline: float, request_id: str
     ) -> AsyncGenerator[Columns, None]:
-        started = time.perf_counter()
-        fetched = await fetch_features(entry.spec.features, columns, deadline)
-        for source in fetched.degraded:
-            self._metrics.degraded.labels(entry.spec.label, source).inc()
-        looked_up = Prediction(
-            {}, fetched.degraded, {"features": (time.perf_counter() - started) * 1000}, fetched.columns
-        )
-        parts = self.registry.stream(entry, {**columns, **fetched.columns}, rows, deadline)
+        looked_up = await _look_up(entry, columns, deadline)
+        self._count_degraded(entry, looked_up)
+        parts = self.registry.stream(entry, {**columns, **looked_up.features}, rows, deadline)
         async with contextlib.aclosing(self._logged_parts(entry, columns, parts, request_id, looked_up)) as logged:
             async for part in logged:
                 yield part
@@ -235,15 +232,18 @@ class Pipeline:
             started = time.perf_counter()
             outputs = await self.registry.predict(entry, columns, rows, deadline, priority)
             return Prediction(outputs, stages_ms={"features": 0.0, "model": (time.perf_counter() - started) * 1000})
-        started = time.perf_counter()
-        fetched = await fetch_features(spec.features, columns, deadline)
+        prediction = await _look_up(entry, columns, deadline)
         fetched_at = time.perf_counter()
-        outputs = await self.registry.predict(entry, {**columns, **fetched.columns}, rows, deadline, priority)
-        done_at = time.perf_counter()
-        for source in fetched.degraded:
-            self._metrics.degraded.labels(spec.label, source).inc()
-        stages = {"features": (fetched_at - started) * 1000, "model": (done_at - fetched_at) * 1000}
-        return Prediction(outputs, fetched.degraded, stages, fetched.columns)
+        prediction.outputs = await self.registry.predict(
+            entry, {**columns, **prediction.features}, rows, deadline, priority
+        )
+        prediction.stages_ms["model"] = (time.perf_counter() - fetched_at) * 1000
+        self._count_degraded(entry, prediction)
+        return prediction
+
+    def _count_degraded(self, entry: ModelEntry, prediction: Prediction) -> None:
+        for source in prediction.degraded:
+            self._metrics.degraded.labels(entry.spec.label, source).inc()
 
     def _needs_a_task(self, entry: ModelEntry) -> bool:
         """Whether a request's way to the model has steps to await: feature lookups, or a shared cache."""
@@ -267,6 +267,14 @@ class Pipeline:
             degraded=bool(prediction.degraded),
         )  # fmt: skip
         self.predlog.record(record)
+
+
+async def _look_up(entry: ModelEntry, columns: Columns, deadline: float) -> Prediction:
+    """A request's features, from every source its model declares: a Prediction with no outputs yet."""
+    started = time.perf_counter()
+    fetched = await fetch_features(entry.spec.features, columns, deadline)
+    stages = {"features": (time.perf_counter() - started) * 1000}
+    return Prediction({}, fetched.degraded, stages, fetched.columns)
 
 
 def _row_by_row(parts: list[Columns]) -> Columns:
