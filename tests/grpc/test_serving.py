@@ -159,9 +159,9 @@ async def test_sigterm_drains_calls_in_flight(tmp_path: Path) -> None:
         assert await asyncio.wait_for(served.process.wait(), 15) == 0
 
 
-async def test_without_grpcio_the_port_fails_at_start_in_one_line() -> None:
+async def test_without_the_grpc_extra_the_port_fails_at_start_in_one_line() -> None:
     code = (
-        "import sys; sys.modules['grpc'] = None; from asyncserve.cli import main; "
+        "import sys; sys.modules['hpack'] = None; from asyncserve.cli import main; "
         "sys.exit(main(['serve', 'tests.grpc.services:service', '--port', '0', '--grpc-port', '0']))"
     )
     process = await asyncio.create_subprocess_exec(

@@ -1,4 +1,4 @@
-"""The gRPC server: ``grpc.aio`` on the HTTP server's event loop, its own port, the same TLS files.
+"""The gRPC server: asyncserve's own HTTP/2 connections on the HTTP server's event loop, its own port.
 
 Example::
 
@@ -11,26 +11,31 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from pathlib import Path
-
-import grpc
+import socket
 
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
-from asyncserve.grpc import inference_pb2_grpc as pb_grpc
+from asyncserve.grpc import inference_pb2 as pb
+from asyncserve.grpc.calls import Methods
+from asyncserve.grpc.http2 import Connection, Http2Limits
 from asyncserve.grpc.service import InferenceServicer
 from asyncserve.http.app import HttpApp
+from asyncserve.http.server import tls_context
 
 logger = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+MESSAGES = {message.full_name: getattr(pb, message.name) for message in pb.DESCRIPTOR.message_types_by_name.values()}
 
 
 class GrpcServer:
     """Serves ``inference.GRPCInferenceService`` for ``http``'s components on ``settings.grpc_port``.
 
-    With ``--workers N`` every worker listens on the same port (SO_REUSEPORT, grpc's
-    ``grpc.so_reuseport``) and the kernel spreads the connections; alone, a server takes the port
-    for itself, so that a port in use is an error rather than shared.
+    With ``--workers N`` every worker listens on the same port (SO_REUSEPORT) and the kernel
+    spreads the connections; alone, a server takes the port for itself, so that a port in use is
+    an error rather than shared.
     """
 
     def __init__(self, http: HttpApp, settings: Settings) -> None:
@@ -38,49 +43,75 @@ class GrpcServer:
         self.settings = settings
         self.port: int | None = None
         """The port listened on, once started."""
-        self._server: grpc.aio.Server | None = None
+        self.methods = Methods(SERVICE, InferenceServicer(http), MESSAGES, max_message_bytes=settings.max_body_bytes)
+        self.limits = Http2Limits(
+            max_header_list_size=settings.max_header_bytes, preface_timeout_s=settings.head_timeout_s
+        )
+        self.connections: set[Connection] = set()
+        self._server: asyncio.Server | None = None
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         settings = self.settings
-        options = [
-            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-            ("grpc.max_receive_message_length", settings.max_body_bytes),
-            ("grpc.max_send_message_length", -1),
-        ]
-        server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.http), server)
+        ssl_context = None
+        if settings.ssl_certfile:
+            ssl_context = await asyncio.to_thread(tls_context, settings.ssl_certfile, settings.ssl_keyfile)
+            ssl_context.set_alpn_protocols(["h2"])  # gRPC clients insist on HTTP/2 by ALPN
+        sock = self._bind()
+        self._server = await asyncio.get_running_loop().create_server(
+            self._connection, sock=sock, ssl=ssl_context, backlog=2048
+        )
+        self.port = sock.getsockname()[1]
+        scheme = "grpcs" if ssl_context else "grpc"
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        address = f"{host}:{settings.grpc_port}"
-        try:
-            if settings.ssl_certfile:
-                credentials = await asyncio.to_thread(_credentials, settings.ssl_certfile, settings.ssl_keyfile)
-                self.port = server.add_secure_port(address, credentials)
-            else:
-                self.port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise ConfigurationError(f"cannot listen for gRPC on {address} ({exc}); pick another --grpc-port") from None
-        await server.start()
-        self._server = server
-        scheme = "grpcs" if settings.ssl_certfile else "grpc"
         logger.info("asyncserve serving gRPC (inference.GRPCInferenceService) on %s://%s:%d", scheme, host, self.port)
+
+    def _bind(self) -> socket.socket:
+        settings = self.settings
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if settings.workers > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((settings.host, settings.grpc_port))
+        except OSError as exc:
+            sock.close()
+            where = f"{settings.host}:{settings.grpc_port}"
+            raise ConfigurationError(
+                f"cannot listen for gRPC on {where} ({exc.strerror}); pick another --grpc-port"
+            ) from None
+        sock.setblocking(False)
+        return sock
+
+    def _connection(self) -> Connection:
+        connection = Connection(self.methods.open_stream, self.limits, self.connections.discard)
+        self.connections.add(connection)
+        return connection
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls at once; those under way get ``grace_s`` seconds, then are cancelled. Idempotent."""
         if self._server is None:
             return
         if self._stopping is None:
-            self._stopping = asyncio.get_running_loop().create_task(self._server.stop(grace_s))
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(self._server, grace_s))
         await asyncio.shield(self._stopping)
 
-
-def _credentials(certfile: str, keyfile: str) -> grpc.ServerCredentials:
-    """Server credentials from the HTTP server's PEM files (blocking: run off the loop)."""
-    try:
-        chain, key = Path(certfile).read_bytes(), Path(keyfile).read_bytes()
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot read the TLS files {certfile!r}, {keyfile!r} for gRPC: {exc}; give PEM files "
-            "(--ssl-certfile, --ssl-keyfile)"
-        ) from None
-    return grpc.ssl_server_credentials([(key, chain)])
+    async def _stop(self, server: asyncio.Server, grace_s: float) -> None:
+        server.close()
+        for connection in list(self.connections):
+            connection.goaway()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await self.methods.idle.wait()
+        left = len(self.methods.calls)
+        if left:
+            logger.warning("%d gRPC call(s) were still running after the %g s grace period: cancelled", left, grace_s)
+        for connection in list(self.connections):
+            connection.abort()  # its calls are cancelled: the rows they queued are withdrawn
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self.methods.idle.wait()
+        with contextlib.suppress(Exception):
+            await server.wait_closed()

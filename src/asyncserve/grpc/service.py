@@ -10,6 +10,7 @@ same message; anything else is a bug, logged with its traceback and answered INT
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -17,13 +18,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import grpc
-
 import asyncserve
 from asyncserve.exceptions import AsyncServeError, InvalidRequest, ModelError
 from asyncserve.grpc import inference_pb2 as pb
-from asyncserve.grpc import inference_pb2_grpc as pb_grpc
 from asyncserve.grpc import tensors
+from asyncserve.grpc.calls import Call, Deferred
+from asyncserve.grpc.status import GrpcError, StatusCode
 from asyncserve.http import v2
 from asyncserve.http.app import EXTENSIONS, HttpApp
 from asyncserve.http.auth import ApiKey, audit_logger
@@ -35,32 +35,32 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STATUS_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    405: grpc.StatusCode.UNIMPLEMENTED,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    409: grpc.StatusCode.ALREADY_EXISTS,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    500: grpc.StatusCode.INTERNAL,
-    502: grpc.StatusCode.UNAVAILABLE,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    400: StatusCode.INVALID_ARGUMENT,
+    401: StatusCode.UNAUTHENTICATED,
+    403: StatusCode.PERMISSION_DENIED,
+    404: StatusCode.NOT_FOUND,
+    405: StatusCode.UNIMPLEMENTED,
+    408: StatusCode.DEADLINE_EXCEEDED,
+    409: StatusCode.ALREADY_EXISTS,
+    413: StatusCode.RESOURCE_EXHAUSTED,
+    422: StatusCode.INVALID_ARGUMENT,
+    429: StatusCode.RESOURCE_EXHAUSTED,
+    500: StatusCode.INTERNAL,
+    502: StatusCode.UNAVAILABLE,
+    503: StatusCode.UNAVAILABLE,
+    504: StatusCode.DEADLINE_EXCEEDED,
 }
 """The gRPC status of each HTTP status an ``AsyncServeError`` carries; others: 4xx INVALID_ARGUMENT, 5xx INTERNAL."""
 
 
-def status_of(exc: AsyncServeError) -> grpc.StatusCode:
+def status_of(exc: AsyncServeError) -> StatusCode:
     code = STATUS_CODES.get(exc.status_code)
     if code is not None:
         return code
-    return grpc.StatusCode.INVALID_ARGUMENT if exc.status_code < 500 else grpc.StatusCode.INTERNAL
+    return StatusCode.INVALID_ARGUMENT if exc.status_code < 500 else StatusCode.INTERNAL
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
     """The V2 gRPC service over an :class:`HttpApp`'s registry, pipeline, admission, keys and metrics."""
 
     def __init__(self, http: HttpApp) -> None:
@@ -73,31 +73,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # Health and metadata
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Call) -> pb.ServerLiveResponse:
         return await self._serve("ServerLive", None, "", context, lambda: pb.ServerLiveResponse(live=True))
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Call) -> pb.ServerReadyResponse:
         def ready() -> pb.ServerReadyResponse:
             serving = not self.admission.shutting_down and self.registry.ready
             return pb.ServerReadyResponse(ready=serving and not self.pipeline.unhealthy_sources())
 
         return await self._serve("ServerReady", None, "", context, ready)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Call) -> pb.ModelReadyResponse:
         def ready() -> pb.ModelReadyResponse:
             entry = self.registry.find(request.name, request.version or None)
             return pb.ModelReadyResponse(ready=entry.state is ModelState.READY and not self.admission.shutting_down)
 
         return await self._serve("ModelReady", None, request.name, context, ready)
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Call) -> pb.ServerMetadataResponse:
         def metadata() -> pb.ServerMetadataResponse:
             name, version = self.http.service.name, asyncserve.__version__
             return pb.ServerMetadataResponse(name=name, version=version, extensions=EXTENSIONS)
 
         return await self._serve("ServerMetadata", "infer", "", context, metadata)
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Call) -> pb.ModelMetadataResponse:
         def metadata() -> pb.ModelMetadataResponse:
             document = v2.model_metadata(self.registry.find(request.name, request.version or None).spec)
             tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -109,16 +109,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # Inference
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self._serve("ModelInfer", "infer", request.model_name, context, self._infer, request, context)
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Call) -> pb.ModelInferResponse | Deferred:
+        """Without a task, as an HTTP inference: the checks and the pipeline's start now, the answer made
+        when the prediction's future is done (see ``Pipeline.start``)."""
+        started = time.perf_counter()
+        model = request.model_name
+        key = self._key_or_abort("ModelInfer", "infer", model, context, started)
+        self.metrics.request_started("grpc_ModelInfer")
+        self.http.inferring += 1
+        try:
+            entry, deadline = self._admit(request, context)
+            decoded = tensors.decode_request(request, entry.spec)
+            work, to_prediction = self.pipeline.start(
+                entry, decoded.columns, decoded.rows, deadline,
+                priority=decoded.priority, request_id=request.id or new_request_id(),
+            )  # fmt: skip
+        except BaseException as exc:
+            self.http.inferring -= 1
+            raise self._settle("ModelInfer", "infer", model, key, started, exc, request.id) from None
 
-    async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        arrived = time.monotonic()
+        def finish(done: asyncio.Future[Any]) -> pb.ModelInferResponse:
+            outcome: BaseException | None = None
+            try:
+                prediction = to_prediction(done.result())  # CancelledError when the call was: rows withdrawn
+                return tensors.encode_response(entry.spec, request.id, decoded, prediction.outputs, prediction.degraded)
+            except BaseException as exc:
+                outcome = exc
+                raise self._settle("ModelInfer", "infer", model, key, started, exc, request.id) from None
+            finally:
+                self.http.inferring -= 1
+                if outcome is None:
+                    self._settle("ModelInfer", "infer", model, key, started, None)
+
+        return Deferred(work, finish)
+
+    def _admit(self, request: pb.ModelInferRequest, context: Call) -> tuple[Any, float]:
         asked_s = tensors.asked_seconds(context.time_remaining(), request.parameters)
-        entry, deadline = self.admission.admit(request.model_name, request.model_version or None, asked_s, arrived)
+        entry, deadline = self.admission.admit(
+            request.model_name, request.model_version or None, asked_s, time.monotonic()
+        )
         if entry.spec.streams:
             raise InvalidRequest(f"model {entry.spec.label!r} answers in parts: call ModelStreamInfer")
-        return await self._predict(entry, deadline, request)
+        return entry, deadline
 
     async def _predict(self, entry: Any, deadline: float, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         decoded = tensors.decode_request(request, entry.spec)
@@ -130,26 +162,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return tensors.encode_response(entry.spec, request.id, decoded, prediction.outputs, prediction.degraded)
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Call
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request answered in order: a streaming model's parts, one response each; any other model's
         prediction. A request that fails gets a response with its ``error_message``, and the stream goes on."""
         started = time.perf_counter()
-        key = await self._key_or_abort("ModelStreamInfer", "infer", "", context, started)
+        key = self._key_or_abort("ModelStreamInfer", "infer", "", context, started)
         self.metrics.request_started("grpc_ModelStreamInfer")
-        code = grpc.StatusCode.OK
+        code = StatusCode.OK
         try:
             async for request in requests:
                 async for response in self._stream_one(request, context):
                     yield response
         except BaseException:
-            code = grpc.StatusCode.CANCELLED
+            code = StatusCode.CANCELLED
             raise
         finally:
             self._end("ModelStreamInfer", "", key, code, started)
 
     async def _stream_one(
-        self, request: pb.ModelInferRequest, context: Any
+        self, request: pb.ModelInferRequest, context: Call
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         self.http.inferring += 1
         try:
@@ -179,7 +211,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # The model repository
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Call) -> pb.RepositoryIndexResponse:
         def index() -> pb.RepositoryIndexResponse:
             entries = [e for e in self.registry.entries if not request.ready or e.state is ModelState.READY]
             rows = [pb.RepositoryIndexResponse.ModelIndex(**entry.index_row()) for entry in entries]
@@ -188,7 +220,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._serve("RepositoryIndex", "admin", "", context, index)
 
     async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: Any
+        self, request: pb.RepositoryModelLoadRequest, context: Call
     ) -> pb.RepositoryModelLoadResponse:
         async def load() -> pb.RepositoryModelLoadResponse:
             await self.registry.load(request.model_name)
@@ -200,7 +232,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._serve("RepositoryModelLoad", "admin", request.model_name, context, load)
 
     async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: Any
+        self, request: pb.RepositoryModelUnloadRequest, context: Call
     ) -> pb.RepositoryModelUnloadResponse:
         def unload() -> pb.RepositoryModelUnloadResponse:
             self.registry.unload(request.model_name)
@@ -215,55 +247,57 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         method: str,
         scope: str | None,
         model: str,
-        context: Any,
+        context: Call,
         handler: Callable[..., T | Awaitable[T]],
         *args: Any,
     ) -> T:
         """Run ``handler(*args)`` under the call's key, metrics and error mapping."""
         started = time.perf_counter()
-        key = await self._key_or_abort(method, scope, model, context, started)
-        route = f"grpc_{method}"
-        self.metrics.request_started(route)
-        inference = method == "ModelInfer"
-        if inference:
-            self.http.inferring += 1
-        code = grpc.StatusCode.OK
-        failure: AsyncServeError | None = None
+        key = self._key_or_abort(method, scope, model, context, started)
+        self.metrics.request_started(f"grpc_{method}")
         try:
             result = handler(*args)
             if inspect.isawaitable(result):
                 result = await result
-            return result
-        except AsyncServeError as exc:
-            failure = exc
-            self._log_model_error(exc, getattr(args[0], "id", "") if args else "")
-        except Exception as exc:
-            failure = AsyncServeError(self._bug(method, getattr(args[0], "id", "") if args else "", exc))
-        except BaseException:
-            code = grpc.StatusCode.CANCELLED  # the client went away, or its deadline passed
-            self.metrics.disconnects.labels(route, self.http.model_label(model)).inc()
-            raise
-        finally:
-            if inference:
-                self.http.inferring -= 1
-            if failure is not None:
-                code = status_of(failure)
-                self.metrics.errors.labels(route, self.http.model_label(model), failure.code).inc()
-            self._end(method, model, key, code, started)
-            if scope == "admin":  # logged before the client hears of it
-                who = "-" if key is None else key.name
-                audit_logger.info("%s grpc %s %s -> %s", who, method, model, code.name)
-        await context.abort(code, failure.message, tuple(failure.headers().items()))
-        raise AssertionError("context.abort returned")  # pragma: no cover
+        except BaseException as exc:
+            request_id = getattr(args[0], "id", "") if args else ""
+            raise self._settle(method, scope, model, key, started, exc, request_id) from None
+        self._settle(method, scope, model, key, started, None)
+        return result
 
-    async def _key_or_abort(
-        self, method: str, scope: str | None, model: str, context: Any, started: float
-    ) -> ApiKey | None:
+    def _settle(
+        self, method: str, scope: str | None, model: str, key: ApiKey | None, started: float,
+        outcome: BaseException | None, request_id: str = "",
+    ) -> BaseException:  # fmt: skip
+        """Count a call's end (its key released, metrics, the audit log) and return what ends it:
+        a GrpcError for an AsyncServeError or a bug, ``outcome`` itself for a cancellation."""
+        route = f"grpc_{method}"
+        code, ending = StatusCode.OK, outcome
+        if isinstance(outcome, AsyncServeError):
+            self._log_model_error(outcome, request_id)
+            code = status_of(outcome)
+            self.metrics.errors.labels(route, self.http.model_label(model), outcome.code).inc()
+            ending = GrpcError(code, outcome.message, tuple(outcome.headers().items()))
+        elif isinstance(outcome, Exception):
+            message = self._bug(method, request_id, outcome)
+            code = StatusCode.INTERNAL
+            self.metrics.errors.labels(route, self.http.model_label(model), "internal").inc()
+            ending = GrpcError(code, message)
+        elif outcome is not None:  # the client went away, or its deadline passed
+            code = StatusCode.CANCELLED
+            self.metrics.disconnects.labels(route, self.http.model_label(model)).inc()
+        self._end(method, model, key, code, started)
+        if scope == "admin":  # logged before the client hears of it
+            who = "-" if key is None else key.name
+            audit_logger.info("%s grpc %s %s -> %s", who, method, model, code.name)
+        return ending if ending is not None else GrpcError(code, "")
+
+    def _key_or_abort(self, method: str, scope: str | None, model: str, context: Call, started: float) -> ApiKey | None:
         """The call's API key, checked against ``scope`` and taken against its limits; the call ends if refused."""
         if scope is None or not self.auth.enabled:
             return None
         try:
-            key = self.auth.identify(dict(context.invocation_metadata() or ()))
+            key = self.auth.identify({k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
             self.auth.authorize(key, scope)
             if key is not None:
                 self.auth.admit(key, time.monotonic())
@@ -271,11 +305,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.metrics.errors.labels(f"grpc_{method}", self.http.model_label(model), exc.code).inc()
             code = status_of(exc)
             self.metrics.observe_grpc(method, self.http.model_label(model), code.name, time.perf_counter() - started)
-            await context.abort(code, exc.message, tuple(exc.headers().items()))
-            raise AssertionError("context.abort returned") from None  # pragma: no cover
+            raise GrpcError(code, exc.message, tuple(exc.headers().items())) from None
         return key
 
-    def _end(self, method: str, model: str, key: ApiKey | None, code: grpc.StatusCode, started: float) -> None:
+    def _end(self, method: str, model: str, key: ApiKey | None, code: StatusCode, started: float) -> None:
         if key is not None:
             self.auth.release(key)
         self.metrics.request_finished(f"grpc_{method}")
