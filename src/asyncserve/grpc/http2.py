@@ -271,12 +271,18 @@ class Connection(asyncio.Protocol):
         self.on_close(self)
 
     def pause_writing(self) -> None:
+        # A client that does not read its answers gets no more requests read: what waits to be sent
+        # stays bounded by the transport's high-water mark and the calls under way.
         if self._writable is None or self._writable.done():
             self._writable = self.loop.create_future()
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -286,6 +292,9 @@ class Connection(asyncio.Protocol):
             self._receive(data)
         except ConnectionError_ as exc:
             self._fail(exc.code, exc.message)
+        except Exception:  # a bug of ours: the client hears INTERNAL_ERROR, the log gets the traceback
+            logger.exception("gRPC connection failed on an unexpected error")
+            self._fail(INTERNAL_ERROR, "internal error; the server log has the details")
         finally:
             self._receiving = False
             if self._out and self.transport is not None and not self.closed:
@@ -706,7 +715,8 @@ class Connection(asyncio.Protocol):
 
     def _fail(self, code: int, message: str) -> None:
         """A connection error: GOAWAY with the code and why, then close."""
-        logger.info("gRPC connection closed on a protocol error: %s", message)
+        if code != INTERNAL_ERROR:
+            logger.info("gRPC connection closed on a protocol error: %s", message)
         self._out.append(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream_id, code) + message.encode()))
         if self.transport is not None:
             out, self._out = self._out, []
