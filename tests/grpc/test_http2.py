@@ -327,3 +327,11 @@ async def test_a_drained_connection_gets_goaway_then_its_call_answered(tmp_path:
         blocks = [dict(trailers.decode(payload, raw=True)) for kind, _, _, payload in frames if kind == 1]
         assert blocks[1][b"grpc-status"] == b"0"
         assert await asyncio.wait_for(served.process.wait(), 15) == 0
+
+
+async def test_data_after_the_end_of_a_stream_resets_it(served: Served) -> None:
+    request = frame(1, 4, 1, request_headers("ModelStreamInfer"))  # a stream the server keeps open to answer
+    ended = frame(0, 1, 1, grpc_frame(b""))  # an empty ModelInferRequest, and END_STREAM
+    frames = await raw_frames(served.grpc_url, request + ended + frame(0, 0, 1, b"late"), frame(7, 0, 0, bytes(8)))
+    resets = [int.from_bytes(payload, "big") for kind, _, stream_id, payload in frames if kind == 3 and stream_id == 1]
+    assert resets == [0x5]  # STREAM_CLOSED

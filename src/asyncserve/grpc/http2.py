@@ -388,19 +388,14 @@ class Connection(asyncio.Protocol):
         if stream_id == 0:
             raise ConnectionError_(PROTOCOL_ERROR, "a DATA frame on stream 0")
         length = len(payload)
-        self._receive_window -= length
-        if self._receive_window < 0:
-            raise ConnectionError_(FLOW_CONTROL_ERROR, "the client sent more than the connection's window")
-        if self._receive_window < self.limits.connection_window // 2:
-            self._out.append(
-                frame(WINDOW_UPDATE, 0, 0, (self.limits.connection_window - self._receive_window).to_bytes(4, "big"))
-            )
-            self._receive_window = self.limits.connection_window
+        self._take_from_connection_window(length)
         stream = self.streams.get(stream_id)
-        if stream is None or stream.remote_closed:
+        if stream is None:
             if stream_id > self.last_stream_id:
                 raise ConnectionError_(PROTOCOL_ERROR, f"DATA on stream {stream_id}, which was never opened")
-            raise StreamError(stream_id, STREAM_CLOSED, f"DATA on stream {stream_id}, which is closed")
+            return  # a stream the server has answered or reset: what the client sent meanwhile is dropped
+        if stream.remote_closed:
+            raise StreamError(stream_id, STREAM_CLOSED, f"DATA on stream {stream_id} after its END_STREAM")
         stream.receive_window -= length
         if stream.receive_window < 0:
             raise StreamError(stream_id, FLOW_CONTROL_ERROR, "the client sent more than the stream's window")
@@ -410,6 +405,19 @@ class Connection(asyncio.Protocol):
             stream.handler.data(payload)
         if flags & END_STREAM:
             self._remote_end(stream)
+
+    def _take_from_connection_window(self, length: int) -> None:
+        """Count received data against the connection's window, and open it again once half is used.
+
+        The connection's window is given back at once: the streams' windows bound what is held.
+        """
+        self._receive_window -= length
+        if self._receive_window < 0:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "the client sent more than the connection's window")
+        if self._receive_window < self.limits.connection_window // 2:
+            increment = self.limits.connection_window - self._receive_window
+            self._out.append(frame(WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
+            self._receive_window = self.limits.connection_window
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
