@@ -51,7 +51,8 @@ from benchmarks.harness import HOST, BenchmarkError, Server, ServerSpec
 from benchmarks.scrape import Samples
 
 REST, GRPC, FLOOR = "rest", "grpc", "grpc-bare"
-"""FLOOR: a bare grpc.aio server answering a fixed response (benchmarks/grpc_floor.py), grpc.aio's own cost."""
+"""FLOOR: a bare grpc.aio server answering a fixed response (benchmarks/grpc_floor.py), grpc.aio's own cost:
+what asyncserve's gRPC stood on before it had its own HTTP/2, kept as the reference a grpc.aio server cannot beat."""
 INFER_PATH = "/v2/models/mlp/infer"
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -445,9 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 NOTES = (
-    "grpc-bare is a bare grpc.aio server on uvloop answering every ModelInfer with the same pre-serialized "
-    "response without decoding the request (benchmarks/grpc_floor.py): the CPU a call costs grpc.aio alone, a floor "
-    "under any server built on it. "
+    "grpc is asyncserve's own HTTP/2 (src/asyncserve/grpc/http2.py). grpc-bare is a bare grpc.aio server on "
+    "uvloop answering every ModelInfer with the same pre-serialized response without decoding the request "
+    "(benchmarks/grpc_floor.py): the CPU a call costs grpc.aio alone, a floor under any server built on it (as "
+    "asyncserve's gRPC was before it had its own HTTP/2). "
     "server CPU µs/req is the server's CPU time (all threads: the event loop, grpc's own threads, the executor "
     "running the model) over the requests h2load completed; loop µs/req is the event-loop thread's alone. failed "
     "counts h2load's failures; unconfirmed, the 2xx answers the server did not count as OK (a gRPC error is an "
