@@ -43,9 +43,9 @@ fmt: $(STAMP)  ## format and fix what ruff can
 bench: $(STAMP)  ## run the benchmarks (results in benchmarks/results/)
 	$(BIN)/python -m benchmarks.overhead
 
-proto: $(STAMP)  ## regenerate src/asyncserve/grpc/inference_pb2*.py(i) from inference.proto
+proto: $(STAMP)  ## regenerate src/asyncserve/grpc/*_pb2*.py(i) from inference.proto and health.proto
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src \
-		--mypy_out=src --mypy_grpc_out=src src/asyncserve/grpc/inference.proto
+		--mypy_out=src --mypy_grpc_out=src src/asyncserve/grpc/inference.proto src/asyncserve/grpc/health.proto
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.*

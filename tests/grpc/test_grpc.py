@@ -302,3 +302,34 @@ def test_repository_index_unload_and_load(client: triton.InferenceServerClient) 
     assert client.infer("sleeper", sleep_input(0)).as_numpy("pid") is not None
     error = fails(client.load_model, "nope")
     assert error.status() == "StatusCode.NOT_FOUND"
+
+
+# The gRPC health checking protocol (grpc.health.v1), by its wire bytes: HealthCheckRequest{service=1},
+# HealthCheckResponse{status=1}, SERVING = 1.
+
+
+def health_call(served: Served, method: str, service: str) -> bytes:
+    request = b"\x0a" + bytes([len(service)]) + service.encode() if service else b""
+    with grpc.insecure_channel(served.grpc_url) as channel:
+        call = channel.unary_unary(f"/grpc.health.v1.Health/{method}")
+        return bytes(call(request, timeout=10))
+
+
+def test_health_check_says_serving(served: Served) -> None:
+    assert health_call(served, "Check", "") == b"\x08\x01"
+    assert health_call(served, "Check", "inference.GRPCInferenceService") == b"\x08\x01"
+
+
+def test_health_of_another_service_is_not_found(served: Served) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        health_call(served, "Check", "nope")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "unknown service 'nope'" in caught.value.details()
+
+
+def test_health_watch_is_unimplemented(served: Served) -> None:
+    with grpc.insecure_channel(served.grpc_url) as channel:
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+        with pytest.raises(grpc.RpcError) as caught:
+            list(watch(b"", timeout=10))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -13,16 +13,18 @@ from tritonclient.grpc import service_pb2 as triton_pb
 
 from tests.processes import REPO
 
-GENERATED = ["inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py", "inference_pb2_grpc.pyi"]
+GENERATED = [f"{name}{suffix}" for name in ("inference_pb2", "inference_pb2_grpc", "health_pb2", "health_pb2_grpc")
+             for suffix in (".py", ".pyi")]  # fmt: skip
 PROTO = Path("src/asyncserve/grpc/inference.proto")
+HEALTH_PROTO = Path("src/asyncserve/grpc/health.proto")
 
 
-async def protoc(*outputs: str) -> None:
-    """grpc_tools' protoc on inference.proto, as `make proto` runs it, with the plugins of this environment."""
+async def protoc(*outputs: str, protos: tuple[Path, ...] = (PROTO,)) -> None:
+    """grpc_tools' protoc on ``protos``, as `make proto` runs it, with the plugins of this environment."""
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "grpc_tools.protoc", "-I", "src", *outputs, str(PROTO),
+        sys.executable, "-m", "grpc_tools.protoc", "-I", "src", *outputs, *map(str, protos),
         cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, stderr = await asyncio.wait_for(process.communicate(), 60)
@@ -31,7 +33,8 @@ async def protoc(*outputs: str) -> None:
 
 async def test_regenerating_changes_nothing(tmp_path: Path) -> None:
     out = str(tmp_path)
-    await protoc(f"--python_out={out}", f"--grpc_python_out={out}", f"--mypy_out={out}", f"--mypy_grpc_out={out}")
+    outputs = (f"--python_out={out}", f"--grpc_python_out={out}", f"--mypy_out={out}", f"--mypy_grpc_out={out}")
+    await protoc(*outputs, protos=(PROTO, HEALTH_PROTO))
     for name in GENERATED:
         made = await asyncio.to_thread((tmp_path / "asyncserve/grpc" / name).read_bytes)
         kept = await asyncio.to_thread((REPO / "src/asyncserve/grpc" / name).read_bytes)

@@ -17,8 +17,9 @@ import contextlib
 import logging
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
@@ -128,22 +129,25 @@ class Method:
 
 
 class Methods:
-    """The methods of ``servicer`` named in ``service`` (a protobuf service descriptor), by ``:path``.
+    """The methods of each service, by ``:path``: ``(service descriptor, servicer, its message module)``.
 
-    ``request_types`` maps a message's full name to its class (the generated module's).
+    A method the servicer does not define is not served (UNIMPLEMENTED, as for an unknown path).
     """
 
     def __init__(
-        self, service: ServiceDescriptor, servicer: object, request_types: Mapping[str, type[Message]], *,
-        max_message_bytes: int,
-    ) -> None:  # fmt: skip
+        self, services: Sequence[tuple[ServiceDescriptor, object, ModuleType]], *, max_message_bytes: int
+    ) -> None:
         self.by_path: dict[bytes, Method] = {}
-        for method in service.methods:
-            path = f"/{service.full_name}/{method.name}".encode()
-            self.by_path[path] = Method(
-                method.name, getattr(servicer, method.name), request_types[method.input_type.full_name],
-                method.client_streaming, method.server_streaming,
-            )  # fmt: skip
+        for service, servicer, messages in services:
+            for method in service.methods:
+                handler = getattr(servicer, method.name, None)
+                if handler is None:
+                    continue
+                path = f"/{service.full_name}/{method.name}".encode()
+                self.by_path[path] = Method(
+                    method.name, handler, getattr(messages, method.input_type.name),
+                    method.client_streaming, method.server_streaming,
+                )  # fmt: skip
         self.max_message_bytes = max_message_bytes
         self.calls: set[Call] = set()
         """Calls whose servicer method runs."""

@@ -17,8 +17,10 @@ import socket
 
 from asyncserve.config import Settings
 from asyncserve.exceptions import ConfigurationError
+from asyncserve.grpc import health_pb2 as health_pb
 from asyncserve.grpc import inference_pb2 as pb
 from asyncserve.grpc.calls import Methods
+from asyncserve.grpc.health import HealthServicer
 from asyncserve.grpc.http2 import Connection, Http2Limits
 from asyncserve.grpc.service import InferenceServicer
 from asyncserve.http.app import HttpApp
@@ -26,12 +28,10 @@ from asyncserve.http.server import tls_context
 
 logger = logging.getLogger(__name__)
 
-SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-MESSAGES = {message.full_name: getattr(pb, message.name) for message in pb.DESCRIPTOR.message_types_by_name.values()}
-
 
 class GrpcServer:
-    """Serves ``inference.GRPCInferenceService`` for ``http``'s components on ``settings.grpc_port``.
+    """Serves ``inference.GRPCInferenceService`` and ``grpc.health.v1.Health`` for ``http``'s components on
+    ``settings.grpc_port``.
 
     With ``--workers N`` every worker listens on the same port (SO_REUSEPORT) and the kernel
     spreads the connections; alone, a server takes the port for itself, so that a port in use is
@@ -43,7 +43,11 @@ class GrpcServer:
         self.settings = settings
         self.port: int | None = None
         """The port listened on, once started."""
-        self.methods = Methods(SERVICE, InferenceServicer(http), MESSAGES, max_message_bytes=settings.max_body_bytes)
+        services = [
+            (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], InferenceServicer(http), pb),
+            (health_pb.DESCRIPTOR.services_by_name["Health"], HealthServicer(http), health_pb),
+        ]
+        self.methods = Methods(services, max_message_bytes=settings.max_body_bytes)
         self.limits = Http2Limits(
             max_header_list_size=settings.max_header_bytes, preface_timeout_s=settings.head_timeout_s
         )
