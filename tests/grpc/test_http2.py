@@ -335,3 +335,18 @@ async def test_data_after_the_end_of_a_stream_resets_it(served: Served) -> None:
     frames = await raw_frames(served.grpc_url, request + ended + frame(0, 0, 1, b"late"), frame(7, 0, 0, bytes(8)))
     resets = [int.from_bytes(payload, "big") for kind, _, stream_id, payload in frames if kind == 3 and stream_id == 1]
     assert resets == [0x5]  # STREAM_CLOSED
+
+
+async def test_a_stream_of_answers_waits_for_a_small_client_window(served: Served) -> None:
+    """Each part of a streaming model goes out as the client's 16-byte window lets it."""
+    request = pb.ModelInferRequest(model_name="counting")
+    request.inputs.add(name="n", datatype="INT64", shape=[1])
+    request.raw_input_contents.append(np.asarray([5], np.int64).tobytes())
+    settings = {int(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE): 16}
+    async with Peer.connect(served.grpc_url, settings=settings) as peer:
+        await peer.wait_for(lambda: peer.of_type(h2.events.SettingsAcknowledged))
+        answer = await peer.call("ModelStreamInfer", grpc_frame(request.SerializeToString()))
+    assert answer.status == ("0", "")
+    responses = [pb.ModelStreamInferResponse.FromString(message) for message in grpc_messages(answer.data)]
+    parts = [np.frombuffer(r.infer_response.raw_output_contents[0], np.int64).tolist() for r in responses]
+    assert parts == [[0], [1], [2], [3], [4]]
