@@ -478,9 +478,10 @@ class Connection(asyncio.Protocol):
         except hpack.HPACKError as exc:
             raise ConnectionError_(COMPRESSION_ERROR, f"the header block does not decode: {exc}") from None
         result = [(bytes(name), bytes(value)) for name, value in headers]
-        if changes_table(block):
-            self._decoded.clear()  # what the indices of the blocks kept mean has changed
-        elif len(self._decoded) < 64:
+        changes = changes_table(block)
+        if changes or len(self._decoded) >= 64:
+            self._decoded.clear()  # what the kept blocks' indices mean has changed, or they are many: start over
+        if not changes:
             self._decoded[block] = result
         return result
 
