@@ -99,23 +99,38 @@ class Item:
 
 
 class _Queue:
-    """Priority lanes of FIFO items, with the rows each lane holds (kept, not recounted: it is read per request)."""
+    """Priority lanes of FIFO items, with the rows each lane holds and the tightest deadline among the items
+    (kept, not recounted: they are read per request)."""
 
     def __init__(self) -> None:
         self.lanes: list[deque[Item]] = [deque() for _ in range(PRIORITY_LEVELS)]
         self.lane_rows = [0] * PRIORITY_LEVELS
         self.rows = 0
+        self._tightest: float | None = math.inf
+        """The least deadline of the items queued (dead ones too); None: to be found again."""
 
     def push(self, item: Item) -> None:
         self.lanes[item.priority].append(item)
         self.lane_rows[item.priority] += item.rows
         self.rows += item.rows
+        if self._tightest is not None and item.deadline < self._tightest:
+            self._tightest = item.deadline
 
     def pop_head(self, lane: deque[Item]) -> Item:
         item = lane.popleft()
         self.lane_rows[item.priority] -= item.rows
         self.rows -= item.rows
+        if self._tightest is not None and item.deadline <= self._tightest:
+            # Items leave from the heads, oldest first, and deadlines mostly grow with arrival: the
+            # queue is scanned again about once a batch, not once a request.
+            self._tightest = None
         return item
+
+    def tightest_deadline(self) -> float:
+        """The least deadline of the items queued (``math.inf`` when there are none)."""
+        if self._tightest is None:
+            self._tightest = min((item.deadline for lane in self.lanes for item in lane), default=math.inf)
+        return self._tightest
 
     def rows_at_or_above(self, priority: int) -> int:
         return sum(self.lane_rows[priority:])
@@ -129,6 +144,7 @@ class _Queue:
             lane.clear()
         self.lane_rows = [0] * PRIORITY_LEVELS
         self.rows = 0
+        self._tightest = math.inf
         return items
 
 
@@ -169,7 +185,8 @@ class Batcher:
         self._runner = runner
         self._metrics = metrics
         self._queue = _Queue()
-        self._wakeup = asyncio.Event()
+        self._wake: asyncio.Future[None] | None = None
+        """What the dispatcher awaits while it waits for rows (None otherwise): ``enqueue`` resolves it."""
         # With a scheduler, it caps the model's batches (max_concurrent_batches) and the dispatcher waits
         # there: a batcher that waited on slots of its own first would not be in line when a worker frees up.
         self._slots = asyncio.Semaphore(settings.max_concurrent_batches if share is None else 1 << 30)
@@ -217,7 +234,9 @@ class Batcher:
             item.trace = tracing.current_context()
         self._queue.push(item)
         self._arrival_rate.add(rows, now)
-        self._wakeup.set()
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
         return future
 
     def _admit(self, rows: int, priority: int, deadline: float, now: float) -> None:
@@ -311,8 +330,7 @@ class Batcher:
             self._drop_dead_heads()
             if self._queue.rows == 0:
                 self._give_worker_back(0.0)  # nothing left to run: another model may use it
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._wait_for_rows(None)
                 continue
             if not self._holds_worker and self._share is not None:
                 # Rows pile up while the model waits its turn for a worker, and leave together.
@@ -325,10 +343,24 @@ class Batcher:
             release_at, reason = self._release_time()
             if release_at <= time.monotonic():
                 return self._take(), reason
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(release_at - time.monotonic()):
-                    await self._wakeup.wait()
+            await self._wait_for_rows(release_at - time.monotonic())
+
+    async def _wait_for_rows(self, timeout_s: float | None) -> None:
+        """Until rows arrive, or ``timeout_s`` passes (never, if None).
+
+        A future and a timer, not an ``asyncio.Event`` under ``asyncio.timeout``: the dispatcher waits
+        again after nearly every request, and a timeout that cancels the task and raises costs several
+        times more. The dispatcher decides again after every wake-up, so a spurious one is harmless.
+        """
+        loop = self._loop or asyncio.get_running_loop()
+        wake = self._wake = loop.create_future()
+        timer = None if timeout_s is None else loop.call_later(timeout_s, _wake_up, wake)
+        try:
+            await wake
+        finally:
+            self._wake = None
+            if timer is not None:
+                timer.cancel()
 
     async def _wait_for_worker(self, share: Share) -> None:
         asked = time.monotonic()
@@ -363,8 +395,7 @@ class Batcher:
             if not self._arrival_rate.expects(missing, by_wait - now):
                 return now, "idle"  # rows do not come fast enough for waiting to pay
         if self.cost.fitted:
-            tightest = min(item.deadline for lane in self._queue.lanes for item in lane)
-            by_deadline = tightest - self.cost.seconds(self.settings.max_batch_size)
+            by_deadline = self._queue.tightest_deadline() - self.cost.seconds(self.settings.max_batch_size)
             if by_deadline < by_wait:
                 return by_deadline, "deadline"
         return by_wait, "wait"
@@ -516,6 +547,11 @@ class _RateMeter:
 def _expire(future: asyncio.Future[Columns], label: str) -> None:
     if not future.done():
         future.set_exception(DeadlineExceeded(f"model {label!r} did not answer before the request's deadline"))
+
+
+def _wake_up(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
 
 
 def _shape_key(columns: Columns) -> tuple[tuple[int, ...], ...]:
