@@ -133,7 +133,7 @@ class _Queue:
         return self._tightest
 
     def rows_at_or_above(self, priority: int) -> int:
-        return sum(self.lane_rows[priority:])
+        return self.rows if priority == 0 else sum(self.lane_rows[priority:])  # (0, the default: every lane)
 
     def heads(self) -> list[Item]:
         return [lane[0] for lane in self.lanes if lane]
@@ -556,7 +556,7 @@ def _wake_up(wake: asyncio.Future[None]) -> None:
 
 def _shape_key(columns: Columns) -> tuple[tuple[int, ...], ...]:
     # Rows can share a batch only if every input has the same row shape (dimensions declared -1 vary).
-    return tuple(column.shape[1:] for column in columns.values())
+    return tuple([column.shape[1:] for column in columns.values()])
 
 
 def _concatenate(items: list[Item]) -> Columns:
