@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import CodeType, FrameType
@@ -56,7 +56,17 @@ from benchmarks.harness import HOST, BenchmarkError
 TARGET = "benchmarks.mlp:service"
 PATH = batching.INFER_PATH
 BATCHES = "asyncserve_batches_total"
-THREAD_ENV = {**batching.THREAD_ENV, "PYTHONHASHSEED": "0"}
+THREAD_ENV = {
+    **batching.THREAD_ENV, "PYTHONHASHSEED": "0", "ASYNCSERVE_LOOP_LAG_INTERVAL_S": "3600",
+    "ASYNCSERVE_JOB_WORKERS": "0", "ASYNCSERVE_KEEP_ALIVE_S": "3600",
+}  # fmt: skip
+"""One BLAS thread; and no work that comes with wall-clock time rather than with requests. Under
+valgrind a run takes minutes, as many as the machine's load makes it, and what wakes on a timer
+would be counted as often: the loop-lag probe (every 50 ms; the lag it would read also sends every
+request through the overload check, while a server at c=64 mostly reads a lag near 0 outside
+valgrind) and the job worker's polls of its broker (every 50 ms; the jobs API stays on). A long
+keep-alive keeps the connections open through the idle window that follows the load, whose
+instructions per second (the server's once-a-second tick) are taken out of the requests'."""
 
 
 @dataclass(frozen=True)
@@ -68,24 +78,41 @@ class Run:
     per_thread: dict[int, int]
     """Instructions of each thread of the server (1: the event loop) in the counted window."""
     loop_file: Path | None
+    seconds: float
+    """The counted window's wall-clock time: the server's once-a-second tick (every connection's
+    timeouts) is the one cost left that grows with it, not with the requests."""
+    idle_per_s: float
+    """The loop's instructions per second with the connections open and idle, measured after the load:
+    the tick's cost, which ``loop_less_idle`` takes out."""
 
     @property
     def loop_per_request(self) -> float:
         return self.per_thread.get(1, 0) / self.requests
 
+    @property
+    def loop_less_idle(self) -> float:
+        """Loop instructions per request less what the idle loop spends in as long: the requests' own."""
+        return (self.per_thread.get(1, 0) - self.idle_per_s * self.seconds) / self.requests
+
 
 # The load: a fixed number of requests, a fixed number in flight
 
 
-async def drive(port: int, total: int, in_flight: int, body: bytes) -> int:
-    """Send ``total`` POSTs on ``in_flight`` keep-alive connections; returns how many answered 200."""
+async def drive(port: int, total: int, in_flight: int, body: bytes, then: Callable[[], None] | None = None) -> int:
+    """Send ``total`` POSTs on ``in_flight`` keep-alive connections; returns how many answered 200.
+
+    ``then`` runs (in a thread) once every answer is in, while the connections are still open.
+    """
     head = (
         f"POST {PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     request = head + body
+    connections = min(in_flight, total)
     left = [total]
     ok = [0]
+    finished = [0]
+    all_finished, release = asyncio.Event(), asyncio.Event()
 
     async def connection() -> None:
         reader, writer = await asyncio.open_connection(HOST, port)
@@ -98,14 +125,28 @@ async def drive(port: int, total: int, in_flight: int, body: bytes) -> int:
                 await reader.readexactly(length)
                 ok[0] += status_line_and_headers.startswith(b"HTTP/1.1 200 ")
         finally:
+            finished[0] += 1
+            if finished[0] == connections:
+                all_finished.set()
+        try:
+            await release.wait()
+        finally:
             writer.close()
 
-    await asyncio.gather(*(connection() for _ in range(min(in_flight, total))))
+    running = asyncio.gather(*(connection() for _ in range(connections)))
+    finished_or_failed = asyncio.ensure_future(all_finished.wait())
+    either: list[asyncio.Future[Any]] = [running, finished_or_failed]
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finished_or_failed.cancel()
+    if then is not None and not running.done():
+        await asyncio.to_thread(then)
+    release.set()
+    await running
     return ok[0]
 
 
-def load(port: int, total: int, in_flight: int) -> None:
-    answered = asyncio.run(drive(port, total, in_flight, batching.request_body()))
+def load(port: int, total: int, in_flight: int, then: Callable[[], None] | None = None) -> None:
+    answered = asyncio.run(drive(port, total, in_flight, batching.request_body(), then))
     if answered != total:
         raise BenchmarkError(f"{total - answered} of {total} requests were not answered 200")
 
@@ -167,25 +208,38 @@ def callgrind(label: str, checkout: Checkout | None, args: argparse.Namespace, o
         wait_ready(port, process, args.ready_timeout_s)
         load(port, args.warmup, args.in_flight)
         before = batches(port)
-        subprocess.run(["callgrind_control", "--zero", str(process.pid)], check=True, capture_output=True)
-        load(port, args.requests, args.in_flight)
-        subprocess.run(["callgrind_control", "--dump=counted", str(process.pid)], check=True, capture_output=True)
+        control = ["callgrind_control", str(process.pid)]
+        subprocess.run([*control, "--zero"], check=True, capture_output=True)
+        started = time.monotonic()
+        windows: list[float] = []
+
+        def count_then_idle() -> None:
+            subprocess.run([*control, "--dump=counted"], check=True, capture_output=True)
+            windows.append(time.monotonic() - started)
+            idle_started = time.monotonic()
+            time.sleep(args.idle_s)  # the connections stay open, idle (ASYNCSERVE_KEEP_ALIVE_S)
+            subprocess.run([*control, "--dump=idle"], check=True, capture_output=True)
+            windows.append(time.monotonic() - idle_started)
+
+        load(port, args.requests, args.in_flight, count_then_idle)
         after = batches(port)
         made = {reason: count - before.get(reason, 0.0) for reason, count in after.items()}
     finally:
         stop(process)
         log.close()
-    return Run(label, args.requests, made, *_read_dump(out_dir, process.pid))
+    counted, loop_file = _read_dump(out_dir, process.pid, 1)
+    idle, _ = _read_dump(out_dir, process.pid, 2)
+    return Run(label, args.requests, made, counted, loop_file, windows[0], idle.get(1, 0) / windows[1])
 
 
 _TOTALS = re.compile(r"^(?:summary|totals): (\d+)", re.MULTILINE)
 
 
-def _read_dump(out_dir: Path, pid: int) -> tuple[dict[int, int], Path | None]:
-    """Each thread's instructions in the requested dump (``callgrind.out.PID.1-NN``), and the loop's file."""
+def _read_dump(out_dir: Path, pid: int, part: int) -> tuple[dict[int, int], Path | None]:
+    """Each thread's instructions in dump ``part`` (``callgrind.out.PID.PART-NN``), and the loop's file."""
     per_thread: dict[int, int] = {}
     loop_file = None
-    for path in sorted(out_dir.glob(f"callgrind.out.{pid}.1-*")):
+    for path in sorted(out_dir.glob(f"callgrind.out.{pid}.{part}-*")):
         thread = int(path.name.rpartition("-")[2])
         found = _TOTALS.search(path.read_text(errors="replace"))
         per_thread[thread] = int(found.group(1)) if found else 0
@@ -303,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--annotate", type=int, default=0, metavar="N", help="print the loop's N costliest C functions")
     parser.add_argument("--opcodes", action="store_true", help="count Python bytecodes instead (no valgrind)")
     parser.add_argument("--top", type=int, default=50, help="functions listed by --opcodes (default 50)")
+    parser.add_argument("--idle-s", type=float, default=20.0, help="idle window after the load (default 20)")
     parser.add_argument("--ready-timeout-s", type=float, default=600.0)
     parser.add_argument("--keep", type=Path, help="keep the callgrind files in this directory")
     args = parser.parse_args(argv)
@@ -323,8 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             made = sum(run.batches.values())
             reasons = ", ".join(f"{reason} {count:.0f}" for reason, count in run.batches.items() if count)
             print(
-                f"{label} round {round_ + 1}: loop {run.loop_per_request:,.0f} instructions/request "
-                f"({made:.0f} batches of {run.requests / made:.1f} rows: {reasons}; per thread {threads})",
+                f"{label} round {round_ + 1}: loop {run.loop_per_request:,.0f} instructions/request, "
+                f"{run.loop_less_idle:,.0f} less the idle loop's {run.idle_per_s:,.0f}/s "
+                f"({made:.0f} batches of {run.requests / made:.1f} rows: {reasons}; {run.seconds:.0f} s; "
+                f"per thread {threads})",
                 flush=True,
             )
             if args.annotate and run.loop_file is not None:
