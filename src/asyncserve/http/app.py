@@ -167,7 +167,8 @@ class HttpApp:
                 self._check_origin(request.method, request.headers)
             route, request.params = self.router.match(request.method, request.path)
             route_name = route.name
-            request.key = self._admit(request, route)
+            if self.auth.enabled:  # (else the request has no key, and needs none)
+                request.key = self._admit(request, route)
         except AsyncServeError as exc:
             model = self.model_label(request.params.get("model", ""))
             respond(self._error_response(exc, route_name, model), request.request_id)
@@ -218,8 +219,9 @@ class HttpApp:
                 )
 
     def _admit(self, request: Request, route: Route) -> ApiKey | None:
-        """The request's API key, checked against the route's scope and taken against its limits."""
-        if route.scope is None or not self.auth.enabled:
+        """The request's API key, checked against the route's scope and taken against its limits (asked only
+        when the server has keys)."""
+        if route.scope is None:
             return None
         key = self.auth.identify(request.headers)
         self.auth.authorize(key, route.scope)

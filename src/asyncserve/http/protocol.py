@@ -156,8 +156,12 @@ class HttpProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         # The request being parsed
         self._url = b""
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._headers: dict[str, str] = {}
+        """Names in lower case; a repeated header keeps its last value."""
+        self._header_count = 0
         self._header_bytes = 0
+        self._repeated: str | None = None
+        """The first header that may be sent once and came again (the request is refused once its head is in)."""
         self._max_header_bytes = limits.max_header_bytes
         self._max_header_count = limits.max_header_count
         """(``limits``' two, read for every header)"""
@@ -323,8 +327,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url = b""
-        self._raw_headers = []
+        self._headers = {}
+        self._header_count = 0
         self._header_bytes = 0
+        self._repeated = None
         self._body = []
         self._body_size = 0
         self.head_since = self.loop.time()
@@ -336,9 +342,13 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
-        self._raw_headers.append((name, value))
-        if self._header_bytes > self._max_header_bytes or len(self._raw_headers) > self._max_header_count:
+        self._header_count += 1
+        if self._header_bytes > self._max_header_bytes or self._header_count > self._max_header_count:
             self._refuse_headers()
+        key = name.decode("latin-1").lower()
+        if key in self._headers and key in SINGLE_VALUED and self._repeated is None:
+            self._repeated = key
+        self._headers[key] = value.decode("latin-1")
 
     def _refuse_headers(self) -> None:
         if self._header_bytes > self._max_header_bytes:
@@ -348,9 +358,9 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.head_since = None
         self.body_since = self.loop.time()
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in self._raw_headers}
-        if len(headers) < len(self._raw_headers):
-            _check_single_valued(self._raw_headers)
+        headers = self._headers
+        if self._repeated is not None:
+            raise InvalidRequest(f"the {self._repeated} header is given more than once; send it once")
         path, query = _parse_target(self._url)
         # No protocol upgrades: an Upgrade request is answered as a plain one, and the connection closes
         # (the parser reads nothing after it).
@@ -471,8 +481,9 @@ class HttpProtocol(asyncio.Protocol):
     def _serve(self, request: Request, keep_alive: bool) -> None:
         self._busy = True
         self._keep_alive = keep_alive
-        self._started = time.perf_counter()
-        self._request_line = (request.method, request.path)
+        if self.limits.access_log:  # (read by the access log only)
+            self._started = time.perf_counter()
+            self._request_line = (request.method, request.path)
         try:
             self._work = self.app.handle(request, self._respond)
         except Exception:  # the app answers its own errors; this is a bug in it
@@ -765,15 +776,6 @@ SINGLE_VALUED = frozenset({
     "prefer", "x-api-key", "x-priority", "x-request-id", "x-request-timeout",
 })  # fmt: skip
 """Headers a request may send once: given twice, which one counts would be a guess."""
-
-
-def _check_single_valued(raw_headers: list[tuple[bytes, bytes]]) -> None:
-    seen: set[str] = set()
-    for raw_name, _ in raw_headers:
-        name = raw_name.decode("latin-1").lower()
-        if name in seen and name in SINGLE_VALUED:
-            raise InvalidRequest(f"the {name} header is given more than once; send it once")
-        seen.add(name)
 
 
 def _too_large(size: int, limit: int) -> str:
