@@ -135,8 +135,9 @@ class _Queue:
     def rows_at_or_above(self, priority: int) -> int:
         return self.rows if priority == 0 else sum(self.lane_rows[priority:])  # (0, the default: every lane)
 
-    def heads(self) -> list[Item]:
-        return [lane[0] for lane in self.lanes if lane]
+    def oldest_arrival(self) -> float:
+        """When the oldest head of a lane arrived (the queue must hold an item)."""
+        return min([lane[0].arrived for lane in filter(None, self.lanes)])
 
     def clear(self) -> list[Item]:
         items = [item for lane in self.lanes for item in lane]
@@ -338,12 +339,14 @@ class Batcher:
                 continue
             if self._queue.rows >= self.settings.max_batch_size:
                 return self._take(), "full"
-            if not self._running and not self._input_pending():
+            input_pending = self._input_pending()  # (asked once per decision: no await comes in between)
+            if not self._running and not input_pending:
                 return self._take(), "idle"
-            release_at, reason = self._release_time()
-            if release_at <= time.monotonic():
+            release_at, reason = self._release_time(input_pending)
+            now = time.monotonic()
+            if release_at <= now:
                 return self._take(), reason
-            await self._wait_for_rows(release_at - time.monotonic())
+            await self._wait_for_rows(release_at - now)
 
     async def _wait_for_rows(self, timeout_s: float | None) -> None:
         """Until rows arrive, or ``timeout_s`` passes (never, if None).
@@ -380,12 +383,12 @@ class Batcher:
             self._holds_worker = False
             self._share.release(compute_s)
 
-    def _release_time(self) -> tuple[float, str]:
-        """When a partial batch must leave, and why, while another batch runs or requests are yet to be parsed."""
-        heads = self._queue.heads()
+    def _release_time(self, input_pending: bool) -> tuple[float, str]:
+        """When a partial batch must leave, and why, while another batch runs or requests are yet to be parsed
+        (``input_pending``)."""
         now = time.monotonic()
-        by_wait = min(item.arrived for item in heads) + self.settings.max_wait_s
-        if self._input_pending():
+        by_wait = self._queue.oldest_arrival() + self.settings.max_wait_s
+        if input_pending:
             # Requests are in that the loop has yet to parse: the batch waits for them as long as
             # they keep bringing rows, each within max_wait_s of the last (rows queued while the
             # previous batch ran are old, yet they would leave alone with a batch too small).
@@ -401,8 +404,8 @@ class Batcher:
         return by_wait, "wait"
 
     def _drop_dead_heads(self) -> None:
-        for lane in self._queue.lanes:
-            while lane and lane[0].dead:
+        for lane in filter(None, self._queue.lanes):  # (the lanes in use, picked out in C: most are empty)
+            while lane and lane[0].future.done():  # (Item.dead, without a call per head)
                 self._queue.pop_head(lane)
                 self._shed("cancelled")
 
@@ -438,8 +441,7 @@ class Batcher:
             return 0.0
         self._metrics.reason(reason).inc()
         now = time.monotonic()
-        for item in live:
-            self._metrics.queue_wait.observe(now - item.arrived)
+        self._metrics.queue_wait.observe_each([now - item.arrived for item in live])
         with tracing.batch(self.label, live, reason):
             return await self._run(live, isolate=True, worker_wait_s=worker_wait_s)
 
