@@ -167,7 +167,8 @@ class HttpApp:
                 self._check_origin(request.method, request.headers)
             route, request.params = self.router.match(request.method, request.path)
             route_name = route.name
-            request.key = self._admit(request, route)
+            if self.auth.enabled:  # (else the request has no key, and needs none)
+                request.key = self._admit(request, route)
         except AsyncServeError as exc:
             model = self.model_label(request.params.get("model", ""))
             respond(self._error_response(exc, route_name, model), request.request_id)
@@ -177,7 +178,6 @@ class HttpApp:
         self.metrics.request_started(route_name)
         if route.inference:
             self.inferring += 1
-        finish = functools.partial(self._finish, request, route, model, started, respond)
         try:
             reply = route.handler(request)
             if route.is_async:
@@ -186,12 +186,13 @@ class HttpApp:
             elif isinstance(reply, Pending):
                 work, answer = reply.work, reply.answer
             else:
-                finish(None, reply)  # type: ignore[arg-type]
+                self._finish(request, route, model, started, respond, None, reply)  # type: ignore[arg-type]
                 return None
         except Exception as exc:
-            finish(None, exc)
+            self._finish(request, route, model, started, respond, None, exc)
             return None
-        work.add_done_callback(lambda done: finish(answer, done))
+        # One partial, called with the finished work: no closure per request.
+        work.add_done_callback(functools.partial(self._finish, request, route, model, started, respond, answer))
         return work
 
     def _check_origin(self, method: str, headers: dict[str, str]) -> None:
@@ -218,8 +219,9 @@ class HttpApp:
                 )
 
     def _admit(self, request: Request, route: Route) -> ApiKey | None:
-        """The request's API key, checked against the route's scope and taken against its limits."""
-        if route.scope is None or not self.auth.enabled:
+        """The request's API key, checked against the route's scope and taken against its limits (asked only
+        when the server has keys)."""
+        if route.scope is None:
             return None
         key = self.auth.identify(request.headers)
         self.auth.authorize(key, route.scope)
@@ -316,11 +318,12 @@ class HttpApp:
             refused = self._refused_at_the_door(method, path, headers)
             if refused is not None:
                 return refused
-        if self.loop_lag.current_lag_s() < 0.01 or method != "POST":
+        lag = self.loop_lag.current_lag_s()
+        if lag < 0.01 or method != "POST":
             return None
         try:
             route, params = self.router.match(method, path)
-            overloaded = self._swamped(headers.get("x-request-timeout"))
+            overloaded = self._swamped(headers.get("x-request-timeout"), lag)
         except AsyncServeError:
             return None  # the handler gives the precise error
         if overloaded is None or not route.inference:
@@ -344,10 +347,7 @@ class HttpApp:
             return self._error_response(exc, route.name, model)
         return None
 
-    def _swamped(self, asked_timeout: str | None) -> Overloaded | None:
-        lag = self.loop_lag.current_lag_s()
-        if lag < 0.01:
-            return None
+    def _swamped(self, asked_timeout: str | None, lag: float) -> Overloaded | None:
         budget = parse_timeout(asked_timeout) if asked_timeout is not None else self.settings.grace_period_s
         if LOOP_HOPS * lag < budget:
             return None

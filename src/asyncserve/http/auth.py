@@ -146,8 +146,10 @@ class Authenticator:
     """
 
     def __init__(self, keys: Iterable[ApiKey] = (), *, source: Path | None = None) -> None:
-        self.source = source
-        """The keys file, read again by :meth:`reload` when it changes."""
+        self._source = source
+        self.enabled = source is not None
+        """Whether requests need keys: some are configured, or a keys file is (read on every request, so a
+        plain attribute, kept by :meth:`replace`)."""
         self._by_digest: dict[str, ApiKey] = {}
         self._by_token: dict[str, ApiKey] = {}
         """Tokens seen recently that are valid keys: a client's next request skips the hash."""
@@ -165,12 +167,14 @@ class Authenticator:
         return authenticator
 
     @property
-    def enabled(self) -> bool:
-        return bool(self._by_digest) or self.source is not None
+    def source(self) -> Path | None:
+        """The keys file, read again by :meth:`reload` when it changes."""
+        return self._source
 
     def replace(self, keys: Iterable[ApiKey]) -> None:
         by_digest = {key.sha256: key for key in keys}
         self._by_digest = by_digest
+        self.enabled = bool(by_digest) or self._source is not None
         self._by_token = {}  # a key that was revoked must not be found here
         names = {key.name for key in by_digest.values()}
         self._buckets = {name: bucket for name, bucket in self._buckets.items() if name in names}

@@ -256,6 +256,8 @@ def _binary_header_length(request: Request) -> int | None:
 
 def _require_json(request: Request, also: str = JSON_TYPE) -> None:
     content_type = request.headers.get("content-type", JSON_TYPE)
+    if content_type in (JSON_TYPE, also):
+        return  # the common case, as the media type below would find it
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type not in (JSON_TYPE, also, "") and not media_type.endswith("+json"):
         raise UnsupportedMediaType(

@@ -148,14 +148,23 @@ class HttpProtocol(asyncio.Protocol):
         self.app = app
         self.limits = limits
         self.server = server
+        self._budget = server.budget
+        """The server's (made once it starts, before any connection): read here, not per read."""
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.client = ""
         self._parser = httptools.HttpRequestParser(self)
         # The request being parsed
         self._url = b""
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._headers: dict[str, str] = {}
+        """Names in lower case; a repeated header keeps its last value."""
+        self._header_count = 0
         self._header_bytes = 0
+        self._repeated: str | None = None
+        """The first header that may be sent once and came again (the request is refused once its head is in)."""
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_header_count = limits.max_header_count
+        """(``limits``' two, read for every header)"""
         self._head: _Head | None = None
         self._body: list[bytes] = []
         self._body_size = 0
@@ -224,7 +233,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.lingering_since is not None:
             return  # the answer is out and the connection closing: what the client still sends is dropped
         self.idle_since = None  # busy, even while these bytes wait for their turn
-        if self.server.budget.allows(self, data):
+        if self._budget.allows(self, data):
             self._feed(data)
 
     def eof_received(self) -> bool | None:
@@ -318,8 +327,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url = b""
-        self._raw_headers = []
+        self._headers = {}
+        self._header_count = 0
         self._header_bytes = 0
+        self._repeated = None
         self._body = []
         self._body_size = 0
         self.head_since = self.loop.time()
@@ -331,28 +342,26 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
-        if self._header_bytes > self.limits.max_header_bytes:
-            raise HeadersTooLarge(
-                f"the headers are larger than the server's limit of {self.limits.max_header_bytes} bytes"
-            )
-        self._raw_headers.append((name, value))
-        if len(self._raw_headers) > self.limits.max_header_count:
-            raise HeadersTooLarge(
-                f"the request has more than the server's limit of {self.limits.max_header_count} headers"
-            )
+        self._header_count += 1
+        if self._header_bytes > self._max_header_bytes or self._header_count > self._max_header_count:
+            self._refuse_headers()
+        key = name.decode("latin-1").lower()
+        if key in self._headers and key in SINGLE_VALUED and self._repeated is None:
+            self._repeated = key
+        self._headers[key] = value.decode("latin-1")
+
+    def _refuse_headers(self) -> None:
+        if self._header_bytes > self._max_header_bytes:
+            raise HeadersTooLarge(f"the headers are larger than the server's limit of {self._max_header_bytes} bytes")
+        raise HeadersTooLarge(f"the request has more than the server's limit of {self._max_header_count} headers")
 
     def on_headers_complete(self) -> None:
         self.head_since = None
         self.body_since = self.loop.time()
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in self._raw_headers}
-        if len(headers) < len(self._raw_headers):
-            _check_single_valued(self._raw_headers)
-        try:
-            url = httptools.parse_url(self._url)
-        except httptools.HttpParserInvalidURLError:
-            raise InvalidRequest(f"invalid request target {self._url[:100]!r}") from None
-        path = url.path.decode("latin-1")
-        query = url.query.decode("latin-1") if url.query else ""
+        headers = self._headers
+        if self._repeated is not None:
+            raise InvalidRequest(f"the {self._repeated} header is given more than once; send it once")
+        path, query = _parse_target(self._url)
         # No protocol upgrades: an Upgrade request is answered as a plain one, and the connection closes
         # (the parser reads nothing after it).
         keep_alive = (
@@ -409,8 +418,9 @@ class HttpProtocol(asyncio.Protocol):
                 raise InvalidRequest("a request cannot have both Content-Length and Transfer-Encoding")
             if not is_count(declared):
                 raise InvalidRequest(f"Content-Length must be a byte count, got {declared!r}")
-            if int(declared) > self.limits.max_body_bytes:
-                return PayloadTooLarge(_too_large(int(declared), self.limits.max_body_bytes))
+            size = int(declared)
+            if size > self.limits.max_body_bytes:
+                return PayloadTooLarge(_too_large(size, self.limits.max_body_bytes))
         return None
 
     def _expect(self, expectation: str) -> None:
@@ -455,8 +465,9 @@ class HttpProtocol(asyncio.Protocol):
         request_id = headers.get("x-request-id") or new_request_id()
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         self._body = []
-        request = Request(head.method, head.path, head.query, headers, body, request_id, head.arrived)
-        request.screened = head.screened
+        request = Request(
+            head.method, head.path, head.query, headers, body, request_id, head.arrived, screened=head.screened
+        )
         if self._busy or self._waiting:
             self._waiting.append((request, head.keep_alive))
             if len(self._waiting) >= MAX_PIPELINED and not self._paused_by_pipeline:
@@ -470,8 +481,9 @@ class HttpProtocol(asyncio.Protocol):
     def _serve(self, request: Request, keep_alive: bool) -> None:
         self._busy = True
         self._keep_alive = keep_alive
-        self._started = time.perf_counter()
-        self._request_line = (request.method, request.path)
+        if self.limits.access_log:  # (read by the access log only)
+            self._started = time.perf_counter()
+            self._request_line = (request.method, request.path)
         try:
             self._work = self.app.handle(request, self._respond)
         except Exception:  # the app answers its own errors; this is a bug in it
@@ -500,7 +512,8 @@ class HttpProtocol(asyncio.Protocol):
         framing = b"content-length: %d\r\n%s" % (len(body), b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
         head = response.head(request_id)
         self.transport.write(b"".join((STATUS_LINES[response.status], self.server.date_line, head, framing, body)))
-        self._log_access(response, request_id, len(body))
+        if self.limits.access_log:
+            self._log_access(response, request_id, len(body))
         self._answered(keep_alive)
 
     async def _stream(self, response: StreamingResponse, request_id: str) -> None:
@@ -528,7 +541,8 @@ class HttpProtocol(asyncio.Protocol):
                 with contextlib.suppress(Exception):
                     await aclose()
         self._work = None
-        self._log_access(response, request_id, -1)
+        if self.limits.access_log:
+            self._log_access(response, request_id, -1)
         self._answered(self._keep_alive and not self.server.closing)
 
     async def _wait_drained(self) -> None:
@@ -638,8 +652,6 @@ class HttpProtocol(asyncio.Protocol):
         return self._busy or bool(self._waiting)
 
     def _log_access(self, response: Response, request_id: str, size: int) -> None:
-        if not self.limits.access_log:
-            return
         method, path = self._request_line
         took_ms = (time.perf_counter() - self._started) * 1000
         status = response.status
@@ -737,20 +749,33 @@ class ParseBudget:
             self._loop.call_soon(self._next_turn)
 
 
+TARGETS_KEPT = 256
+"""Request targets whose parse is remembered (a server sees few); past that, the memory starts afresh."""
+
+_targets: dict[bytes, tuple[str, str]] = {}
+
+
+def _parse_target(url: bytes) -> tuple[str, str]:
+    """The path and query (without ``?``) of a request target, as sent; InvalidRequest if it is none."""
+    known = _targets.get(url)
+    if known is not None:
+        return known
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        raise InvalidRequest(f"invalid request target {url[:100]!r}") from None
+    target = parsed.path.decode("latin-1"), parsed.query.decode("latin-1") if parsed.query else ""
+    if len(_targets) >= TARGETS_KEPT:
+        _targets.clear()
+    _targets[url] = target
+    return target
+
+
 SINGLE_VALUED = frozenset({
     "authorization", "content-type", "expect", "host", "idempotency-key", "inference-header-content-length",
     "prefer", "x-api-key", "x-priority", "x-request-id", "x-request-timeout",
 })  # fmt: skip
 """Headers a request may send once: given twice, which one counts would be a guess."""
-
-
-def _check_single_valued(raw_headers: list[tuple[bytes, bytes]]) -> None:
-    seen: set[str] = set()
-    for raw_name, _ in raw_headers:
-        name = raw_name.decode("latin-1").lower()
-        if name in seen and name in SINGLE_VALUED:
-            raise InvalidRequest(f"the {name} header is given more than once; send it once")
-        seen.add(name)
 
 
 def _too_large(size: int, limit: int) -> str:

@@ -177,15 +177,18 @@ class Router:
         Matching the raw path means an encoded slash (``%2F``) never splits a segment: a path that a
         proxy rule sees under one prefix reaches the route under that prefix.
         """
-        route = self._static.get((method, path))
-        if route is not None:
-            return route, {}
-        known = self._matched.get((method, path))
+        key = (method, path)
+        # The paths matched before first: the inference routes, the busiest, have parameters. (A path in
+        # _static is never in _matched, which holds only what _match_dynamic found.)
+        known = self._matched.get(key)
         if known is not None:
             return known[0], dict(known[1])
+        route = self._static.get(key)
+        if route is not None:
+            return route, {}
         found_route, params = self._match_dynamic(method, path)
         if len(self._matched) < MATCHES_KEPT:
-            self._matched[(method, path)] = (found_route, params)
+            self._matched[key] = (found_route, params)
         return found_route, dict(params)
 
     def _match_dynamic(self, method: str, path: str) -> tuple[Route, dict[str, str]]:

@@ -52,6 +52,8 @@ class Admission:
 
 def parse_priority(value: object, where: str) -> int:
     """A priority lane: 0 (the default) to 9, served first; from V2 parameters or the X-Priority header."""
+    if type(value) is int and 0 <= value < PRIORITY_LEVELS:
+        return value  # the common case (the default 0), decided by the checks below in fewer steps
     if isinstance(value, str) and is_count(value.strip().lstrip("-")):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < PRIORITY_LEVELS:

@@ -99,29 +99,45 @@ class Item:
 
 
 class _Queue:
-    """Priority lanes of FIFO items, with the rows each lane holds (kept, not recounted: it is read per request)."""
+    """Priority lanes of FIFO items, with the rows each lane holds and the tightest deadline among the items
+    (kept, not recounted: they are read per request)."""
 
     def __init__(self) -> None:
         self.lanes: list[deque[Item]] = [deque() for _ in range(PRIORITY_LEVELS)]
         self.lane_rows = [0] * PRIORITY_LEVELS
         self.rows = 0
+        self._tightest: float | None = math.inf
+        """The least deadline of the items queued (dead ones too); None: to be found again."""
 
     def push(self, item: Item) -> None:
         self.lanes[item.priority].append(item)
         self.lane_rows[item.priority] += item.rows
         self.rows += item.rows
+        if self._tightest is not None and item.deadline < self._tightest:
+            self._tightest = item.deadline
 
     def pop_head(self, lane: deque[Item]) -> Item:
         item = lane.popleft()
         self.lane_rows[item.priority] -= item.rows
         self.rows -= item.rows
+        if self._tightest is not None and item.deadline <= self._tightest:
+            # Items leave from the heads, oldest first, and deadlines mostly grow with arrival: the
+            # queue is scanned again about once a batch, not once a request.
+            self._tightest = None
         return item
 
-    def rows_at_or_above(self, priority: int) -> int:
-        return sum(self.lane_rows[priority:])
+    def tightest_deadline(self) -> float:
+        """The least deadline of the items queued (``math.inf`` when there are none)."""
+        if self._tightest is None:
+            self._tightest = min((item.deadline for lane in self.lanes for item in lane), default=math.inf)
+        return self._tightest
 
-    def heads(self) -> list[Item]:
-        return [lane[0] for lane in self.lanes if lane]
+    def rows_at_or_above(self, priority: int) -> int:
+        return self.rows if priority == 0 else sum(self.lane_rows[priority:])  # (0, the default: every lane)
+
+    def oldest_arrival(self) -> float:
+        """When the oldest head of a lane arrived (the queue must hold an item)."""
+        return min([lane[0].arrived for lane in filter(None, self.lanes)])
 
     def clear(self) -> list[Item]:
         items = [item for lane in self.lanes for item in lane]
@@ -129,6 +145,7 @@ class _Queue:
             lane.clear()
         self.lane_rows = [0] * PRIORITY_LEVELS
         self.rows = 0
+        self._tightest = math.inf
         return items
 
 
@@ -169,7 +186,8 @@ class Batcher:
         self._runner = runner
         self._metrics = metrics
         self._queue = _Queue()
-        self._wakeup = asyncio.Event()
+        self._wake: asyncio.Future[None] | None = None
+        """What the dispatcher awaits while it waits for rows (None otherwise): ``enqueue`` resolves it."""
         # With a scheduler, it caps the model's batches (max_concurrent_batches) and the dispatcher waits
         # there: a batcher that waited on slots of its own first would not be in line when a worker frees up.
         self._slots = asyncio.Semaphore(settings.max_concurrent_batches if share is None else 1 << 30)
@@ -217,7 +235,9 @@ class Batcher:
             item.trace = tracing.current_context()
         self._queue.push(item)
         self._arrival_rate.add(rows, now)
-        self._wakeup.set()
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
         return future
 
     def _admit(self, rows: int, priority: int, deadline: float, now: float) -> None:
@@ -311,8 +331,7 @@ class Batcher:
             self._drop_dead_heads()
             if self._queue.rows == 0:
                 self._give_worker_back(0.0)  # nothing left to run: another model may use it
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._wait_for_rows(None)
                 continue
             if not self._holds_worker and self._share is not None:
                 # Rows pile up while the model waits its turn for a worker, and leave together.
@@ -320,15 +339,31 @@ class Batcher:
                 continue
             if self._queue.rows >= self.settings.max_batch_size:
                 return self._take(), "full"
-            if not self._running and not self._input_pending():
+            input_pending = self._input_pending()  # (asked once per decision: no await comes in between)
+            if not self._running and not input_pending:
                 return self._take(), "idle"
-            release_at, reason = self._release_time()
-            if release_at <= time.monotonic():
+            release_at, reason = self._release_time(input_pending)
+            now = time.monotonic()
+            if release_at <= now:
                 return self._take(), reason
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(release_at - time.monotonic()):
-                    await self._wakeup.wait()
+            await self._wait_for_rows(release_at - now)
+
+    async def _wait_for_rows(self, timeout_s: float | None) -> None:
+        """Until rows arrive, or ``timeout_s`` passes (never, if None).
+
+        A future and a timer, not an ``asyncio.Event`` under ``asyncio.timeout``: the dispatcher waits
+        again after nearly every request, and a timeout that cancels the task and raises costs several
+        times more. The dispatcher decides again after every wake-up, so a spurious one is harmless.
+        """
+        loop = self._loop or asyncio.get_running_loop()
+        wake = self._wake = loop.create_future()
+        timer = None if timeout_s is None else loop.call_later(timeout_s, _wake_up, wake)
+        try:
+            await wake
+        finally:
+            self._wake = None
+            if timer is not None:
+                timer.cancel()
 
     async def _wait_for_worker(self, share: Share) -> None:
         asked = time.monotonic()
@@ -348,12 +383,12 @@ class Batcher:
             self._holds_worker = False
             self._share.release(compute_s)
 
-    def _release_time(self) -> tuple[float, str]:
-        """When a partial batch must leave, and why, while another batch runs or requests are yet to be parsed."""
-        heads = self._queue.heads()
+    def _release_time(self, input_pending: bool) -> tuple[float, str]:
+        """When a partial batch must leave, and why, while another batch runs or requests are yet to be parsed
+        (``input_pending``)."""
         now = time.monotonic()
-        by_wait = min(item.arrived for item in heads) + self.settings.max_wait_s
-        if self._input_pending():
+        by_wait = self._queue.oldest_arrival() + self.settings.max_wait_s
+        if input_pending:
             # Requests are in that the loop has yet to parse: the batch waits for them as long as
             # they keep bringing rows, each within max_wait_s of the last (rows queued while the
             # previous batch ran are old, yet they would leave alone with a batch too small).
@@ -363,15 +398,14 @@ class Batcher:
             if not self._arrival_rate.expects(missing, by_wait - now):
                 return now, "idle"  # rows do not come fast enough for waiting to pay
         if self.cost.fitted:
-            tightest = min(item.deadline for lane in self._queue.lanes for item in lane)
-            by_deadline = tightest - self.cost.seconds(self.settings.max_batch_size)
+            by_deadline = self._queue.tightest_deadline() - self.cost.seconds(self.settings.max_batch_size)
             if by_deadline < by_wait:
                 return by_deadline, "deadline"
         return by_wait, "wait"
 
     def _drop_dead_heads(self) -> None:
-        for lane in self._queue.lanes:
-            while lane and lane[0].dead:
+        for lane in filter(None, self._queue.lanes):  # (the lanes in use, picked out in C: most are empty)
+            while lane and lane[0].future.done():  # (Item.dead, without a call per head)
                 self._queue.pop_head(lane)
                 self._shed("cancelled")
 
@@ -407,8 +441,7 @@ class Batcher:
             return 0.0
         self._metrics.reason(reason).inc()
         now = time.monotonic()
-        for item in live:
-            self._metrics.queue_wait.observe(now - item.arrived)
+        self._metrics.queue_wait.observe_each([now - item.arrived for item in live])
         with tracing.batch(self.label, live, reason):
             return await self._run(live, isolate=True, worker_wait_s=worker_wait_s)
 
@@ -518,9 +551,14 @@ def _expire(future: asyncio.Future[Columns], label: str) -> None:
         future.set_exception(DeadlineExceeded(f"model {label!r} did not answer before the request's deadline"))
 
 
+def _wake_up(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
+
+
 def _shape_key(columns: Columns) -> tuple[tuple[int, ...], ...]:
     # Rows can share a batch only if every input has the same row shape (dimensions declared -1 vary).
-    return tuple(column.shape[1:] for column in columns.values())
+    return tuple([column.shape[1:] for column in columns.values()])
 
 
 def _concatenate(items: list[Item]) -> Columns:
