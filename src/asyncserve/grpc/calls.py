@@ -20,7 +20,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
@@ -74,8 +74,7 @@ def parse_timeout(value: bytes) -> float:
     return int(digits) * unit
 
 
-@dataclass(frozen=True, slots=True)
-class Deferred:
+class Deferred(NamedTuple):
     """A unary method's answer that is not ready: ``finish(future)`` makes the response once ``future``
     is done, or raises what ends the call. Cancelling ``future`` abandons the work.
 
@@ -149,6 +148,7 @@ class Methods:
                     method.client_streaming, method.server_streaming,
                 )  # fmt: skip
         self.max_message_bytes = max_message_bytes
+        self._understood: dict[int, tuple[Headers, RequestHead, Method]] = {}
         self.calls: set[Call] = set()
         """Calls whose servicer method runs."""
         self.idle = asyncio.Event()
@@ -156,14 +156,26 @@ class Methods:
 
     def open_stream(self, connection: Connection, stream: Stream, headers: Headers) -> Call | None:
         """The Call for a new request stream, or None when the request was answered (refused) at once."""
-        head = RequestHead.parse(headers)
         try:
-            method = self._method(head)
+            head, method = self._understand(headers)
             deadline = connection.loop.time() + parse_timeout(head.timeout) if head.timeout else None
         except GrpcError as exc:
             connection.end_with(stream, status_block(exc.code, exc.message, exc.trailers, with_headers=True))
             return None
         return Call(self, connection, stream, method, head.metadata, deadline, head.encoding)
+
+    def _understand(self, headers: Headers) -> tuple[RequestHead, Method]:
+        """The request's head and method. A connection hands the same list for the same header block
+        (``Connection._decode``), so what a list says is kept while the list is (by identity)."""
+        known = self._understood.get(id(headers))
+        if known is not None and known[0] is headers:
+            return known[1], known[2]
+        head = RequestHead.parse(headers)
+        method = self._method(head)
+        if len(self._understood) >= 256:
+            self._understood.clear()
+        self._understood[id(headers)] = (headers, head, method)
+        return head, method
 
     def _method(self, head: RequestHead) -> Method:
         if head.method != b"POST":
@@ -201,22 +213,25 @@ END = object()
 class Call:
     """One gRPC call: the context a servicer method receives, and its stream's handler."""
 
+    __slots__ = (
+        "_deadline_passed", "_encoding", "_ended", "_headers_sent", "_inbox", "_metadata", "_needed", "_received",
+        "_received_bytes", "_task", "_timer", "_waiting", "connection", "deadline", "method", "methods", "stream",
+    )  # fmt: skip
+
     def __init__(
         self, methods: Methods, connection: Connection, stream: Stream, method: Method,
-        metadata: list[tuple[bytes, bytes]], deadline: float | None, encoding: bytes,
+        metadata: Sequence[tuple[bytes, bytes]], deadline: float | None, encoding: bytes,
     ) -> None:  # fmt: skip
         self.methods = methods
         self.connection = connection
         self.stream = stream
         self.method = method
         self._metadata = metadata
-        self.deadline = deadline
-        """The loop time at which the client stops waiting (``grpc-timeout``), or None."""
+        self.deadline = deadline  # the loop time at which the client stops waiting (grpc-timeout), or None
         self._encoding = encoding
         self._received: list[bytes] = []
         self._received_bytes = 0
-        self._needed = 5
-        """Streaming: bytes to receive before the next message (or its prefix) is complete."""
+        self._needed = 5  # streaming: bytes to receive before the next message (or its prefix) is complete
         self._inbox: asyncio.Queue[Any] | None = asyncio.Queue() if method.client_streaming else None
         self._task: asyncio.Task[None] | None = None
         self._waiting: Deferred | None = None

@@ -650,7 +650,14 @@ class Connection(asyncio.Protocol):
 
     def _data_frames(self, stream: Stream, data: bytes, out: list[bytes]) -> bytes:
         """Frame as much of ``data`` as the windows allow into ``out``; return what is left."""
-        view, offset, size = memoryview(data), 0, len(data)
+        size = len(data)
+        if size <= self.send_window and size <= stream.send_window and size <= self._peer_max_frame:
+            out.append(FRAME_HEAD.pack(size << 8 | DATA, 0, stream.id))  # the usual case: one frame
+            out.append(data)
+            self.send_window -= size
+            stream.send_window -= size
+            return b""
+        view, offset = memoryview(data), 0
         while offset < size:
             allowed = min(size - offset, self.send_window, stream.send_window, self._peer_max_frame)
             if allowed <= 0:

@@ -139,7 +139,7 @@ class InferenceServicer:
             finally:
                 self.http.inferring -= 1
                 if outcome is None:
-                    self._settle("ModelInfer", "infer", model, key, started, None)
+                    self._end("ModelInfer", model, key, StatusCode.OK, started)
 
         return Deferred(work, finish)
 

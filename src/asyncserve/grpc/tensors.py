@@ -11,8 +11,7 @@ An answer comes back raw when the request was raw, typed when it was typed, exce
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from asyncserve.exceptions import InvalidRequest, SchemaViolation
 from asyncserve.grpc import inference_pb2 as pb
@@ -39,17 +38,15 @@ TYPED_FIELD = {
 """The ``InferTensorContents`` field of each datatype (FP16, which has none, in fp32_contents)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
-    """An input's name, datatype and shape (``v2.TensorHead``)."""
+class Head(NamedTuple):
+    """An input's name, datatype and shape (``v2.TensorHead``); a tuple, made for every input of every call."""
 
     name: str
     datatype: str
     shape: list[int]
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
+class Decoded(NamedTuple):
     """A decoded ModelInferRequest: one column per declared input, all with ``rows`` rows."""
 
     columns: Columns
@@ -66,10 +63,10 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> Decoded:
         InvalidRequest: The inputs do not match the declaration, or their data does not fit them.
         SchemaViolation: A shape or a value is out of range, or a parameter is of the wrong type.
     """
-    tensors = list(request.inputs)
+    tensors = request.inputs
     heads = [Head(tensor.name, tensor.datatype, list(tensor.shape)) for tensor in tensors]
     for index, head in enumerate(heads):
-        if min(head.shape, default=0) < 0:
+        if head.shape and min(head.shape) < 0:
             raise SchemaViolation(f"inputs[{index}].shape", f"must be a list of integers >= 0, got {head.shape}")
     raw = request.raw_input_contents
     if raw and len(raw) != len(heads):
@@ -78,12 +75,20 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> Decoded:
             "inputs' order, or give every input's data in its contents"
         )
     rows = v2.check_inputs(heads, spec)
-    if raw:
-        decoded = {head.name: _raw_column(spec, tensors[i], head, raw[i], i) for i, head in enumerate(heads)}
-    else:
-        decoded = {head.name: _typed_column(spec, tensors[i], head, i) for i, head in enumerate(heads)}
+    decoded: Columns = {}
+    for index, head in enumerate(heads):
+        tensor = tensors[index]
+        if raw:
+            decoded[head.name] = _raw_column(spec, tensor, head, raw[index], index)
+        else:
+            decoded[head.name] = _typed_column(spec, tensor, head, index)
     columns = decoded if len(decoded) == 1 else {name: decoded[name] for name in spec.inputs}
-    outputs = v2.check_outputs_asked([_asked_output(output) for output in request.outputs], spec)
+    asked_outputs = request.outputs
+    outputs = (
+        v2.check_outputs_asked([_asked_output(output) for output in asked_outputs], spec)
+        if asked_outputs
+        else list(spec.outputs)
+    )
     asked = parameter_value(request.parameters.get("priority")) if request.parameters else None
     priority = 0 if asked is None else parse_priority(asked, "parameters.priority")
     return Decoded(columns, rows, outputs, bool(raw), priority)
