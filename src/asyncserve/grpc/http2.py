@@ -264,8 +264,9 @@ class Connection(asyncio.Protocol):
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             self._wake(stream)
-            if stream.handler is not None:
-                stream.handler.reset()
+            handler, stream.handler = stream.handler, None
+            if handler is not None:
+                handler.reset()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         self.on_close(self)
@@ -575,10 +576,7 @@ class Connection(asyncio.Protocol):
             raise ConnectionError_(PROTOCOL_ERROR, f"RST_STREAM on stream {stream_id}, which was never opened")
         stream = self.streams.get(stream_id)
         if stream is not None:
-            stream.remote_closed = stream.local_closed = True
-            self._forget(stream)
-            if stream.handler is not None:
-                stream.handler.reset()
+            self._abandon(stream)
 
     def read(self, stream: Stream, size: int) -> None:
         """The layer above has taken ``size`` bytes of the stream's data: the client may send as much more."""
@@ -698,6 +696,7 @@ class Connection(asyncio.Protocol):
 
     def _forget(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
+        stream.handler = None  # the handler holds the stream: no cycle left for the garbage collector
         self._blocked.pop(stream.id, None)
         self._wake(stream)
         self._close_if_done()
@@ -707,13 +706,18 @@ class Connection(asyncio.Protocol):
         if stream.unblocked is not None and not stream.unblocked.done():
             stream.unblocked.set_result(None)
 
+    def _abandon(self, stream: Stream) -> None:
+        """The stream ends without an answer: its handler hears of it."""
+        handler = stream.handler
+        stream.local_closed = stream.remote_closed = True
+        self._forget(stream)
+        if handler is not None:
+            handler.reset()
+
     def _reset(self, stream_id: int, code: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is not None:
-            stream.local_closed = stream.remote_closed = True
-            self._forget(stream)
-            if stream.handler is not None:
-                stream.handler.reset()
+            self._abandon(stream)
         self._write(frame(RST_STREAM, 0, stream_id, code.to_bytes(4, "big")))
 
     def _write(self, data: bytes) -> None:
