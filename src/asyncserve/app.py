@@ -181,6 +181,8 @@ class App:
 
         self.grpc = GrpcServer(self.http, self.settings)
         await self.grpc.start()
+        http_pending, grpc_pending = self.input_pending, self.grpc.input_pending
+        self.input_pending = lambda: http_pending() or grpc_pending()
         self._on_close(stack, "the gRPC server", lambda: self.stop_grpc(grace_s))
 
     async def stop_grpc(self, grace_s: float) -> None:

@@ -24,6 +24,8 @@ from typing import Protocol, cast
 
 import hpack
 
+from asyncserve.http.protocol import ParseBudget
+
 logger = logging.getLogger(__name__)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -215,8 +217,15 @@ OpenStream = Callable[["Connection", Stream, Headers], "StreamHandler | None"]
 class Connection(asyncio.Protocol):
     """One client's HTTP/2 connection: frames in, frames out, flow control both ways."""
 
-    def __init__(self, open_stream: OpenStream, limits: Http2Limits, on_close: Callable[[Connection], None]) -> None:
+    def __init__(
+        self, open_stream: OpenStream, limits: Http2Limits, on_close: Callable[[Connection], None],
+        budget: ParseBudget | None = None,
+    ) -> None:  # fmt: skip
         self.open_stream = open_stream
+        self.budget = budget
+        """Caps the time a turn of the loop spends on incoming frames, as for HTTP/1.1 (``ParseBudget``)."""
+        self.chunks_waiting = 0
+        self.paused_by_budget = False
         self.limits = limits
         self.on_close = on_close
         self.transport: asyncio.Transport | None = None
@@ -282,12 +291,26 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.paused_by_budget:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed or (self.budget is not None and not self.budget.allows(self, data)):
+            return
+        self._take(data)
+
+    def resume(self, data: bytes) -> None:
+        """Frames that waited for a turn of the loop (``ParseBudget``), then read on."""
+        self.chunks_waiting -= 1
         if self.closed:
             return
+        if self.paused_by_budget and not self.chunks_waiting:
+            self.paused_by_budget = False
+            if self.transport is not None and (self._writable is None or self._writable.done()):
+                self.transport.resume_reading()
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
         self._receiving = True
         try:
             self._receive(data)

@@ -24,6 +24,7 @@ from asyncserve.grpc.health import HealthServicer
 from asyncserve.grpc.http2 import Connection, Http2Limits
 from asyncserve.grpc.service import InferenceServicer
 from asyncserve.http.app import HttpApp
+from asyncserve.http.protocol import ParseBudget
 from asyncserve.http.server import tls_context
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class GrpcServer:
         )
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
+        self._budget: ParseBudget | None = None
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -62,6 +64,7 @@ class GrpcServer:
             ssl_context = await asyncio.to_thread(tls_context, settings.ssl_certfile, settings.ssl_keyfile)
             ssl_context.set_alpn_protocols(["h2"])  # gRPC clients insist on HTTP/2 by ALPN
         sock = self._bind()
+        self._budget = ParseBudget(asyncio.get_running_loop())
         self._server = await asyncio.get_running_loop().create_server(
             self._connection, sock=sock, ssl=ssl_context, backlog=2048
         )
@@ -89,8 +92,12 @@ class GrpcServer:
         sock.setblocking(False)
         return sock
 
+    def input_pending(self) -> bool:
+        """Whether frames received wait for the event loop to read them (``ParseBudget``): the batcher waits too."""
+        return self._budget is not None and self._budget.holding()
+
     def _connection(self) -> Connection:
-        connection = Connection(self.methods.open_stream, self.limits, self.connections.discard)
+        connection = Connection(self.methods.open_stream, self.limits, self.connections.discard, self._budget)
         self.connections.add(connection)
         return connection
 

@@ -685,6 +685,18 @@ def _error_code(response: Response) -> str | None:
     return code if isinstance(code, str) else None
 
 
+class BudgetedConnection(Protocol):
+    """What ParseBudget needs of a connection (HTTP/1.1's, or gRPC's HTTP/2): its bytes wait, then resume."""
+
+    chunks_waiting: int
+    paused_by_budget: bool
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    def resume(self, data: bytes) -> None: ...
+
+
 class ParseBudget:
     """Caps the time each turn of the event loop spends on incoming requests; the rest wait their turn.
 
@@ -711,13 +723,13 @@ class ParseBudget:
         """When this turn's budget ends (``time.perf_counter()``)."""
         self._turn_pending = False
         """Whether ``_next_turn`` is scheduled: bytes parsed meanwhile count against this turn's budget."""
-        self._waiting: collections.deque[tuple[HttpProtocol, bytes]] = collections.deque()
+        self._waiting: collections.deque[tuple[BudgetedConnection, bytes]] = collections.deque()
 
     def holding(self) -> bool:
         """Whether bytes received wait for a later turn: requests are in that the loop has yet to parse."""
         return bool(self._waiting)
 
-    def allows(self, protocol: HttpProtocol, data: bytes) -> bool:
+    def allows(self, protocol: BudgetedConnection, data: bytes) -> bool:
         """Whether ``data`` may be parsed now; if not, it waits for a later turn (and the connection is
         paused if earlier bytes of it wait already)."""
         now = time.perf_counter()
@@ -729,7 +741,8 @@ class ParseBudget:
             return True
         if protocol.chunks_waiting and not protocol.paused_by_budget:
             protocol.paused_by_budget = True
-            protocol.transport.pause_reading()
+            if protocol.transport is not None:
+                protocol.transport.pause_reading()
         protocol.chunks_waiting += 1
         self._waiting.append((protocol, data))
         self.deferred += 1
