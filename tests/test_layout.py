@@ -88,6 +88,9 @@ PUBLIC_SUBMODULES = {
     # OpenTelemetry's API and SDK reference (opentelemetry-python.readthedocs.io) documents each of these.
     "opentelemetry.context", "opentelemetry.trace", "opentelemetry.sdk.resources", "opentelemetry.sdk.trace",
     "opentelemetry.sdk.trace.export", "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    # protobuf's Python API reference (googleapis.dev/python/protobuf/latest) documents both: the gRPC method table
+    # is read from service descriptors, and requests are parsed as Messages.
+    "google.protobuf.descriptor", "google.protobuf.message",
 }  # fmt: skip
 """Submodules of dependencies that their documentation presents as public API. A module missing here (say
 uvicorn.protocols.http.httptools_impl) is an implementation detail: add it only if its library documents it."""
