@@ -315,7 +315,7 @@ class Call:
             try:
                 result = self.method.handler(request, self)
             except BaseException as exc:
-                self._unary_failed(exc)
+                self._failed(exc)
                 return
             if isinstance(result, Deferred):
                 self._waiting = result
@@ -335,7 +335,7 @@ class Call:
         try:
             self._respond(waiting.finish(future))
         except BaseException as exc:
-            self._unary_failed(exc)
+            self._failed(exc)
         finally:
             self._done()
 
@@ -343,25 +343,28 @@ class Call:
         try:
             self._respond(await coroutine)
         except BaseException as exc:
-            self._unary_failed(exc)
+            self._failed(exc)
         finally:
             self._done()
 
     def _respond(self, response: Message) -> None:
         self.connection.respond(self.stream, RESPONSE_HEADERS, message_frame(response.SerializeToString()), TRAILERS_OK)
 
-    def _unary_failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException) -> None:
+        """End the call with what its method raised: a GrpcError's status, DEADLINE_EXCEEDED for the deadline's
+        cancellation, a reset for the client's, INTERNAL (logged with its traceback) for a bug."""
+        with_headers = not self._headers_sent
         if isinstance(exc, GrpcError):
-            self._finish(status_block(exc.code, exc.message, exc.trailers, with_headers=True))
+            self._finish(status_block(exc.code, exc.message, exc.trailers, with_headers=with_headers))
         elif isinstance(exc, asyncio.CancelledError):
             if self._deadline_passed:
-                self._finish(status_block(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", with_headers=True))
+                self._finish(status_block(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", with_headers=with_headers))
             elif not self.stream.local_closed:
                 self.connection.reset(self.stream)
         elif isinstance(exc, Exception):
             logger.error("gRPC %s: unexpected error", self.method.name, exc_info=exc)
             message = f"internal server error; the server log has the details (gRPC {self.method.name})"
-            self._finish(status_block(StatusCode.INTERNAL, message, with_headers=True))
+            self._finish(status_block(StatusCode.INTERNAL, message, with_headers=with_headers))
         else:
             raise exc  # KeyboardInterrupt and the like are not the call's
 
@@ -382,20 +385,8 @@ class Call:
                 await self._send(response)
             if not self.stream.local_closed:
                 self._finish(TRAILERS_OK)
-        except GrpcError as exc:
-            self._finish(status_block(exc.code, exc.message, exc.trailers, with_headers=not self._headers_sent))
-        except asyncio.CancelledError:
-            if self._deadline_passed:
-                self._finish(
-                    status_block(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", with_headers=not self._headers_sent)
-                )
-            elif not self.stream.local_closed:
-                self.connection.reset(self.stream)
-            # The task ends here: a cancellation is the call's, never the loop's (the server cancels calls itself).
-        except Exception:
-            logger.exception("gRPC %s: unexpected error", method.name)
-            message = f"internal server error; the server log has the details (gRPC {method.name})"
-            self._finish(status_block(StatusCode.INTERNAL, message, with_headers=not self._headers_sent))
+        except BaseException as exc:  # the task ends here: a cancellation is the call's (the server cancels calls)
+            self._failed(exc)
         finally:
             self._done()
 

@@ -24,8 +24,5 @@ class HealthServicer:
     def Check(self, request: pb.HealthCheckRequest, context: Call) -> pb.HealthCheckResponse:
         if request.service not in SERVICES:
             raise GrpcError(StatusCode.NOT_FOUND, f"unknown service {request.service!r}: ask for '' (the server)")
-        http = self.http
-        ready = not http.inference.admission.shutting_down and http.registry.ready
-        ready = ready and not http.pipeline.unhealthy_sources()
-        status = pb.HealthCheckResponse.SERVING if ready else pb.HealthCheckResponse.NOT_SERVING
+        status = pb.HealthCheckResponse.SERVING if self.http.serving() else pb.HealthCheckResponse.NOT_SERVING
         return pb.HealthCheckResponse(status=status)

@@ -78,8 +78,7 @@ class InferenceServicer:
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Call) -> pb.ServerReadyResponse:
         def ready() -> pb.ServerReadyResponse:
-            serving = not self.admission.shutting_down and self.registry.ready
-            return pb.ServerReadyResponse(ready=serving and not self.pipeline.unhealthy_sources())
+            return pb.ServerReadyResponse(ready=self.http.serving())
 
         return await self._serve("ServerReady", None, "", context, ready)
 
@@ -119,11 +118,7 @@ class InferenceServicer:
         self.http.inferring += 1
         try:
             entry, deadline = self._admit(request, context)
-            decoded = tensors.decode_request(request, entry.spec)
-            work, to_prediction = self.pipeline.start(
-                entry, decoded.columns, decoded.rows, deadline,
-                priority=decoded.priority, request_id=request.id or new_request_id(),
-            )  # fmt: skip
+            work, to_response = self._start_prediction(entry, deadline, request)
         except BaseException as exc:
             self.http.inferring -= 1
             raise self._settle("ModelInfer", "infer", model, key, started, exc, request.id) from None
@@ -131,8 +126,7 @@ class InferenceServicer:
         def finish(done: asyncio.Future[Any]) -> pb.ModelInferResponse:
             outcome: BaseException | None = None
             try:
-                prediction = to_prediction(done.result())  # CancelledError when the call was: rows withdrawn
-                return tensors.encode_response(entry.spec, request.id, decoded, prediction.outputs, prediction.degraded)
+                return to_response(done.result())  # CancelledError when the call was: rows withdrawn
             except BaseException as exc:
                 outcome = exc
                 raise self._settle("ModelInfer", "infer", model, key, started, exc, request.id) from None
@@ -152,14 +146,25 @@ class InferenceServicer:
             raise InvalidRequest(f"model {entry.spec.label!r} answers in parts: call ModelStreamInfer")
         return entry, deadline
 
-    async def _predict(self, entry: Any, deadline: float, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    def _start_prediction(
+        self, entry: Any, deadline: float, request: pb.ModelInferRequest
+    ) -> tuple[asyncio.Future[Any], Callable[[Any], pb.ModelInferResponse]]:
+        """The prediction's future (cancel it to withdraw the rows), and what makes the response of its result."""
         decoded = tensors.decode_request(request, entry.spec)
         work, to_prediction = self.pipeline.start(
             entry, decoded.columns, decoded.rows, deadline,
             priority=decoded.priority, request_id=request.id or new_request_id(),
         )  # fmt: skip
-        prediction = to_prediction(await work)  # cancelled with the call: the rows are withdrawn
-        return tensors.encode_response(entry.spec, request.id, decoded, prediction.outputs, prediction.degraded)
+
+        def to_response(result: Any) -> pb.ModelInferResponse:
+            prediction = to_prediction(result)
+            return tensors.encode_response(entry.spec, request.id, decoded, prediction.outputs, prediction.degraded)
+
+        return work, to_response
+
+    async def _predict(self, entry: Any, deadline: float, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        work, to_response = self._start_prediction(entry, deadline, request)
+        return to_response(await work)  # cancelled with the call: the rows are withdrawn
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Call

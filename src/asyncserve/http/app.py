@@ -362,6 +362,11 @@ class HttpApp:
     def live(self, request: Request) -> Response:
         return Response.json({"live": True})
 
+    def serving(self) -> bool:
+        """What ``ready`` answers 200 for: not shutting down, every model ready, no failing feature source
+        (gRPC's ServerReady and health check ask it too)."""
+        return not self.shutting_down and self.registry.ready and not self.pipeline.unhealthy_sources()
+
     def ready(self, request: Request) -> Response:
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down")
