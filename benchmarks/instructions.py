@@ -50,6 +50,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 from benchmarks import batching, harness, scrape
+from benchmarks import grpc as grpc_benchmark
 from benchmarks.checkouts import Checkout
 from benchmarks.harness import HOST, BenchmarkError
 
@@ -67,6 +68,24 @@ request through the overload check, while a server at c=64 mostly reads a lag ne
 valgrind) and the job worker's polls of its broker (every 50 ms; the jobs API stays on). A long
 keep-alive keeps the connections open through the idle window that follows the load, whose
 instructions per second (the server's once-a-second tick) are taken out of the requests'."""
+
+
+PROTOCOLS = ("json", "binary", "grpc")
+"""What the counted requests are: the batching benchmark's V2 JSON row, benchmarks.grpc's V2 binary row over
+HTTP/1.1, or the same row as a gRPC ModelInfer."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a server under test listens, and which protocol the load speaks."""
+
+    port: int
+    grpc_port: int
+    protocol: str
+
+    @classmethod
+    def new(cls, protocol: str) -> Target:
+        return cls(harness.free_port(), harness.free_port(), protocol)
 
 
 @dataclass(frozen=True)
@@ -98,32 +117,91 @@ class Run:
 # The load: a fixed number of requests, a fixed number in flight
 
 
-async def drive(port: int, total: int, in_flight: int, body: bytes, then: Callable[[], None] | None = None) -> int:
-    """Send ``total`` POSTs on ``in_flight`` keep-alive connections; returns how many answered 200.
+class Http1Client:
+    """One keep-alive HTTP/1.1 connection sending the same request, one at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
+        self.reader, self.writer, self.request = reader, writer, request
+
+    async def call(self) -> bool:
+        """Send the request and read its answer: True if it was a 200."""
+        self.writer.write(self.request)
+        status_line_and_headers = await self.reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?im)^content-length: *(\d+)", status_line_and_headers).group(1))  # type: ignore[union-attr]
+        await self.reader.readexactly(length)
+        return status_line_and_headers.startswith(b"HTTP/1.1 200 ")
+
+
+class GrpcClient:
+    """One HTTP/2 connection making the same ModelInfer call, one at a time (as h2load -m 1 in benchmarks.grpc).
+    The client is h2's state machine, in the load's process: only the server's instructions are counted."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+        import h2.connection
+
+        self.reader, self.writer = reader, writer
+        self.message = grpc_benchmark.grpc_frame(grpc_benchmark.grpc_message())
+        self.headers = [
+            (":method", "POST"), (":scheme", "http"), (":path", grpc_benchmark.GRPC_PATH),
+            (":authority", f"{HOST}:{port}"), ("content-type", "application/grpc"), ("te", "trailers"),
+        ]  # fmt: skip
+        self.h2 = h2.connection.H2Connection()
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(2**30)
+        writer.write(self.h2.data_to_send())
+
+    async def call(self) -> bool:
+        """Make the call and read its answer: True if it ended with grpc-status 0."""
+        import h2.events
+
+        stream = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream, self.headers)
+        self.h2.send_data(stream, self.message, end_stream=True)
+        self.writer.write(self.h2.data_to_send())
+        ok = False
+        while True:
+            data = await self.reader.read(65536)
+            if not data:
+                raise BenchmarkError("the gRPC server closed a connection")
+            for event in self.h2.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    ok = (b"grpc-status", b"0") in event.headers
+                elif isinstance(event, h2.events.StreamEnded):
+                    self.writer.write(self.h2.data_to_send())
+                    return ok
+            self.writer.write(self.h2.data_to_send())
+
+
+Client = Http1Client | GrpcClient
+
+
+async def drive(target: Target, total: int, in_flight: int, then: Callable[[], None] | None = None) -> int:
+    """Send ``total`` requests on ``in_flight`` keep-alive connections; returns how many succeeded.
 
     ``then`` runs (in a thread) once every answer is in, while the connections are still open.
     """
-    head = (
-        f"POST {PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    request = head + body
     connections = min(in_flight, total)
     left = [total]
     ok = [0]
     finished = [0]
     all_finished, release = asyncio.Event(), asyncio.Event()
 
+    async def connect() -> tuple[Client, asyncio.StreamWriter]:
+        if target.protocol == "grpc":
+            reader, writer = await asyncio.open_connection(HOST, target.grpc_port)
+            return GrpcClient(reader, writer, target.grpc_port), writer
+        reader, writer = await asyncio.open_connection(HOST, target.port)
+        return Http1Client(reader, writer, http_request(target.port, target.protocol)), writer
+
     async def connection() -> None:
-        reader, writer = await asyncio.open_connection(HOST, port)
+        client, writer = await connect()
         try:
             while left[0] > 0:
                 left[0] -= 1
-                writer.write(request)
-                status_line_and_headers = await reader.readuntil(b"\r\n\r\n")
-                length = int(re.search(rb"(?i)content-length: *(\d+)", status_line_and_headers).group(1))  # type: ignore[union-attr]
-                await reader.readexactly(length)
-                ok[0] += status_line_and_headers.startswith(b"HTTP/1.1 200 ")
+                succeeded = await client.call()  # (not `ok[0] += await ...`: that reads ok[0] before awaiting)
+                ok[0] += succeeded
         finally:
             finished[0] += 1
             if finished[0] == connections:
@@ -145,8 +223,19 @@ async def drive(port: int, total: int, in_flight: int, body: bytes, then: Callab
     return ok[0]
 
 
-def load(port: int, total: int, in_flight: int, then: Callable[[], None] | None = None) -> None:
-    answered = asyncio.run(drive(port, total, in_flight, batching.request_body(), then))
+def http_request(port: int, protocol: str) -> bytes:
+    """The HTTP/1.1 request of ``protocol``: the batching benchmark's JSON body, or benchmarks.grpc's V2 binary one."""
+    if protocol == "json":
+        body, extra = batching.request_body(), "Content-Type: application/json\r\n"
+    else:
+        body, header_length = grpc_benchmark.rest_body()
+        extra = f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {header_length}\r\n"
+    head = f"POST {PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def load(target: Target, total: int, in_flight: int, then: Callable[[], None] | None = None) -> None:
+    answered = asyncio.run(drive(target, total, in_flight, then))
     if answered != total:
         raise BenchmarkError(f"{total - answered} of {total} requests were not answered 200")
 
@@ -154,7 +243,7 @@ def load(port: int, total: int, in_flight: int, then: Callable[[], None] | None 
 # The server
 
 
-def server_command(checkout: Checkout | None, port: int, prefix: Sequence[str]) -> list[str]:
+def server_command(checkout: Checkout | None, target: Target, prefix: Sequence[str]) -> list[str]:
     launcher = checkout.launcher if checkout is not None else (sys.executable, "-m", "asyncserve")
     # `env PYTHONPATH=... python -m asyncserve` from the checkout's launcher, with the prefix (valgrind) before python
     if launcher[0] == "env":
@@ -163,7 +252,9 @@ def server_command(checkout: Checkout | None, port: int, prefix: Sequence[str]) 
         command = ["env", *env_part, *prefix, *python_part]
     else:
         command = [*prefix, *launcher]
-    options = ["--executor-workers", "1", "--host", HOST, "--port", str(port), "--workers", "1"]
+    options = ["--executor-workers", "1", "--host", HOST, "--port", str(target.port), "--workers", "1"]
+    if target.protocol == "grpc":
+        options += ["--grpc-port", str(target.grpc_port)]
     return [*command, "serve", TARGET, *options, "--log-level", "warning"]
 
 
@@ -195,7 +286,8 @@ def batches(port: int) -> dict[str, float]:
 
 
 def callgrind(label: str, checkout: Checkout | None, args: argparse.Namespace, out_dir: Path) -> Run:
-    port = harness.free_port()
+    target = Target.new(args.protocol)
+    port = target.port
     prefix = [
         "valgrind", "--tool=callgrind", "--separate-threads=yes", "--dump-instr=no",
         f"--callgrind-out-file={out_dir}/callgrind.out.%p",
@@ -203,10 +295,10 @@ def callgrind(label: str, checkout: Checkout | None, args: argparse.Namespace, o
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **THREAD_ENV}
     log = (out_dir / f"{label}.log").open("wb")
-    process = subprocess.Popen(server_command(checkout, port, prefix), env=env, stdout=log, stderr=log)
+    process = subprocess.Popen(server_command(checkout, target, prefix), env=env, stdout=log, stderr=log)
     try:
         wait_ready(port, process, args.ready_timeout_s)
-        load(port, args.warmup, args.in_flight)
+        load(target, args.warmup, args.in_flight)
         before = batches(port)
         control = ["callgrind_control", str(process.pid)]
         subprocess.run([*control, "--zero"], check=True, capture_output=True)
@@ -221,7 +313,7 @@ def callgrind(label: str, checkout: Checkout | None, args: argparse.Namespace, o
             subprocess.run([*control, "--dump=idle"], check=True, capture_output=True)
             windows.append(time.monotonic() - idle_started)
 
-        load(port, args.requests, args.in_flight, count_then_idle)
+        load(target, args.requests, args.in_flight, count_then_idle)
         after = batches(port)
         made = {reason: count - before.get(reason, 0.0) for reason, count in after.items()}
     finally:
@@ -308,9 +400,10 @@ def serve_traced(argv: Sequence[str]) -> None:
 
 
 def opcodes(label: str, checkout: Checkout | None, args: argparse.Namespace, out_dir: Path) -> str:
-    port = harness.free_port()
+    target = Target.new(args.protocol)
+    port = target.port
     out = out_dir / f"{label}.opcodes"
-    command = server_command(checkout, port, [])
+    command = server_command(checkout, target, [])
     # python -m asyncserve ... -> python -m benchmarks.instructions --serve-traced ...
     at = command.index("asyncserve", command.index("-m"))
     command[at : at + 1] = ["benchmarks.instructions", "--serve-traced"]
@@ -320,10 +413,10 @@ def opcodes(label: str, checkout: Checkout | None, args: argparse.Namespace, out
     process = subprocess.Popen(command, env=env)
     try:
         wait_ready(port, process, args.ready_timeout_s)
-        load(port, args.warmup, args.in_flight)
+        load(target, args.warmup, args.in_flight)
         process.send_signal(signal.SIGUSR1)
         time.sleep(0.5)
-        load(port, args.requests, args.in_flight)
+        load(target, args.requests, args.in_flight)
         process.send_signal(signal.SIGUSR2)
         for _ in range(100):
             if out.exists():
@@ -352,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkout", type=Checkout.parse, nargs="+", default=[], metavar="LABEL=PATH")
     parser.add_argument("--requests", type=int, default=3000, help="requests counted (default 3000)")
     parser.add_argument("--warmup", type=int, default=500, help="requests before counting (default 500)")
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default="json", help="the counted requests' protocol (default json)"
+    )
     parser.add_argument("--in-flight", type=int, default=64, help="requests in flight (default 64)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the checkouts (default 1)")
     parser.add_argument("--annotate", type=int, default=0, metavar="N", help="print the loop's N costliest C functions")
