@@ -83,7 +83,8 @@ class Deferred(NamedTuple):
     """
 
     future: asyncio.Future[Any]
-    finish: Callable[[asyncio.Future[Any]], Message]
+    finish: Callable[[asyncio.Future[Any]], Message | bytes]
+    """Makes the response: a message, or a message already serialized."""
 
 
 @dataclass(slots=True)
@@ -347,8 +348,9 @@ class Call:
         finally:
             self._done()
 
-    def _respond(self, response: Message) -> None:
-        self.connection.respond(self.stream, RESPONSE_HEADERS, message_frame(response.SerializeToString()), TRAILERS_OK)
+    def _respond(self, response: Message | bytes) -> None:
+        serialized = response if isinstance(response, bytes) else response.SerializeToString()
+        self.connection.respond(self.stream, RESPONSE_HEADERS, message_frame(serialized), TRAILERS_OK)
 
     def _failed(self, exc: BaseException) -> None:
         """End the call with what its method raised: a GrpcError's status, DEADLINE_EXCEEDED for the deadline's

@@ -28,11 +28,16 @@ from asyncserve.http import v2
 from asyncserve.http.app import EXTENSIONS, HttpApp
 from asyncserve.http.auth import ApiKey, audit_logger
 from asyncserve.http.routing import new_request_id
+from asyncserve.model import ModelSpec
 from asyncserve.runtime.registry import ModelState
+from asyncserve.tensors import Columns
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_Answer = TypeVar("_Answer", pb.ModelInferResponse, bytes)
+Encoder = Callable[[ModelSpec, str, tensors.Decoded, Columns, list[str]], _Answer]
+"""What makes a prediction's response: ``tensors.encode_response`` (a message) or ``serialize_response``."""
 
 STATUS_CODES = {
     400: StatusCode.INVALID_ARGUMENT,
@@ -108,7 +113,7 @@ class InferenceServicer:
 
     # Inference
 
-    def ModelInfer(self, request: pb.ModelInferRequest, context: Call) -> pb.ModelInferResponse | Deferred:
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Call) -> Deferred:
         """Without a task, as an HTTP inference: the checks and the pipeline's start now, the answer made
         when the prediction's future is done (see ``Pipeline.start``)."""
         started = time.perf_counter()
@@ -118,12 +123,12 @@ class InferenceServicer:
         self.http.inferring += 1
         try:
             entry, deadline = self._admit(request, context)
-            work, to_response = self._start_prediction(entry, deadline, request)
+            work, to_response = self._start_prediction(entry, deadline, request, tensors.serialize_response)
         except BaseException as exc:
             self.http.inferring -= 1
             raise self._settle("ModelInfer", "infer", model, key, started, exc, request.id) from None
 
-        def finish(done: asyncio.Future[Any]) -> pb.ModelInferResponse:
+        def finish(done: asyncio.Future[Any]) -> bytes:
             outcome: BaseException | None = None
             try:
                 return to_response(done.result())  # CancelledError when the call was: rows withdrawn
@@ -147,23 +152,25 @@ class InferenceServicer:
         return entry, deadline
 
     def _start_prediction(
-        self, entry: Any, deadline: float, request: pb.ModelInferRequest
-    ) -> tuple[asyncio.Future[Any], Callable[[Any], pb.ModelInferResponse]]:
-        """The prediction's future (cancel it to withdraw the rows), and what makes the response of its result."""
+        self, entry: Any, deadline: float, request: pb.ModelInferRequest, encode: Encoder[_Answer]
+    ) -> tuple[asyncio.Future[Any], Callable[[Any], _Answer]]:
+        """The prediction's future (cancel it to withdraw the rows), and what makes the response of its result
+        with ``encode`` (the message, or its serialization)."""
         decoded = tensors.decode_request(request, entry.spec)
+        request_id = request.id
         work, to_prediction = self.pipeline.start(
             entry, decoded.columns, decoded.rows, deadline,
-            priority=decoded.priority, request_id=request.id or new_request_id(),
+            priority=decoded.priority, request_id=request_id or new_request_id(),
         )  # fmt: skip
 
-        def to_response(result: Any) -> pb.ModelInferResponse:
+        def to_response(result: Any) -> _Answer:
             prediction = to_prediction(result)
-            return tensors.encode_response(entry.spec, request.id, decoded, prediction.outputs, prediction.degraded)
+            return encode(entry.spec, request_id, decoded, prediction.outputs, prediction.degraded)
 
         return work, to_response
 
     async def _predict(self, entry: Any, deadline: float, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        work, to_response = self._start_prediction(entry, deadline, request)
+        work, to_response = self._start_prediction(entry, deadline, request, tensors.encode_response)
         return to_response(await work)  # cancelled with the call: the rows are withdrawn
 
     async def ModelStreamInfer(

@@ -15,7 +15,9 @@ from typing import Any, NamedTuple
 
 from asyncserve.exceptions import InvalidRequest, SchemaViolation
 from asyncserve.grpc import inference_pb2 as pb
+from asyncserve.grpc import wire
 from asyncserve.http import v2
+from asyncserve.http.conversions import per_spec
 from asyncserve.model import ModelSpec
 from asyncserve.runtime.admission import parse_priority
 from asyncserve.tensors import Columns, Datatype
@@ -163,3 +165,49 @@ def encode_response(
     if degraded:  # the feature sources whose defaults stood in (HTTP's X-Degraded)
         response.parameters["degraded"].string_param = ",".join(degraded)
     return response
+
+
+def serialize_response(
+    spec: ModelSpec, request_id: str, decoded: Decoded, outputs: Columns, degraded: list[str]
+) -> bytes:
+    """``encode_response``'s message, serialized: written directly when the answer is raw and has no parameters
+    (what every raw request gets, unless a feature source was degraded), else through protobuf."""
+    if degraded or not decoded.raw:
+        return encode_response(spec, request_id, decoded, outputs, degraded).SerializeToString()
+    written = _written(spec)
+    fields = [written.names, wire.text(3, request_id)]
+    contents = []
+    for name in decoded.outputs:
+        shape, blob = v2.encode_binary(spec, name, outputs[name])
+        fields.append(written.output(name, shape))
+        contents.append(wire.length_delimited(6, blob))
+    return b"".join(fields + contents)
+
+
+class _WrittenResponse:
+    """The bytes of one model's raw responses that do not change from one call to the next."""
+
+    SHAPES_KEPT = 64
+    """Output shapes whose tensor header is kept, per model (past that, the memory starts afresh)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.names = wire.text(1, spec.name) + wire.text(2, spec.version or "")
+        """model_name and model_version (fields 1 and 2)."""
+        self._outputs = {
+            name: wire.text(1, name) + wire.text(2, tensor.dtype.value) for name, tensor in spec.outputs.items()
+        }
+        self._kept: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+    def output(self, name: str, shape: list[int]) -> bytes:
+        """Field 5, an InferOutputTensor: the output's name, datatype and shape."""
+        key = (name, tuple(shape))
+        written = self._kept.get(key)
+        if written is None:
+            written = wire.length_delimited(5, self._outputs[name] + wire.packed_varints(3, shape))
+            if len(self._kept) >= self.SHAPES_KEPT:
+                self._kept.clear()
+            self._kept[key] = written
+        return written
+
+
+_written = per_spec(_WrittenResponse)
