@@ -59,7 +59,7 @@ PATH = batching.INFER_PATH
 BATCHES = "asyncserve_batches_total"
 THREAD_ENV = {
     **batching.THREAD_ENV, "PYTHONHASHSEED": "0", "ASYNCSERVE_LOOP_LAG_INTERVAL_S": "3600",
-    "ASYNCSERVE_JOB_WORKERS": "0", "ASYNCSERVE_KEEP_ALIVE_S": "3600",
+    "ASYNCSERVE_JOB_WORKERS": "0", "ASYNCSERVE_KEEP_ALIVE_S": "3600", "ASYNCSERVE_HEAD_TIMEOUT_S": "3600",
 }  # fmt: skip
 """One BLAS thread; and no work that comes with wall-clock time rather than with requests. Under
 valgrind a run takes minutes, as many as the machine's load makes it, and what wakes on a timer
@@ -67,7 +67,9 @@ would be counted as often: the loop-lag probe (every 50 ms; the lag it would rea
 request through the overload check, while a server at c=64 mostly reads a lag near 0 outside
 valgrind) and the job worker's polls of its broker (every 50 ms; the jobs API stays on). A long
 keep-alive keeps the connections open through the idle window that follows the load, whose
-instructions per second (the server's once-a-second tick) are taken out of the requests'."""
+instructions per second (the server's once-a-second tick) are taken out of the requests'. A long head
+timeout keeps a gRPC connection whose preface the slowed loop reads late (its timer runs first) from
+being closed as a silent client."""
 
 
 PROTOCOLS = ("json", "binary", "grpc")
