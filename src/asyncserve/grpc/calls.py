@@ -461,6 +461,8 @@ class Call:
         self._received_bytes = len(rest)
 
     def _messages(self, data: bytes) -> list[Any]:
+        if len(data) - 5 == int.from_bytes(data[1:5], "big") <= self.methods.max_message_bytes:
+            return [self._message(data[0], data[5:])]  # one message: a unary call's request
         messages, position = [], 0
         while position < len(data):
             if len(data) - position < 5:
