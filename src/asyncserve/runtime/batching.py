@@ -69,7 +69,7 @@ class BatchSettings:
     """A waiting row climbs one priority level per this many seconds, so low lanes never starve."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Item:
     columns: Columns
     rows: int
