@@ -93,8 +93,10 @@ class InferenceRoutes:
         def answer(result: Any) -> Response:
             prediction = to_prediction(result)
             payload, headers = v2.encode_infer_response(entry.spec, decoded, prediction.outputs)
-            content_type = headers.pop("content-type", JSON_TYPE)
-            return Response(200, payload, {**headers, **_degraded_header(prediction)}, content_type)
+            content_type = headers.pop("content-type", JSON_TYPE)  # (the headers are the response's own)
+            if prediction.degraded:
+                headers.update(_degraded_header(prediction))
+            return Response(200, payload, headers, content_type)
 
         return Pending(work, answer)
 

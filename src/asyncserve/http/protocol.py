@@ -106,18 +106,6 @@ class Limits:
     """Answer a client that shuts its sending side after its requests (see ``HttpProtocol.eof_received``)."""
 
 
-@dataclass(slots=True)
-class _Head:
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    keep_alive: bool
-    arrived: float
-    screened: bool = False
-    """Whether ``HttpApp.early_response`` passed it (its Host and content type are checked already)."""
-
-
 class Connections(Protocol):
     """What a connection needs of its server (``asyncserve.http.server.HttpServer``)."""
 
@@ -165,7 +153,10 @@ class HttpProtocol(asyncio.Protocol):
         self._max_header_bytes = limits.max_header_bytes
         self._max_header_count = limits.max_header_count
         """(``limits``' two, read for every header)"""
-        self._head: _Head | None = None
+        self._head: Request | None = None
+        """The request whose head is in and whose body is being read (its ``body`` is set once it is all in)."""
+        self._head_keep_alive = False
+        """Whether the connection may stay open after that request's answer."""
         self._body: list[bytes] = []
         self._body_size = 0
         self._discard_body = False
@@ -345,10 +336,11 @@ class HttpProtocol(asyncio.Protocol):
         self._header_count += 1
         if self._header_bytes > self._max_header_bytes or self._header_count > self._max_header_count:
             self._refuse_headers()
-        key = name.decode("latin-1").lower()
-        if key in self._headers and key in SINGLE_VALUED and self._repeated is None:
+        key = _header_names.get(name) or _header_name(name)
+        headers = self._headers
+        if key in headers and key in SINGLE_VALUED and self._repeated is None:
             self._repeated = key
-        self._headers[key] = value.decode("latin-1")
+        headers[key] = value.decode("latin-1")
 
     def _refuse_headers(self) -> None:
         if self._header_bytes > self._max_header_bytes:
@@ -361,38 +353,46 @@ class HttpProtocol(asyncio.Protocol):
         headers = self._headers
         if self._repeated is not None:
             raise InvalidRequest(f"the {self._repeated} header is given more than once; send it once")
-        path, query = _parse_target(self._url)
+        url = self._url
+        path, query = _targets.get(url) or _parse_target(url)  # (the few targets a server sees are remembered)
+        parser = self._parser
         # No protocol upgrades: an Upgrade request is answered as a plain one, and the connection closes
         # (the parser reads nothing after it).
         keep_alive = (
-            self._parser.get_http_version() == "1.1"
-            and self._parser.should_keep_alive()
-            and not self._parser.should_upgrade()
+            parser.get_http_version() == "1.1"
+            and parser.should_keep_alive()
+            and not parser.should_upgrade()
             and not self.server.closing
         )
-        head = _Head(self._parser.get_method().decode("ascii"), path, query, headers, keep_alive, time.monotonic())
-        too_large = self._check_framing(headers)
+        method = parser.get_method()
+        # The request, its body still to come (on_message_complete sets it).
+        head = Request(
+            _METHODS.get(method) or method.decode("ascii"), path, query, headers, b"",
+            headers.get("x-request-id") or new_request_id(), time.monotonic(),
+        )  # fmt: skip
+        declared = self._declared_length(headers)
+        too_large: PayloadTooLarge | None = None
+        if declared is not None and declared > self.limits.max_body_bytes:
+            too_large = PayloadTooLarge(_too_large(declared, self.limits.max_body_bytes))
         self._head = head
+        self._head_keep_alive = keep_alive
         self._discard_body = False
         if not self._busy and not self._waiting:
             early = _error(too_large) if too_large else self.app.early_response(head.method, head.path, headers)
             if early is not None:
-                self._answer_early(early, head)  # the body, if any, is read and dropped
+                self._answer_early(early, head, keep_alive)  # the body, if any, is read and dropped
                 return
             head.screened = too_large is None
         if too_large is not None:
             raise too_large  # behind other requests: answered in turn, then the connection closes
         if "expect" in headers:
             self._expect(headers["expect"])
-        self._reserve_room(headers)
+        if declared:
+            self._reserve_room(declared)
 
-    def _reserve_room(self, headers: dict[str, str]) -> None:
+    def _reserve_room(self, size: int) -> None:
         """Take the room a declared body needs among the bodies the server holds, or wait for it before
         reading the body: a connection that waits never holds part of a body, so waiting ends."""
-        declared = headers.get("content-length")
-        if declared is None or declared == "0":
-            return
-        size = int(declared)  # (checked by _check_framing)
         if self.server.reserve(self, size):
             self._receiving_bytes = size
         else:
@@ -406,7 +406,8 @@ class HttpProtocol(asyncio.Protocol):
         self._paused_for_room = False
         self._update_reading()
 
-    def _check_framing(self, headers: dict[str, str]) -> PayloadTooLarge | None:
+    def _declared_length(self, headers: dict[str, str]) -> int | None:
+        """The body's Content-Length (None: none given), once the framing headers are checked."""
         # llhttp already refuses a request with both lengths, or two lengths, or an unknown coding
         # last; these checks state the rules where the protocol can see them.
         encoding = headers.get("transfer-encoding")
@@ -418,9 +419,7 @@ class HttpProtocol(asyncio.Protocol):
                 raise InvalidRequest("a request cannot have both Content-Length and Transfer-Encoding")
             if not is_count(declared):
                 raise InvalidRequest(f"Content-Length must be a byte count, got {declared!r}")
-            size = int(declared)
-            if size > self.limits.max_body_bytes:
-                return PayloadTooLarge(_too_large(size, self.limits.max_body_bytes))
+            return int(declared)
         return None
 
     def _expect(self, expectation: str) -> None:
@@ -431,16 +430,15 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _answer_early(self, response: Response, head: _Head) -> None:
+    def _answer_early(self, response: Response, head: Request, keep_alive: bool) -> None:
         self._discard_body = True
         # A client that waits for "100 Continue" may send its body anyway or not: close after the answer.
-        self._keep_alive = head.keep_alive and "expect" not in head.headers
+        self._keep_alive = keep_alive and "expect" not in head.headers
         self._busy = True
         self._started = time.perf_counter()
         self._request_line = (head.method, head.path)
         self._held_sizes.append(0)  # its body, if any, is dropped as it comes
-        request_id = head.headers.get("x-request-id") or new_request_id()
-        self.loop.call_soon(self._write, response, request_id)
+        self.loop.call_soon(self._write, response, head.request_id)
 
     def on_body(self, body: bytes) -> None:
         if self._discard_body:
@@ -455,26 +453,22 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.body_since = None
-        head, self._head = self._head, None
-        if head is None or self._discard_body:
+        request, self._head = self._head, None
+        if request is None or self._discard_body:
             self._discard_body = False
             return
         self._held_sizes.append(self._receiving_bytes)
         self._receiving_bytes = 0
-        headers = head.headers
-        request_id = headers.get("x-request-id") or new_request_id()
-        body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        body = self._body
+        request.body = body[0] if len(body) == 1 else b"".join(body)
         self._body = []
-        request = Request(
-            head.method, head.path, head.query, headers, body, request_id, head.arrived, screened=head.screened
-        )
         if self._busy or self._waiting:
-            self._waiting.append((request, head.keep_alive))
+            self._waiting.append((request, self._head_keep_alive))
             if len(self._waiting) >= MAX_PIPELINED and not self._paused_by_pipeline:
                 self._paused_by_pipeline = True
                 self._update_reading()
             return
-        self._serve(request, head.keep_alive)
+        self._serve(request, self._head_keep_alive)
 
     # Answering
 
@@ -782,6 +776,25 @@ def _parse_target(url: bytes) -> tuple[str, str]:
         _targets.clear()
     _targets[url] = target
     return target
+
+
+HEADER_NAMES_KEPT = 256
+"""Header names whose lower-case text is remembered (a server sees few); past that, the memory starts afresh."""
+
+_header_names: dict[bytes, str] = {}
+
+
+def _header_name(name: bytes) -> str:
+    """A header's name as the headers dict keys it (lower case), remembered for the next request."""
+    key = name.decode("latin-1").lower()
+    if len(_header_names) >= HEADER_NAMES_KEPT:
+        _header_names.clear()
+    _header_names[name] = key
+    return key
+
+
+_METHODS = {method.encode(): method for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
+"""The usual request methods' text, found without decoding."""
 
 
 SINGLE_VALUED = frozenset({

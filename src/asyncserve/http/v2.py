@@ -61,7 +61,7 @@ class RequestedOutput:
     binary: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class InferRequest:
     """A decoded inference request: one column per declared input, all with ``rows`` rows."""
 

@@ -69,7 +69,7 @@ class BatchSettings:
     """A waiting row climbs one priority level per this many seconds, so low lanes never starve."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Item:
     columns: Columns
     rows: int
@@ -536,9 +536,10 @@ class _RateMeter:
         self._rows_per_s = 0.0
 
     def add(self, rows: int, now: float) -> None:
-        if self.last > -math.inf:
-            gap = max(now - self.last, 1e-6)
-            self._rows_per_s += self._smoothing * (rows / gap - self._rows_per_s)
+        # The first arrival finds an infinite gap (``last`` is -inf): it adds 0 rows/s to a rate of 0,
+        # as no gap can be measured yet. Asked per request: no branch for it.
+        gap = now - self.last
+        self._rows_per_s += self._smoothing * (rows / (gap if gap > 1e-6 else 1e-6) - self._rows_per_s)
         self.last = now
 
     def expects(self, rows: int, within_s: float) -> bool:

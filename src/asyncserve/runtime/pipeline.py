@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(slots=True)
 class Prediction:
     outputs: Columns
     degraded: list[str] = field(default_factory=list)

@@ -219,7 +219,9 @@ class ModelRegistry:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; its versions: {known}")
 
     def get_ready(self, name: str, version: str | None = None) -> ModelEntry:
-        entry = self.find(name, version)
+        versions = self._by_name.get(name) if version is None else None
+        # (Asked per request: the highest version is found here, anything else by find.)
+        entry = versions[0] if versions else self.find(name, version)
         if entry.state is ModelState.LOADING:
             raise ModelNotReady(f"model {entry.spec.label!r} is still loading; retry later", retry_after_s=2.0)
         if entry.state is ModelState.UNAVAILABLE:
