@@ -233,6 +233,8 @@ async def test_a_server_without_jobs_says_so() -> None:
 
 async def test_with_two_workers_the_summary_adds_up_both_and_lists_each() -> None:
     async with cli("serve", "tests.services:service", "--workers", "2") as (_, url):
+        # cli returns once a worker is ready; the other may still load its models (and answer 503).
+        await eventually(lambda: every_worker_ready(url), "both workers ready")
         for _ in range(20):
             # A fresh connection each time, so the kernel may hand it to either worker.
             async with httpx.AsyncClient(base_url=url) as client:
@@ -247,6 +249,16 @@ async def test_with_two_workers_the_summary_adds_up_both_and_lists_each() -> Non
                 )
 
             await eventually(both_counted, "both workers' reports, adding up to the 20 requests")
+
+
+async def every_worker_ready(url: str, probes: int = 12) -> bool:
+    """Whether ``probes`` fresh connections in a row find a ready worker: the kernel hands each to either
+    worker, so a worker still loading is missed only with odds of 1 in 2**probes."""
+    for _ in range(probes):
+        async with httpx.AsyncClient(base_url=url) as client:
+            if (await client.get("/v2/health/ready")).status_code != 200:
+                return False
+    return True
 
 
 # --- the arithmetic ----------------------------------------------------------------------------

@@ -327,6 +327,7 @@ class Batcher:
 
     async def _next_batch(self) -> tuple[list[Item], str]:
         """Wait until a batch should leave, and take it out of the queue."""
+        looked_at = -1  # the queue's rows when the loop last looked at its sockets for more (-1: not yet)
         while True:
             self._drop_dead_heads()
             if self._queue.rows == 0:
@@ -341,7 +342,15 @@ class Batcher:
                 return self._take(), "full"
             input_pending = self._input_pending()  # (asked once per decision: no await comes in between)
             if not self._running and not input_pending:
-                return self._take(), "idle"
+                if self._queue.rows == looked_at:
+                    return self._take(), "idle"
+                # Everything read is parsed, but requests may have reached the sockets since the loop last
+                # polled them: the clients of a batch just answered send again at once, some faster than
+                # others. One turn of the loop polls the sockets and parses what came; the batch leaves
+                # once a look brings no new rows (at one request at a time, after a single turn).
+                looked_at = self._queue.rows
+                await asyncio.sleep(0)
+                continue
             release_at, reason = self._release_time(input_pending)
             now = time.monotonic()
             if release_at <= now:
