@@ -321,14 +321,19 @@ def ended_within(pids: set[int], seconds: float) -> set[int]:
     ids=["process-pool", "two-workers"],
 )
 def test_a_server_killed_with_sigkill_leaves_no_process_and_frees_its_port(
-    args: tuple[str, ...], env: dict[str, str]
+    args: tuple[str, ...], env: dict[str, str], tmp_path: Path
 ) -> None:
-    with started_cli("serve", "tests.services:service", *args, env=env) as (process, url):
+    # Its own temporary directory: what the server leaves there (--workers' group directory) is seen.
+    with started_cli("serve", "tests.services:service", *args, env={**env, "TMPDIR": str(tmp_path)}) as (
+        process,
+        url,
+    ):
         children = descendants(process.pid)
         assert children, "the server should have child processes"
         process.kill()
         process.wait(10)
         assert not ended_within(children, 2.0), "processes outlived their killed parent by more than 2 s"
+    assert list(tmp_path.glob("asyncserve-workers-*")) == [], "the killed server's workers left their directory"
     port = int(url.rsplit(":", 1)[1])
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

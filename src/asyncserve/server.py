@@ -191,6 +191,9 @@ def _worker_main(target: str, settings: Settings, sock: socket.socket, group: Wo
         # The supervisor prints it, once, however many workers fail alike.
         _startup_error_file(group.directory, group.index).write_text(exc.message)
         sys.exit(STARTUP_FAILED)
+    finally:
+        if os.getppid() != supervisor:  # orphaned: the supervisor, killed, cannot remove the group's directory
+            shutil.rmtree(group.directory, ignore_errors=True)
 
 
 def _startup_error_file(directory: Path, index: int) -> Path:
