@@ -176,11 +176,11 @@ def serialize_response(
         return encode_response(spec, request_id, decoded, outputs, degraded).SerializeToString()
     written = _written(spec)
     fields = [written.names, wire.text(3, request_id)]
-    contents = []
+    contents: list[bytes] = []
     for name in decoded.outputs:
         shape, blob = v2.encode_binary(spec, name, outputs[name])
         fields.append(written.output(name, shape))
-        contents.append(wire.length_delimited(6, blob))
+        contents += (wire.length_prefix(6, len(blob)), blob)
     return b"".join(fields + contents)
 
 

@@ -33,7 +33,13 @@ def tag(field_number: int) -> bytes:
 
 def length_delimited(field_number: int, payload: bytes) -> bytes:
     """A length-delimited field: its key, the payload's length, the payload."""
-    return tag(field_number) + varint(len(payload)) + payload
+    return length_prefix(field_number, len(payload)) + payload
+
+
+def length_prefix(field_number: int, size: int) -> bytes:
+    """What comes before a length-delimited field's ``size`` bytes: its key and the length (a large payload
+    joins the message as it is, not copied into its field first)."""
+    return tag(field_number) + varint(size)
 
 
 def packed_varints(field_number: int, values: list[int]) -> bytes:

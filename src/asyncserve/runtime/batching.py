@@ -342,12 +342,13 @@ class Batcher:
                 return self._take(), "full"
             input_pending = self._input_pending()  # (asked once per decision: no await comes in between)
             if not self._running and not input_pending:
-                if self._queue.rows == looked_at:
+                if self._queue.rows == looked_at or self._waited_enough():
                     return self._take(), "idle"
                 # Everything read is parsed, but requests may have reached the sockets since the loop last
                 # polled them: the clients of a batch just answered send again at once, some faster than
                 # others. One turn of the loop polls the sockets and parses what came; the batch leaves
-                # once a look brings no new rows (at one request at a time, after a single turn).
+                # once a look brings no new rows (at one request at a time, after a single turn), or
+                # max_wait_s after its oldest row (rows that trickle in one a turn).
                 looked_at = self._queue.rows
                 await asyncio.sleep(0)
                 continue
@@ -356,6 +357,10 @@ class Batcher:
             if release_at <= now:
                 return self._take(), reason
             await self._wait_for_rows(release_at - now)
+
+    def _waited_enough(self) -> bool:
+        """Whether the oldest row queued has waited ``max_wait_s``."""
+        return time.monotonic() >= self._queue.oldest_arrival() + self.settings.max_wait_s
 
     async def _wait_for_rows(self, timeout_s: float | None) -> None:
         """Until rows arrive, or ``timeout_s`` passes (never, if None).
